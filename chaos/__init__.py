@@ -1,0 +1,1 @@
+"""Chaos harness: a local elastic cluster, seeded faults, invariant checks, reports and plots."""

@@ -1,0 +1,1 @@
+"""Asynchronous sharded checkpoints to object storage with an atomic commit. Knows nothing of models or data."""
