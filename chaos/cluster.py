@@ -1,0 +1,404 @@
+"""A local elastic "cluster": nodes as torchrun agents around a standalone rendezvous store.
+
+`LocalCluster` is the one object that starts, kills and adds nodes. Use it as a context manager:
+on exit (normal, exception or Ctrl-C) every process it started, and every process those started,
+is killed and reaped, found both through the process tree and through an environment tag
+(`CHAOS_RUN_TAG`) that every agent, worker and helper of the run inherits. A node's death is the
+death of its agent *and all of its descendants*: torchrun starts workers in sessions of their own,
+so killing an agent's process group would leave its workers training.
+
+Nodes are numbered from 0 in creation order and never renumbered; a removed node's number is not
+reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import psutil
+
+TAG_ENV = "CHAOS_RUN_TAG"
+"""Set on every agent; inherited by its workers and their helpers. Value: the cluster's tag."""
+NODE_ENV = "CHAOS_NODE"
+"""The node number of an agent and of everything it starts."""
+NOTICE_ENV = "ELASTIC_TRAIN_NOTICE_FILE"
+"""Per node: the trainer treats this file's existence as a preemption notice (internals.md)."""
+
+
+@dataclass(frozen=True)
+class RendezvousSettings:
+    """torchrun rendezvous settings. `fast()` is what the harness uses; `torch_default()` leaves
+    torch's defaults (measured on this machine: ~35 s to re-form after a node is lost or added)."""
+
+    last_call_timeout: int | None = 1
+    """Seconds the rendezvous waits for more nodes once min_nodes have joined. Default 30: every
+    re-form after a membership change waited that long. Whole seconds only."""
+    keep_alive_interval: int | None = 1
+    """Seconds between an agent's heartbeats in the store. Default 5."""
+    keep_alive_max_attempt: int | None = 3
+    """Missed heartbeats before a node counts as dead. 1 s x 3 detects a lost node in ~3 s.
+    Do not use 2: measured here, it split one job into two worlds."""
+    join_timeout: int | None = 120
+    """Seconds a node waits for a rendezvous to complete before its agent gives up (default 600):
+    bounds how long a node outlives a job that finished without it."""
+
+    @classmethod
+    def fast(cls) -> RendezvousSettings:
+        return cls()
+
+    @classmethod
+    def torch_default(cls) -> RendezvousSettings:
+        return cls(None, None, None, None)
+
+    def conf(self) -> str:
+        # is_host=false: no agent hosts the c10d store; our standalone store process does, so any
+        # agent may die without taking the rendezvous (and the job) down with it.
+        parts = ["is_host=false"]
+        for key in ("last_call_timeout", "keep_alive_interval", "keep_alive_max_attempt",
+                    "join_timeout"):
+            value = getattr(self, key)
+            if value is not None:
+                parts.append(f"{key}={value}")
+        return ",".join(parts)
+
+
+@dataclass
+class Node:
+    index: int
+    agent: subprocess.Popen[bytes]
+    notice_file: Path
+    log_path: Path
+    started: float
+    removed: float | None = None
+    """time.time() when the harness killed it (None while it lives or after it exited itself)."""
+    pids: set[int] = field(default_factory=set)
+    """Every descendant pid seen (for the orphan check)."""
+
+    @property
+    def running(self) -> bool:
+        return self.removed is None and self.agent.poll() is None
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not do what was asked (e.g. the store did not start)."""
+
+
+class LocalCluster:
+    """Nodes on this machine forming one elastic torchrun job.
+
+    Args:
+        workdir: node logs and notice files go here (created).
+        entry: what torchrun runs per worker, e.g. `["-m", "elastic_train.train", "--steps=20"]`.
+        min_nodes, max_nodes, procs_per_node: torchrun's `--nnodes=MIN:MAX --nproc-per-node`.
+        env: extra environment for every node (storage endpoints, thread counts...).
+        rdzv: rendezvous settings (default: the fast ones).
+        shutdown_timeout_s: seconds torchrun waits for SIGTERMed workers before SIGKILL.
+    """
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        entry: Sequence[str],
+        *,
+        min_nodes: int = 1,
+        max_nodes: int = 1,
+        procs_per_node: int = 1,
+        env: dict[str, str] | None = None,
+        rdzv: RendezvousSettings | None = None,
+        shutdown_timeout_s: float = 5.0,
+        max_restarts: int = 1000,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.entry = list(entry)
+        self.min_nodes, self.max_nodes = min_nodes, max_nodes
+        self.procs_per_node = procs_per_node
+        self.extra_env = dict(env or {})
+        self.rdzv = rdzv or RendezvousSettings.fast()
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.max_restarts = max_restarts
+        self.tag = uuid.uuid4().hex[:12]
+        self.run_id = f"chaos-{self.tag}"
+        self.nodes: list[Node] = []
+        self.store_port: int | None = None
+        self._store: subprocess.Popen[str] | None = None
+        self._timers: list[threading.Timer] = []
+        self._lock = threading.RLock()
+        self._closed = False
+        self.on_node_removed: list = []
+        """Callbacks `f(node_index, t)` run when a scheduled kill (after a notice) happens."""
+
+    # ----------------------------------------------------------------------------- lifecycle
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Start the rendezvous store. Raises ClusterError when it does not come up in 30 s."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, TAG_ENV: self.tag, NODE_ENV: "store"}
+        self._store = subprocess.Popen(
+            [sys.executable, "-m", "chaos.rdzv_store"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=open(self.workdir / "store.log", "w"),  # noqa: SIM115
+            text=True, env=env, start_new_session=True,
+        )
+        line = _readline_within(self._store, 30.0)
+        if not line.startswith("PORT "):
+            self.close()
+            raise ClusterError(f"rendezvous store did not start (see {self.workdir}/store.log)")
+        self.store_port = int(line.split()[1])
+
+    def close(self) -> None:
+        """Kill every node and the store; reap them; sweep any process still tagged with this run.
+
+        Safe to call twice and on a half-started cluster. Never raises for a process that is
+        already gone."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for timer in self._timers:
+                timer.cancel()
+        for node in self.nodes:
+            self._kill_tree(node)
+        if self._store is not None:
+            self._store.terminate()
+            try:
+                self._store.wait(5)
+            except subprocess.TimeoutExpired:
+                self._store.kill()
+                self._store.wait()
+        _kill_all(self.tagged_processes())
+
+    # ----------------------------------------------------------------------------- nodes
+
+    def add_node(self) -> int:
+        """Start one more torchrun agent; returns its node number. It joins at the next
+        rendezvous (the running nodes see it waiting and re-form with it)."""
+        if self.store_port is None:
+            raise ClusterError("start the cluster before adding nodes")
+        with self._lock:
+            index = len(self.nodes)
+            notice = self.workdir / f"notice-node{index}"
+            notice.unlink(missing_ok=True)
+            log_path = self.workdir / f"node{index}.log"
+            env = {
+                **os.environ,
+                **self.extra_env,
+                TAG_ENV: self.tag,
+                NODE_ENV: str(index),
+                NOTICE_ENV: str(notice),
+                # Without this, workers share the agent's rendezvous store, and a node joining a
+                # running job deadlocks (then the job dies after 60 s). Measured on torch 2.13.
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+                # The agent runs a FileTimerServer that SIGKILLs a worker whose step timer
+                # expired: how a hung (SIGSTOPped) rank is detected (--parallel.hang_timeout_s).
+                "TORCHELASTIC_ENABLE_FILE_TIMER": "1",
+                "TORCHELASTIC_TIMER_FILE": str(self.workdir / f"timer-node{index}"),
+                "PYTHONUNBUFFERED": "1",
+            }
+            cmd = [
+                sys.executable, "-m", "torch.distributed.run",
+                f"--nnodes={self.min_nodes}:{self.max_nodes}",
+                f"--nproc-per-node={self.procs_per_node}",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{self.store_port}",
+                f"--rdzv-id={self.run_id}",
+                f"--rdzv-conf={self.rdzv.conf()}",
+                # Restarts are how an elastic job survives; a run ends by finishing, not by this.
+                f"--max-restarts={self.max_restarts}",
+                # How often the agent polls its workers: a dead worker is noticed within 0.1 s.
+                "--monitor-interval=0.1",
+                # A worker that ignores SIGTERM (e.g. SIGSTOPped) is SIGKILLed after this.
+                f"--shutdown-timeout={self.shutdown_timeout_s:g}",
+                *self.entry,
+            ]
+            log = open(log_path, "ab")  # noqa: SIM115 - the agent owns it; closed below
+            try:
+                agent = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            finally:
+                log.close()
+            self.nodes.append(Node(index, agent, notice, log_path, time.time()))
+            return index
+
+    def node(self, index: int) -> Node:
+        try:
+            return self.nodes[index]
+        except IndexError:
+            raise ClusterError(f"node {index} does not exist") from None
+
+    def live_nodes(self) -> list[int]:
+        """Node numbers whose agent runs and that the harness has not removed."""
+        return [n.index for n in self.nodes if n.running]
+
+    def kill_node(self, index: int) -> float:
+        """SIGKILL the node's agent and every descendant, as a reclaimed machine would vanish.
+        Returns the time it happened. A node already gone is a no-op."""
+        node = self.node(index)
+        with self._lock:
+            if node.removed is None:
+                node.removed = time.time()
+        self._kill_tree(node)
+        return node.removed
+
+    def preempt_node(self, index: int, notice_s: float) -> float:
+        """Give the node a preemption notice (its notice file appears) and kill it `notice_s`
+        seconds later, whatever it did meanwhile. Returns when the notice was given."""
+        node = self.node(index)
+        node.notice_file.write_text(json.dumps({"source": "chaos", "notice_s": notice_s,
+                                                "deadline": time.time() + notice_s}))
+        t = time.time()
+
+        def reclaim() -> None:
+            if self._closed:
+                return
+            when = self.kill_node(index)
+            for callback in self.on_node_removed:
+                callback(index, when)
+
+        timer = threading.Timer(notice_s, reclaim)
+        timer.daemon = True
+        with self._lock:
+            self._timers.append(timer)
+        timer.start()
+        return t
+
+    def workers(self, index: int) -> list[psutil.Process]:
+        """The node's live worker processes (the agent's children that torchrun started for
+        ranks), ordered by LOCAL_RANK."""
+        node = self.node(index)
+        found: list[tuple[int, psutil.Process]] = []
+        try:
+            children = psutil.Process(node.agent.pid).children()
+        except psutil.NoSuchProcess:
+            return []
+        for child in children:
+            try:
+                env = child.environ()
+                if "LOCAL_RANK" in env and child.status() != psutil.STATUS_ZOMBIE:
+                    found.append((int(env["LOCAL_RANK"]), child))
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return [p for _, p in sorted(found, key=lambda x: x[0])]
+
+    def wait_for_workers(self, index: int, timeout_s: float = 30.0) -> list[psutil.Process]:
+        """The node's workers, waiting up to `timeout_s` for them to exist. Raises ClusterError."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            procs = self.workers(index)
+            if procs:
+                return procs
+            time.sleep(0.05)
+        raise ClusterError(f"node {index} has no workers after {timeout_s:.0f} s")
+
+    def kill_worker(self, index: int, local_rank: int = 0) -> int:
+        """SIGKILL one worker of the node (a rank's process crashes). Returns its pid."""
+        proc = self._worker(index, local_rank)
+        _signal(proc.pid, signal.SIGKILL)
+        return proc.pid
+
+    def hang_worker(self, index: int, local_rank: int = 0) -> int:
+        """SIGSTOP one worker of the node: it neither runs nor dies, the way a wedged rank looks.
+        The job must detect it (the trainer's hang timer, the collective timeout). Returns the pid;
+        `close()` kills it if nothing else did."""
+        proc = self._worker(index, local_rank)
+        _signal(proc.pid, signal.SIGSTOP)
+        return proc.pid
+
+    def _worker(self, index: int, local_rank: int) -> psutil.Process:
+        procs = self.wait_for_workers(index)
+        return procs[min(local_rank, len(procs) - 1)]
+
+    # ----------------------------------------------------------------------------- waiting
+
+    def wait(self, timeout_s: float, poll_s: float = 0.2) -> bool:
+        """Wait until no node's agent runs; False on timeout (nothing is killed)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.live_nodes():
+                return True
+            time.sleep(poll_s)
+        return not self.live_nodes()
+
+    def exit_codes(self) -> dict[int, int | None]:
+        return {n.index: n.agent.poll() for n in self.nodes}
+
+    # ----------------------------------------------------------------------------- processes
+
+    def tagged_processes(self) -> list[psutil.Process]:
+        """Every live (non-zombie) process carrying this cluster's tag: agents, workers and any
+        helper they started, wherever in the process tree they ended up."""
+        me = os.getpid()
+        found = []
+        for proc in psutil.process_iter():
+            if proc.pid == me:
+                continue
+            try:
+                if proc.environ().get(TAG_ENV) == self.tag and \
+                        proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return found
+
+    def _kill_tree(self, node: Node) -> None:
+        try:
+            descendants = psutil.Process(node.agent.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            descendants = []
+        node.pids.update(p.pid for p in descendants)
+        # The agent first, so it cannot start replacements; then what it started; then anything
+        # with the node's tag that escaped the tree (re-parented after its parent died).
+        _signal(node.agent.pid, signal.SIGKILL)
+        _kill_all(descendants)
+        node.agent.wait()
+        stray = [p for p in self.tagged_processes() if _node_of(p) == str(node.index)]
+        _kill_all(stray)
+
+
+def _node_of(proc: psutil.Process) -> str | None:
+    try:
+        return proc.environ().get(NODE_ENV)
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _kill_all(procs: Iterable[psutil.Process], timeout_s: float = 10.0) -> None:
+    procs = list(procs)
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=timeout_s)
+
+
+def _readline_within(proc: subprocess.Popen[str], timeout_s: float) -> str:
+    result: list[str] = []
+    reader = threading.Thread(target=lambda: result.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout_s)
+    return result[0].strip() if result else ""

@@ -1,0 +1,118 @@
+"""Reading the trainer's metrics.jsonl while it is written, and the facts derived from it.
+
+The trainer's rank 0 appends one JSON line per step or event (docs/internals.md). A killed rank 0
+can leave a torn last line; the tailer keeps an unterminated tail until its newline arrives and
+skips a line that never parses (counted in `bad_lines`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+Record = dict[str, Any]
+
+
+class MetricsTail:
+    """Incremental reader of a JSON-lines file that may not exist yet."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.records: list[Record] = []
+        self.bad_lines = 0
+        self._offset = 0
+        self._partial = b""
+
+    def poll(self) -> list[Record]:
+        """New complete records since the last call (also appended to `records`)."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        self._offset += len(chunk)
+        data = self._partial + chunk
+        *lines, self._partial = data.split(b"\n")
+        new: list[Record] = []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                # A writer killed mid-line, then the next writer appended after it.
+                self.bad_lines += 1
+                continue
+            if isinstance(record, dict):
+                new.append(record)
+        self.records.extend(new)
+        return new
+
+
+def read_all(path: str | Path) -> list[Record]:
+    tail = MetricsTail(path)
+    tail.poll()
+    return tail.records
+
+
+def is_step(r: Record) -> bool:
+    return "step" in r and "event" not in r
+
+
+@dataclass
+class Lineage:
+    """The steps that led to the final weights: rolled back at every `start` to its
+    `restored_step`, extended by every step line.
+
+    `problems` lists what breaks exactly-once: a step line that does not extend the lineage by one
+    (a skipped or repeated step without a restore in between), or a restart that restored a step
+    beyond the lineage."""
+
+    digests: list[str | None] = field(default_factory=list)
+    """digests[s - 1]: batch_digest of step s in the current lineage."""
+    problems: list[str] = field(default_factory=list)
+    restores: list[int | None] = field(default_factory=list)
+    """restored_step of every start, in order."""
+
+    @classmethod
+    def from_records(cls, records: list[Record]) -> Lineage:
+        lineage = cls()
+        for r in records:
+            lineage.add(r)
+        return lineage
+
+    def add(self, r: Record) -> None:
+        if r.get("event") == "start":
+            restored = r.get("restored_step")
+            self.restores.append(restored)
+            keep = int(restored or 0)
+            if keep > len(self.digests):
+                self.problems.append(
+                    f"a restart restored step {keep} but only {len(self.digests)} steps were run")
+                keep = len(self.digests)
+            del self.digests[keep:]
+        elif is_step(r):
+            step = int(r["step"])
+            if step != len(self.digests) + 1:
+                self.problems.append(
+                    f"step {step} reported after step {len(self.digests)} without a restart")
+                if step <= len(self.digests):
+                    del self.digests[step - 1:]
+                else:
+                    self.digests.extend([None] * (step - 1 - len(self.digests)))
+            self.digests.append(r.get("batch_digest"))
+
+    @property
+    def final_step(self) -> int:
+        return len(self.digests)
+
+
+def step_records(records: list[Record]) -> list[Record]:
+    return [r for r in records if is_step(r)]
+
+
+def events(records: list[Record], name: str) -> list[Record]:
+    return [r for r in records if r.get("event") == name]
