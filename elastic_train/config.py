@@ -71,7 +71,8 @@ class OptimConfig:
 @dataclass
 class CheckpointConfig:
     uri: str = ""
-    """Where checkpoints go: s3://bucket/prefix, gs://..., file://... Empty: `{run.dir}/checkpoints`."""
+    """Where checkpoints go: s3://bucket/prefix, gs://..., file://...
+    Empty: `{run.dir}/checkpoints`."""
     every: int = 50
     """Save every this many steps (0: only the final step). See `interval` for adaptive mode."""
     keep: int = 3
@@ -83,11 +84,13 @@ class CheckpointConfig:
     on_failure: Literal["continue", "stop"] = "continue"
     """After a save fails for good (retries exhausted): keep training, or stop the run."""
     cache_dir: str = ""
-    """Node-local copy of the newest checkpoint, read on restart when it matches the remote commit."""
+    """Node-local copy of the newest checkpoint, read on restart when it matches the remote
+    commit. Empty: no cache."""
     retry_timeout_s: float = 60.0
     """Total time one storage operation may spend retrying transient errors."""
     interval: Literal["fixed", "adaptive"] = "fixed"
-    """fixed: every `every` steps. adaptive: Young/Daly sqrt(2*C*M), between min_every and max_every."""
+    """fixed: every `every` steps. adaptive: Young/Daly sqrt(2*C*M) from measured checkpoint cost
+    C and mean time between interruptions M, between min_every and max_every."""
     min_every: int = 5
     max_every: int = 500
 
@@ -95,7 +98,8 @@ class CheckpointConfig:
 @dataclass
 class ParallelConfig:
     mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto: fp32 on CPU (bf16 is slower without bf16 instructions), bf16 params with fp32 reduce on GPU."""
+    """auto: fp32 on CPU (bf16 is slower without bf16 instructions); bf16 params with fp32
+    gradient reduction on GPU."""
     collective_timeout_s: float = 0.0
     """A collective that takes longer fails the worker. 0: 20 s with gloo, 600 s with NCCL."""
     hang_timeout_s: float = 0.0
@@ -206,7 +210,9 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key=value")
+            raise ConfigError(
+                f"unexpected argument {arg!r}: overrides look like --section.key=value"
+            )
         key, eq, value = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(args):

@@ -1,0 +1,189 @@
+"""One node of a SkyPilot cluster: `elastic-train sky node`, the `run:` of `sky/train.yaml`.
+
+Every node runs this once. It reads what SkyPilot sets on each node and the task's `envs`, and
+runs torchrun's elastic agent in this process:
+
+    torchrun --nnodes=MIN_NODES:SKYPILOT_NUM_NODES --nproc-per-node=SKYPILOT_NUM_GPUS_PER_NODE
+             --rdzv-backend=c10d --rdzv-endpoint=HEAD:RDZV_PORT --rdzv-id=SKYPILOT_TASK_ID
+             --rdzv-conf=is_host=false,... -m elastic_train.train [--config CONFIG]
+             --checkpoint.uri=RUN_URI [--data.uri=DATA_URI] TRAIN_ARGS...
+
+- The head (node rank 0) also hosts the rendezvous store: a standalone `TCPStore` in this process,
+  so no agent owns it and any other node may die without taking the rendezvous with it. Losing the
+  head loses the store; SkyPilot relaunches a multi-node managed job as a whole then anyway.
+- `SKYPILOT_TASK_ID` is stable across SkyPilot's recoveries: it names the rendezvous and, unless
+  `RUN_URI` is set, the run's checkpoint prefix `$BUCKET/runs/$SKYPILOT_TASK_ID`, so a relaunched
+  cluster resumes from the newest committed checkpoint.
+- Exits with the trainer's own exit code (`elastic_train.exit_codes`: 75, 76, 77) when a worker
+  failed with one, so that SkyPilot's `recover_on_exit_codes` can see it (torchrun itself exits 1).
+
+Environment besides SkyPilot's: BUCKET, RUN_URI, DATA_URI, CONFIG, TRAIN_ARGS, MIN_NODES (the
+`envs` of `sky/train.yaml`), RDZV_PORT (default 29400), MAX_RESTARTS (default 3: worker failures
+torchrun absorbs before giving up; membership changes do not count), ELASTIC_TRAIN_NOTICE_FILE
+(default `~/.elastic-train/preemption-notice`, the file the YAML's preemption hook touches).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from elastic_train import exit_codes
+
+DEFAULT_RDZV_PORT = 29400
+DEFAULT_MAX_RESTARTS = 3
+NOTICE_FILE = "~/.elastic-train/preemption-notice"
+"""Touched by `sky/train.yaml`'s preemption hook; the trainer polls ELASTIC_TRAIN_NOTICE_FILE."""
+
+# Measured on torch 2.13 (shared/FACTS.md), the same settings as the chaos harness:
+# - the store is standalone (is_host=false), so any agent may die;
+# - last_call_timeout=1 and keep-alive 1 s x 5 re-form the world in ~3-5 s instead of ~35 s;
+#   keep_alive_max_attempt=2 once split one job into two worlds, so stay well above it.
+RDZV_CONF = "is_host=false,last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=5"
+
+# Sharing the rendezvous store with the workers deadlocks the job when a node joins later.
+AGENT_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+class LaunchError(ValueError):
+    """The node's environment cannot start a run; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Node:
+    """This node as SkyPilot describes it."""
+
+    ips: tuple[str, ...]
+    """Every node's IP in rank order (SKYPILOT_NODE_IPS, newline-separated)."""
+    rank: int
+    num_nodes: int
+    procs: int
+    """Workers on this node: one per GPU, one on a CPU-only node."""
+    task_id: str
+
+    @property
+    def head(self) -> str:
+        return self.ips[0]
+
+    @property
+    def ip(self) -> str:
+        return self.ips[self.rank]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Node:
+        """Raises LaunchError naming the first missing or inconsistent SKYPILOT_* variable."""
+        missing = [k for k in ("SKYPILOT_NODE_IPS", "SKYPILOT_NODE_RANK", "SKYPILOT_NUM_NODES",
+                               "SKYPILOT_TASK_ID") if not env.get(k, "").strip()]
+        if missing:
+            raise LaunchError(f"{missing[0]} is not set: run this inside a SkyPilot task")
+        ips = tuple(line.strip() for line in env["SKYPILOT_NODE_IPS"].splitlines() if line.strip())
+        rank = _int(env, "SKYPILOT_NODE_RANK")
+        num_nodes = _int(env, "SKYPILOT_NUM_NODES")
+        gpus = _int(env, "SKYPILOT_NUM_GPUS_PER_NODE", default=0)
+        if len(ips) != num_nodes:
+            raise LaunchError(f"SKYPILOT_NODE_IPS lists {len(ips)} nodes, "
+                              f"SKYPILOT_NUM_NODES says {num_nodes}")
+        if not 0 <= rank < num_nodes:
+            raise LaunchError(f"SKYPILOT_NODE_RANK={rank} is not in [0, {num_nodes})")
+        return cls(ips=ips, rank=rank, num_nodes=num_nodes, procs=max(gpus, 1),
+                   task_id=env["SKYPILOT_TASK_ID"].strip())
+
+
+def _int(env: Mapping[str, str], key: str, default: int | None = None) -> int:
+    raw = env.get(key, "").strip()
+    if not raw and default is not None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise LaunchError(f"{key}={raw!r} is not an integer") from None
+
+
+def run_uri(env: Mapping[str, str], task_id: str) -> str:
+    """RUN_URI if set (resuming an existing run), else `$BUCKET/runs/$SKYPILOT_TASK_ID`."""
+    explicit = env.get("RUN_URI", "").strip()
+    if explicit:
+        return explicit.rstrip("/")
+    bucket = env.get("BUCKET", "").strip().rstrip("/")
+    if not bucket:
+        raise LaunchError("set BUCKET (s3://bucket/prefix or gs://...) or RUN_URI: "
+                          "checkpoints must outlive the cluster")
+    return f"{bucket}/runs/{task_id}"
+
+
+def torchrun_args(node: Node, env: Mapping[str, str]) -> list[str]:
+    """The torchrun command line (without `torchrun`) this node runs."""
+    min_nodes = _int(env, "MIN_NODES", default=1)
+    if not 1 <= min_nodes <= node.num_nodes:
+        raise LaunchError(f"MIN_NODES={min_nodes} is not in [1, {node.num_nodes}]")
+    port = _int(env, "RDZV_PORT", default=DEFAULT_RDZV_PORT)
+    trainer = ["--checkpoint.uri=" + run_uri(env, node.task_id)]
+    if env.get("CONFIG", "").strip():
+        trainer = ["--config", env["CONFIG"].strip(), *trainer]
+    if env.get("DATA_URI", "").strip():
+        trainer.append("--data.uri=" + env["DATA_URI"].strip())
+    trainer += shlex.split(env.get("TRAIN_ARGS", ""))
+    return [
+        f"--nnodes={min_nodes}:{node.num_nodes}",
+        f"--nproc-per-node={node.procs}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={node.head}:{port}",
+        f"--rdzv-id={node.task_id}",
+        f"--rdzv-conf={RDZV_CONF}",
+        f"--local-addr={node.ip}",
+        f"--max-restarts={_int(env, 'MAX_RESTARTS', default=DEFAULT_MAX_RESTARTS)}",
+        "--monitor-interval=0.5",
+        "-m", "elastic_train.train",
+        *trainer,
+    ]
+
+
+def exit_code_of(failures: Mapping[int, int]) -> int:
+    """The node's exit code from its workers' (rank -> exit code): a trainer code if any had one."""
+    codes = set(failures.values())
+    for code in (exit_codes.PREEMPTED, exit_codes.COLLECTIVE_TIMEOUT,
+                 exit_codes.CHECKPOINT_FAILED, exit_codes.BAD_CONFIG):
+        if code in codes:
+            return code
+    return 1
+
+
+def run_node(env: Mapping[str, str] | None = None) -> int:
+    """Start this node's part of the job and return its exit code. Must run in the main thread
+    (torchrun's agent installs signal handlers)."""
+    env = dict(os.environ if env is None else env)
+    try:
+        node = Node.from_env(env)
+        args = torchrun_args(node, env)
+    except LaunchError as e:
+        print(f"elastic-train sky node: error: {e}", file=sys.stderr)
+        return exit_codes.BAD_CONFIG
+
+    notice = Path(os.path.expanduser(env.get("ELASTIC_TRAIN_NOTICE_FILE") or NOTICE_FILE))
+    notice.unlink(missing_ok=True)  # a notice left by an earlier cluster on this disk is stale
+    os.environ.update(AGENT_ENV)
+    os.environ["ELASTIC_TRAIN_NOTICE_FILE"] = str(notice)
+
+    # Imported here: `elastic-train sky render` must not pay for torch.
+    from torch.distributed import TCPStore
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    # Held until the agent is done: the store lives exactly as long as this head process.
+    store = None
+    if node.rank == 0:
+        port = _int(env, "RDZV_PORT", default=DEFAULT_RDZV_PORT)
+        store = TCPStore(node.head, port, is_master=True, wait_for_workers=False)
+    print(f"elastic-train sky node {node.rank}/{node.num_nodes}: torchrun {shlex.join(args)}",
+          flush=True)
+    try:
+        run(parse_args(args))
+    except ChildFailedError as e:
+        return exit_code_of({rank: f.exitcode for rank, f in e.failures.items()})
+    finally:
+        del store
+    return exit_codes.OK

@@ -1,0 +1,141 @@
+"""`elastic-train sky ...`: SkyPilot task YAMLs without editing YAML, and the YAMLs' `run:` entry.
+
+    elastic-train sky render --nodes 4 --accelerators A100:8 --bucket s3://my-bucket/et > my.yaml
+    sky jobs launch my.yaml
+
+`render` prints `sky/train.yaml` with the given values filled in; the output parses with
+`sky.Task.from_yaml` without further `--env` flags. `node` is what every node of the cluster runs
+(`elastic_train.launch`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from elastic_train import exit_codes
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "sky" / "train.yaml"
+"""The managed-job YAML `render` starts from (the source tree; `workdir: .` needs it anyway)."""
+
+BUCKET_SCHEMES = ("s3://", "gs://")
+
+
+class RenderError(ValueError):
+    """Arguments that cannot make a launchable YAML; the message is one line for the user."""
+
+
+def parse_accelerators(spec: str) -> str | dict[str, int | None]:
+    """`A100:8` -> "A100:8"; `A100:8,H100:8` -> {"A100": 8, "H100": 8} (any one of them)."""
+    items = [s.strip() for s in spec.split(",") if s.strip()]
+    if not items:
+        raise RenderError("--accelerators is empty; expected NAME:COUNT[,NAME:COUNT...]")
+    parsed: dict[str, int | None] = {}
+    for item in items:
+        name, _, count = item.partition(":")
+        if not name or (count and not count.isdigit()) or count == "0":
+            raise RenderError(f"--accelerators item {item!r} is not NAME or NAME:COUNT, COUNT >= 1")
+        parsed[name] = int(count) if count else None
+    if len(parsed) == 1:
+        return items[0]
+    return parsed
+
+
+def render(args: argparse.Namespace, template: Path = TEMPLATE) -> dict[str, Any]:
+    """The task config for `args`; raises RenderError naming the first bad argument."""
+    if args.nodes < 1:
+        raise RenderError(f"--nodes={args.nodes} must be >= 1")
+    min_nodes = args.min_nodes if args.min_nodes is not None else 1
+    if not 1 <= min_nodes <= args.nodes:
+        raise RenderError(f"--min-nodes={min_nodes} must be between 1 and --nodes={args.nodes}")
+    for flag, uri in (("--bucket", args.bucket), ("--run-uri", args.run_uri)):
+        if uri and not uri.startswith(BUCKET_SCHEMES):
+            raise RenderError(f"{flag}={uri!r} must start with {' or '.join(BUCKET_SCHEMES)}: "
+                              "checkpoints must outlive the cluster")
+    if not (args.bucket or args.run_uri):
+        raise RenderError("give --bucket (a new run) or --run-uri (resume an existing run)")
+    if not template.is_file():
+        raise RenderError(f"{template} not found: run render from a checkout of elastic-train")
+
+    task: dict[str, Any] = yaml.safe_load(template.read_text())
+    task["num_nodes"] = args.nodes
+    if args.name:
+        task["name"] = args.name
+    resources = task["resources"]
+    resources["accelerators"] = parse_accelerators(args.accelerators)
+    resources["use_spot"] = not args.on_demand
+    if args.infra:
+        resources.pop("any_of", None)
+        if len(args.infra) == 1:
+            resources["infra"] = args.infra[0]
+        else:
+            resources["any_of"] = [{"infra": infra} for infra in args.infra]
+    if args.max_restarts_on_errors is not None:
+        resources["job_recovery"]["max_restarts_on_errors"] = args.max_restarts_on_errors
+    envs = task["envs"]
+    envs["BUCKET"] = (args.bucket or "").rstrip("/")
+    envs["RUN_URI"] = (args.run_uri or "").rstrip("/")
+    envs["MIN_NODES"] = str(min_nodes)
+    for key, value in (("DATA_URI", args.data_uri), ("CONFIG", args.config),
+                       ("TRAIN_ARGS", args.train_args)):
+        if value is not None:
+            envs[key] = value
+    return task
+
+
+def to_yaml(task: dict[str, Any]) -> str:
+    header = ("# Rendered by `elastic-train sky render` from sky/train.yaml "
+              "(its comments explain each field).\n")
+    return header + yaml.safe_dump(task, sort_keys=False, default_flow_style=False, width=100)
+
+
+def _render_cmd(args: argparse.Namespace) -> int:
+    try:
+        task = render(args)
+    except RenderError as e:
+        print(f"elastic-train sky render: error: {e}", file=sys.stderr)
+        return exit_codes.BAD_CONFIG
+    sys.stdout.write(to_yaml(task))
+    return exit_codes.OK
+
+
+def _node_cmd(args: argparse.Namespace) -> int:
+    from elastic_train.launch import run_node
+
+    return run_node()
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    sky = subparsers.add_parser("sky", help="SkyPilot: render a task YAML, or run one node of it")
+    commands = sky.add_subparsers(dest="sky_command", required=True, metavar="SUBCOMMAND")
+
+    r = commands.add_parser(
+        "render", help="print a managed spot job YAML (sky/train.yaml filled in) to stdout",
+        description="Print sky/train.yaml with these values; launch it with `sky jobs launch`.")
+    r.add_argument("--nodes", type=int, required=True, help="nodes in the cluster (num_nodes)")
+    r.add_argument("--accelerators", required=True,
+                   help="per node, e.g. A100:8; several (any one of them): A100:8,H100:8")
+    r.add_argument("--bucket", help="s3://bucket/prefix or gs://...; the run goes to "
+                   "BUCKET/runs/SKYPILOT_TASK_ID")
+    r.add_argument("--run-uri", help="resume this existing run instead (any cloud or region)")
+    r.add_argument("--min-nodes", type=int, help="keep training while this many nodes are up "
+                   "(default 1)")
+    r.add_argument("--infra", action="append",
+                   help="cloud[/region[/zone]], repeatable; default: any of aws, gcp, azure")
+    r.add_argument("--data-uri", help="prepared dataset (elastic-train data prepare --out)")
+    r.add_argument("--config", help="trainer TOML file inside the workdir")
+    r.add_argument("--train-args", help='trainer overrides, e.g. "--steps=20000"')
+    r.add_argument("--on-demand", action="store_true", help="on-demand instead of spot")
+    r.add_argument("--max-restarts-on-errors", type=int,
+                   help="SkyPilot restarts after other errors (default from sky/train.yaml)")
+    r.add_argument("--name", help="job name")
+    r.set_defaults(func=_render_cmd)
+
+    n = commands.add_parser(
+        "node", help="run this node's part of a job (the run: section of sky/train.yaml)",
+        description="Reads SKYPILOT_* and the task's envs; see elastic_train/launch.py.")
+    n.set_defaults(func=_node_cmd)

@@ -1,0 +1,66 @@
+"""Entry point of a trainer worker: `torchrun ... -m elastic_train.train [--config F] [--k=v ...]`
+or `elastic-train train ...` (a world of one without torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from elastic_train import config as config_lib
+from elastic_train import exit_codes
+
+
+def run(config_path: str | None, overrides: list[str]) -> int:
+    try:
+        config = config_lib.load(config_path, config_lib.parse_overrides(overrides))
+    except config_lib.ConfigError as e:
+        print(f"elastic-train: error: {e}", file=sys.stderr)
+        return exit_codes.BAD_CONFIG
+    # Imported here so that `--help` and config errors answer without loading torch.
+    import torch.distributed as dist
+
+    from checkpointing import SaveFailed
+    from elastic_train.trainer import Trainer
+
+    trainer = None
+    try:
+        trainer = Trainer(config)
+        return trainer.run()
+    except config_lib.ConfigError as e:
+        print(f"elastic-train: error: {e}", file=sys.stderr)
+        return exit_codes.BAD_CONFIG
+    except dist.DistError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"elastic-train: collective failed ({first_line}); exiting for torchrun to "
+              "re-form the world", file=sys.stderr)
+        return exit_codes.COLLECTIVE_TIMEOUT
+    except SaveFailed as e:
+        print(f"elastic-train: checkpoint failed for good: {e}", file=sys.stderr)
+        return exit_codes.CHECKPOINT_FAILED
+    finally:
+        if trainer is not None:
+            trainer.close()
+
+
+def _train_command(args: argparse.Namespace) -> int:
+    return run(args.config, args.overrides)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="train (under torchrun, or as a world of one)",
+        description="Overrides: --section.key=value (e.g. --model small --checkpoint.every 20).",
+    )
+    p.add_argument("--config", default=None, help="TOML config file")
+    p.set_defaults(func=_train_command, accepts_overrides=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m elastic_train.train")
+    parser.add_argument("--config", default=None, help="TOML config file")
+    args, rest = parser.parse_known_args(argv)
+    return run(args.config, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""The Trainer: composes model, data stream, optimizer and checkpoints into the step loop.
+
+One step, on every rank: take this rank's share of global batch `s`, forward and backward with
+the loss normalised by the global token count, let FSDP2 sum the gradients, clip, step, then one
+small all-reduce that carries the loss and whether any node has a preemption notice.
+
+What happens on failure:
+- A peer vanishes or hangs: the next collective raises (or times out after
+  `parallel.collective_timeout_s`); the worker exits with `COLLECTIVE_TIMEOUT` and torchrun
+  re-forms the world. Every worker then resumes from the newest committed checkpoint.
+- A step exceeds `parallel.hang_timeout_s`: torchrun's file timer kills the worker (SIGKILL).
+- SIGTERM (torchrun stopping the group): the worker exits at once, doing no collective work,
+  so the agent never waits out its 30 s shutdown grace. An upload in flight is abandoned; it
+  was never committed, so nobody will load it.
+- A preemption notice on any node: all ranks agree at the next step boundary, save within the
+  notice's deadline, and the noticed node leaves; the others go on in a smaller world.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+
+from checkpointing import CheckpointManager, CheckpointSettings, ModelOptimizerState
+from elastic_train import data, distributed, exit_codes
+from elastic_train.config import Config, validate
+from elastic_train.metrics import MetricsLog, progress_line, say
+from elastic_train.model import GPT, config_for, num_params
+from elastic_train.optim import build_optimizer, lr_at
+
+DEFAULT_NOTICE_DEADLINE_S = 30.0
+
+
+class TrainerProgress(Stateful):
+    """What the trainer itself checkpoints: the step (all the data stream needs) and the
+    digest of the config that produced it."""
+
+    def __init__(self, config_digest: str) -> None:
+        self.step = 0
+        self.config_digest = config_digest
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "config_digest": self.config_digest}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        if state.get("config_digest") != self.config_digest:
+            say(f"warning: resuming a checkpoint made with config {state.get('config_digest')}, "
+                f"now {self.config_digest}")
+
+
+def _exit_on_sigterm() -> None:
+    # os._exit, not sys.exit: a background upload thread must not keep the process alive, and
+    # no collective may run. The checkpoint in flight has no commit marker, so it never counts.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(128 + signal.SIGTERM))
+
+
+def _hang_timer(seconds: float):
+    """A context that has torchrun's file-timer server SIGKILL this worker if the step takes
+    longer than `seconds` (a hung peer or a stopped process). A no-op outside torchrun or when
+    the agent runs no timer server (TORCHELASTIC_ENABLE_FILE_TIMER unset)."""
+    path = os.environ.get("TORCHELASTIC_TIMER_FILE")
+    if seconds <= 0 or not path:
+        return lambda: nullcontext()
+    from torch.distributed.elastic.timer import FileTimerClient, configure, expires
+
+    configure(FileTimerClient(path))
+    return lambda: expires(after=seconds, scope="step")
+
+
+def _local_notice() -> tuple[bool, float | None]:
+    """(this node has a preemption notice, its deadline as unix time if known)."""
+    path = os.environ.get("ELASTIC_TRAIN_NOTICE_FILE")
+    if not path or not os.path.exists(path):
+        return False, None
+    try:
+        with open(path) as f:
+            return True, float(json.load(f)["deadline"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return True, None
+
+
+class Trainer:
+    def __init__(self, config: Config) -> None:
+        _exit_on_sigterm()
+        self.config = config
+        self.world = distributed.init(config.parallel)
+        validate(config, self.world.size)
+        if self.world.device.type == "cpu":
+            torch.set_num_threads(config.run.threads)
+        os.makedirs(config.run.dir, exist_ok=True)
+        self.metrics = MetricsLog(
+            os.path.join(config.run.dir, "metrics.jsonl") if self.world.is_main else None
+        )
+        self.store = data.TokenStore(self._data_uri())
+
+        torch.manual_seed(config.seed)  # the same full init on every rank, then sharded
+        model = GPT(config_for(config.model, config.data.seq_len, self.store.vocab_size))
+        self.n_params = num_params(model)
+        self.model = distributed.shard(model.to(self.world.device), self.world, config.parallel)
+        self.optimizer = build_optimizer(self.model, config.optim)
+        self.progress = TrainerProgress(config.digest())
+        self.state = {"app": ModelOptimizerState(self.model, self.optimizer),
+                      "trainer": self.progress}
+        ckpt = config.checkpoint
+        self.checkpoints = CheckpointManager(
+            self.checkpoint_uri(config),
+            CheckpointSettings(keep=ckpt.keep, mode=ckpt.mode, when_busy=ckpt.when_busy,
+                               on_failure=ckpt.on_failure, cache_dir=ckpt.cache_dir or None,
+                               retry_timeout_s=ckpt.retry_timeout_s),
+            config_digest=self.progress.config_digest,
+            on_event=self.metrics.write,
+        )
+        self.step_timer = _hang_timer(config.parallel.hang_timeout_s)
+
+    @staticmethod
+    def checkpoint_uri(config: Config) -> str:
+        if config.checkpoint.uri:
+            return config.checkpoint.uri
+        return "file://" + os.path.abspath(os.path.join(config.run.dir, "checkpoints"))
+
+    def _data_uri(self) -> str:
+        """The configured dataset, or the embedded corpus prepared under run.dir on first use.
+        Each node's first worker prepares it (identical bytes, atomic writes), then all wait."""
+        uri = self.config.data.uri
+        if not uri:
+            uri = os.path.abspath(os.path.join(self.config.run.dir, "data"))
+            if self.world.local_rank == 0 and not data.is_prepared(uri):
+                data.prepare(uri)
+            dist.barrier()
+        return uri
+
+    def _save_due(self, step: int) -> bool:
+        every = self.config.checkpoint.every
+        return every > 0 and step % every == 0 and step < self.config.steps
+
+    def _agree_on_notice(self, local_deadline: float | None) -> float:
+        """All ranks learn the earliest deadline of any noticed node (one rare collective)."""
+        remaining = (local_deadline - time.time()) if local_deadline else DEFAULT_NOTICE_DEADLINE_S
+        t = torch.tensor([remaining if remaining > 0 else math.inf], device=self.world.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        value = float(t.item())
+        return value if math.isfinite(value) else DEFAULT_NOTICE_DEADLINE_S
+
+    def _train_step(self, batch: data.Batch, lr: float, noticed: bool) -> tuple[float, bool]:
+        """One optimizer step; returns (global mean loss, whether any rank has a notice)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        inputs = batch.inputs.to(self.world.device, non_blocking=True)
+        targets = batch.targets.to(self.world.device, non_blocking=True)
+        logits = self.model(inputs)
+        loss_sum = F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), targets.view(-1), reduction="sum"
+        )
+        global_tokens = self.config.data.batch_size * self.config.data.seq_len
+        # Each rank's loss is its share of the global mean; FSDP2 averages gradients over the
+        # world, so scaling by the world size makes that average the full-batch gradient.
+        (loss_sum * (self.world.size / global_tokens)).backward()
+        if self.config.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = torch.stack([loss_sum.detach().float(),
+                             torch.tensor(float(noticed), device=self.world.device)])
+        dist.all_reduce(stats)
+        return stats[0].item() / global_tokens, stats[1].item() > 0
+
+    def run(self) -> int:
+        cfg, world = self.config, self.world
+        restored = self.checkpoints.load(self.state)
+        start = self.progress.step if restored is not None else 0
+        self.metrics.event("start", world_size=world.size, restored_step=restored,
+                           restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
+        if world.is_main:
+            where = f"step {restored}" if restored is not None else "scratch"
+            say(f"training {cfg.model} ({self.n_params / 1e6:.1f}M params) on {world.size} "
+                f"{world.device.type} rank(s) from {where} to step {cfg.steps}")
+        stream = data.DataStream(
+            self.store, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+            seed=cfg.seed, rank=world.rank, world_size=world.size, start_step=start,
+            prefetch=cfg.data.prefetch,
+        )
+        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        t_start, t_last = time.time(), time.time()
+        try:
+            for step in range(start + 1, cfg.steps + 1):
+                noticed_here, deadline = _local_notice()
+                with self.step_timer():
+                    batch = next(stream)
+                    lr = lr_at(step - 1, cfg.steps, cfg.optim)
+                    loss, notice = self._train_step(batch, lr, noticed_here)
+                now = time.time()
+                step_time, t_last = now - t_last, now
+                self.progress.step = step
+                self.metrics.write({
+                    "step": step, "loss": loss, "lr": lr, "world_size": world.size,
+                    "batch_digest": data.batch_digest(batch.global_ids),
+                    "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
+                    "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+                })
+                if world.is_main and (step % cfg.run.log_every == 0 or step == cfg.steps):
+                    rate = (step - start) / (now - t_start)
+                    say(progress_line(step, cfg.steps, loss, lr, tokens_per_step / step_time,
+                                      world.size, (cfg.steps - step) / rate))
+                if notice:
+                    self._save_for_notice(step, noticed_here, deadline)
+                elif self._save_due(step):
+                    self.checkpoints.save(step, self.state)
+        finally:
+            stream.close()
+        self._finish()
+        return exit_codes.OK
+
+    def _save_for_notice(self, step: int, noticed_here: bool, deadline: float | None) -> None:
+        """Save within the earliest notice deadline; the noticed node then leaves the job."""
+        seconds = self._agree_on_notice(deadline if noticed_here else None)
+        self.metrics.event("notice", step=step, source="file", deadline_s=seconds)
+        self.checkpoints.wait()
+        self.checkpoints.save_within(step, self.state, seconds)
+        if noticed_here:
+            self.leave()
+
+    def leave(self) -> None:
+        """Leave the job for good: stop this node's torchrun agent (so it does not rejoin the
+        next rendezvous while its machine is being taken away) and exit."""
+        self.metrics.close()
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            os.kill(os.getppid(), signal.SIGTERM)
+        os._exit(exit_codes.PREEMPTED)
+
+    def _finish(self) -> None:
+        """Commit the final step (blocking), write full final weights, say done."""
+        cfg = self.config
+        self.checkpoints.wait()
+        if self.checkpoints.latest_step() != cfg.steps:
+            self.checkpoints.save(cfg.steps, self.state)
+            self.checkpoints.wait()
+        full = get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if self.world.is_main:
+            path = os.path.join(cfg.run.dir, "final_model.pt")
+            torch.save(full, path + ".tmp")
+            os.replace(path + ".tmp", path)
+            self.metrics.event("done", step=cfg.steps)
+            say(f"done: step {cfg.steps}; weights at {path}")
+
+    def close(self) -> None:
+        self.checkpoints.close()
+        self.metrics.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
