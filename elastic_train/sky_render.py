@@ -4,13 +4,16 @@
     sky jobs launch my.yaml
 
 `render` prints `sky/train.yaml` with the given values filled in; the output parses with
-`sky.Task.from_yaml` without further `--env` flags. `node` is what every node of the cluster runs
-(`elastic_train.launch`).
+`sky.Task.from_yaml` without further `--env` flags. `check` runs SkyPilot's own parser and schema
+on task YAMLs plus what parsing misses (job_recovery keys and strategy). `node` is what every node
+of the cluster runs (`elastic_train.launch`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -93,6 +96,86 @@ def to_yaml(task: dict[str, Any]) -> str:
     return header + yaml.safe_dump(task, sort_keys=False, default_flow_style=False, width=100)
 
 
+PLACEHOLDER = "s3://placeholder/required"
+"""Stands in for a required (null) env while checking; SkyPilot refuses the YAML without one."""
+
+
+def check(path: str | Path) -> dict[str, Any]:
+    """Check one task YAML with SkyPilot's own code. Needs `skypilot` (the `sky` extra); importing
+    it creates `~/.sky`, so point HOME elsewhere when that matters.
+
+    Returns {"path", "errors": [...], "required_envs", "envs", "run", "num_nodes", "resources":
+    [{"infra", "use_spot", "accelerators", "job_recovery"}], "hooks"}; no errors means SkyPilot
+    0.14.1 accepts the file for `sky launch` / `sky jobs launch` given the required envs.
+    """
+    from sky.jobs import recovery_strategy  # noqa: F401  (registers the strategies)
+    from sky.utils import registry, schemas
+
+    import sky
+
+    path = Path(path)
+    result: dict[str, Any] = {"path": str(path), "errors": []}
+    errors: list[str] = result["errors"]
+    text = path.read_text()
+    raw = yaml.safe_load(text) or {}
+    envs = raw.get("envs") or {}
+    required = sorted(k for k, v in envs.items() if v is None)
+    result["required_envs"] = required
+    try:
+        if required:
+            try:
+                sky.Task.from_yaml_str(text)
+                errors.append(f"required envs {required} were not enforced by SkyPilot")
+            except ValueError as e:
+                if not re.search(r"Environment variable '(\w+)' is None", str(e)):
+                    raise
+            task = sky.Task.from_yaml_config(
+                yaml.safe_load(text), env_overrides=[(k, PLACEHOLDER) for k in required])
+        else:
+            task = sky.Task.from_yaml(str(path))
+    except Exception as e:  # SkyPilot raises ValueError and jsonschema errors
+        errors.append(f"SkyPilot rejects it: {e}")
+        return result
+
+    result.update(envs=dict(task.envs), run=task.run, num_nodes=task.num_nodes)
+    recovery_schema = schemas.get_resources_schema()["properties"]["job_recovery"]["anyOf"][1]
+    known_keys = set(recovery_schema["properties"])
+    strategies = set(registry.JOBS_RECOVERY_STRATEGY_REGISTRY.keys())
+    resources = []
+    for r in task.resources:
+        recovery = r.job_recovery
+        resources.append({"infra": str(r.infra), "use_spot": r.use_spot,
+                          "accelerators": r.accelerators, "job_recovery": recovery})
+        if recovery is None:
+            continue
+        unknown = set(recovery) - known_keys
+        if unknown:
+            errors.append(f"job_recovery keys {sorted(unknown)} are not SkyPilot's "
+                          f"({sorted(known_keys)}); SkyPilot would ignore them")
+        strategy = recovery.get("strategy")
+        if strategy is not None and str(strategy).lower() not in strategies:
+            errors.append(f"job_recovery strategy {strategy!r} is not one of "
+                          f"{sorted(s.upper() for s in strategies)}")
+    result["resources"] = resources
+    result["hooks"] = list(task.resources)[0].hooks if task.resources else None
+    return result
+
+
+def _check_cmd(args: argparse.Namespace) -> int:
+    results = [check(p) for p in args.files]
+    if args.json:
+        print(json.dumps(results, default=str))
+    else:
+        for r in results:
+            status = "ok" if not r["errors"] else "FAILED"
+            needs = f" (needs --env {', --env '.join(r['required_envs'])})" if r.get(
+                "required_envs") else ""
+            print(f"{r['path']}: {status}{needs}")
+            for error in r["errors"]:
+                print(f"  {error}")
+    return exit_codes.OK if all(not r["errors"] for r in results) else 1
+
+
 def _render_cmd(args: argparse.Namespace) -> int:
     try:
         task = render(args)
@@ -134,6 +217,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="SkyPilot restarts after other errors (default from sky/train.yaml)")
     r.add_argument("--name", help="job name")
     r.set_defaults(func=_render_cmd)
+
+    c = commands.add_parser(
+        "check", help="check task YAMLs with SkyPilot's own parser and schema",
+        description="SkyPilot's parser and schema, plus job_recovery keys and strategy.")
+    c.add_argument("files", nargs="+", help="task YAML files")
+    c.add_argument("--json", action="store_true", help="print the results as JSON")
+    c.set_defaults(func=_check_cmd)
 
     n = commands.add_parser(
         "node", help="run this node's part of a job (the run: section of sky/train.yaml)",
