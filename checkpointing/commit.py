@@ -1,0 +1,180 @@
+"""The commit protocol: a step exists for readers exactly when its COMMIT.json does.
+
+A save of step S writes, in this order:
+
+1. every rank's DCP data files into `{uri}/step_{S:08d}/` (`__{rank}_{i}.distcp`);
+2. DCP's `.metadata` (rank 0, after gathering every rank's write results, i.e. after every
+   rank's data upload returned);
+3. `COMMIT.json` (rank 0, only after step 2 returned): step, world size, time, config digest and
+   every file with its size and CRC-32. It is a single PUT (object stores) or an fsync'd
+   rename (local disks), so it is either absent or whole.
+
+What a reader may assume after a crash (a killed writer, a lost node, a storage outage) at each
+point:
+
+- during 1 or 2, or between 2 and 3: `step_S/` holds some files but no COMMIT.json. Readers ignore
+  it; `latest_step()` is still the previous commit, which is untouched. GC removes `step_S/` once
+  a newer step commits (never earlier: it may be a save still in flight).
+- during 3: the PUT either happened or not; a torn COMMIT.json cannot be seen. A COMMIT.json that
+  does not parse is treated as absent anyway.
+- after 3: step S is committed; its files are the ones listed, with the listed sizes and CRCs
+  (`verify_step` checks). Retention deletes COMMIT.json *first* when it removes a step, so a
+  half-deleted step is debris, never a damaged commit.
+
+Nothing here reads or writes tensors; it only names, lists and checks files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import zlib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from checkpointing.storage import Storage
+
+COMMIT_FILE = "COMMIT.json"
+FORMAT_VERSION = 1
+_STEP_RE = re.compile(r"^step_(\d{8,})$")
+
+
+def step_dir(step: int) -> str:
+    """`step_00000040` for step 40."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return f"step_{step:08d}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    match = _STEP_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def crc32_of(data: bytes | memoryview, value: int = 0) -> int:
+    return zlib.crc32(data, value) & 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    size: int
+    crc32: int
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    """What COMMIT.json says about one committed step. Holds no credentials or endpoints."""
+
+    step: int
+    world_size: int
+    time: float
+    config_digest: str
+    files: Mapping[str, FileRecord] = field(default_factory=dict)
+    format: int = FORMAT_VERSION
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.size for r in self.files.values())
+
+    def to_json(self) -> str:
+        body = asdict(self)
+        body["files"] = {name: asdict(rec) for name, rec in sorted(self.files.items())}
+        body["total_bytes"] = self.total_bytes
+        return json.dumps(body, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> CommitInfo:
+        """Raises ValueError for anything that is not a whole, well-formed COMMIT.json."""
+        try:
+            body = json.loads(text)
+            files = {str(n): FileRecord(int(r["size"]), int(r["crc32"]))
+                     for n, r in body["files"].items()}
+            return cls(step=int(body["step"]), world_size=int(body["world_size"]),
+                       time=float(body["time"]), config_digest=str(body["config_digest"]),
+                       files=files, format=int(body.get("format", FORMAT_VERSION)))
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
+            raise ValueError(f"malformed {COMMIT_FILE}: {e}") from e
+
+    def summary(self) -> dict[str, Any]:
+        return {"step": self.step, "world_size": self.world_size, "time": self.time,
+                "config_digest": self.config_digest, "files": len(self.files),
+                "total_bytes": self.total_bytes}
+
+
+def new_commit(step: int, world_size: int, config_digest: str,
+               files: Mapping[str, FileRecord]) -> CommitInfo:
+    return CommitInfo(step=step, world_size=world_size, time=time.time(),
+                      config_digest=config_digest, files=dict(files))
+
+
+def write_commit(storage: Storage, info: CommitInfo) -> None:
+    """Step 3 of a save. Must be called only after every listed file is durable."""
+    storage.write_bytes(f"{step_dir(info.step)}/{COMMIT_FILE}", info.to_json().encode())
+
+
+def read_commit(storage: Storage, step: int) -> CommitInfo | None:
+    """The step's commit, or None if it has none (or an unreadable one: not committed)."""
+    try:
+        raw = storage.read_bytes(f"{step_dir(step)}/{COMMIT_FILE}")
+    except FileNotFoundError:
+        return None
+    try:
+        info = CommitInfo.from_json(raw)
+    except ValueError:
+        return None
+    return info if info.step == step else None
+
+
+@dataclass
+class Listing:
+    committed: list[CommitInfo]
+    """Committed steps, oldest first."""
+    partial: list[int]
+    """Step directories without a (valid) COMMIT.json: in flight, or debris of a failed save."""
+
+
+def list_steps(storage: Storage) -> Listing:
+    steps = sorted(s for name in storage.list_dirs() if (s := parse_step_dir(name)) is not None)
+    committed, partial = [], []
+    for step in steps:
+        info = read_commit(storage, step)
+        if info is None:
+            partial.append(step)
+        else:
+            committed.append(info)
+    return Listing(committed, partial)
+
+
+@dataclass
+class VerifyReport:
+    ok: bool
+    step: int | None
+    detail: str
+    problems: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def verify_step(storage: Storage, info: CommitInfo, deep: bool = True) -> VerifyReport:
+    """Check every file COMMIT.json lists: present, same size, and (deep) same CRC-32."""
+    base = step_dir(info.step)
+    present = storage.list_files(base)
+    problems = []
+    for name, rec in sorted(info.files.items()):
+        if name not in present:
+            problems.append(f"{name}: missing")
+        elif present[name] != rec.size:
+            problems.append(f"{name}: size {present[name]} != recorded {rec.size}")
+        elif deep:
+            crc = crc32_of(storage.read_bytes(f"{base}/{name}"))
+            if crc != rec.crc32:
+                problems.append(f"{name}: crc32 {crc:08x} != recorded {rec.crc32:08x}")
+    if problems:
+        return VerifyReport(False, info.step, f"step {info.step}: {len(problems)} bad file(s): "
+                            + "; ".join(problems[:5]), problems)
+    how = "sizes and CRC-32" if deep else "sizes"
+    return VerifyReport(True, info.step, f"step {info.step}: {len(info.files)} files, "
+                        f"{info.total_bytes} bytes, {how} match")

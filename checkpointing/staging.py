@@ -1,0 +1,65 @@
+"""Host-memory staging: the only part of an async save that blocks the training loop.
+
+`HostStager.stage` copies a state dict (plain tensors, DTensors, nested dicts/lists, small Python
+values) into CPU buffers that it keeps and reuses on the next save when shapes and dtypes match, so
+steady-state staging is a memcpy into already-touched memory (no allocation, no page faults). The
+caller must not stage again while a save still reads the previous buffers (the manager keeps at
+most one save in flight and waits for it first).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+
+
+class HostStager:
+    """Copies state dicts to reusable host buffers. Not thread-safe: one stage() at a time."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def stage(self, state: Any) -> Any:
+        """A deep copy of `state` on the host; tensors shared inside `state` stay shared."""
+        memo: dict[int, Any] = {}
+        with torch.no_grad():
+            return self._copy(state, "", memo)
+
+    def _copy(self, value: Any, key: str, memo: dict[int, Any]) -> Any:
+        if id(value) in memo:
+            return memo[id(value)]
+        if isinstance(value, DTensor):
+            local = self._tensor(value.to_local(), key)
+            out: Any = DTensor.from_local(local, value.device_mesh, value.placements,
+                                          run_check=False, shape=value.shape,
+                                          stride=value.stride())
+        elif isinstance(value, torch.Tensor):
+            out = self._tensor(value, key)
+        elif isinstance(value, dict):
+            out = type(value)() if type(value) is not dict else {}
+            for k, v in value.items():
+                out[k] = self._copy(v, f"{key}.{k}", memo)
+        elif isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+            items = [self._copy(v, f"{key}.{i}", memo) for i, v in enumerate(value)]
+            out = items if isinstance(value, list) else tuple(items)
+        else:
+            out = copy.deepcopy(value)
+        memo[id(value)] = out
+        return out
+
+    def _tensor(self, tensor: torch.Tensor, key: str) -> torch.Tensor:
+        src = tensor.detach()
+        buf = self._buffers.get(key)
+        if (buf is None or buf.shape != src.shape or buf.dtype != src.dtype
+                or buf.stride() != src.stride()):
+            buf = torch.empty_strided(src.shape, src.stride(), dtype=src.dtype, device="cpu")
+            self._buffers[key] = buf
+        buf.copy_(src)
+        return buf
+
+    def release(self) -> None:
+        """Forget the buffers (memory goes back once no save holds them)."""
+        self._buffers.clear()

@@ -1,0 +1,254 @@
+"""One narrow interface over an fsspec URL: read, write, list and delete objects under a root.
+
+Every operation is whole and idempotent (a full object read, a full object write, a listing, a
+delete), so `retry.retrying` can repeat it after a transient fault without leaving half a result.
+Endpoints and credentials come from fsspec's own configuration (`FSSPEC_S3_ENDPOINT_URL`,
+`STORAGE_EMULATOR_HOST`, `AWS_*`, ...) and from `storage_options`; neither is ever logged or put
+in a message: errors pass through `redact` first.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+from checkpointing.errors import StorageError
+from checkpointing.retry import retrying
+
+SECRET_OPTION_KEYS = ("key", "secret", "token", "password", "session_token",
+                      "aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+"""storage_options keys (at any depth) whose values are credentials."""
+
+SECRET_ENV_VARS = ("FSSPEC_S3_KEY", "FSSPEC_S3_SECRET", "AWS_ACCESS_KEY_ID",
+                   "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "FSSPEC_GCS_TOKEN")
+
+
+def normalize_url(url: str) -> str:
+    """`s3://b/p/` -> `s3://b/p`; a plain path -> `file:///abs/path`. Raises ValueError if empty."""
+    url = url.strip()
+    if not url:
+        raise ValueError("checkpoint URI is empty")
+    if "://" not in url:
+        return "file://" + os.path.abspath(os.path.expanduser(url))
+    protocol, rest = url.split("://", 1)
+    protocol = protocol.lower()
+    if protocol == "file":
+        return "file://" + os.path.abspath(rest)
+    if protocol == "gcs":
+        protocol = "gs"
+    return f"{protocol}://{rest.rstrip('/')}"
+
+
+def default_storage_options(protocol: str, user: Mapping[str, Any]) -> dict[str, Any]:
+    """Options for fsspec with our retry defaults; the user's keys win.
+
+    botocore's legacy retry mode makes 5 attempts and s3fs retries again on top, so the layers
+    multiply (FACTS.md: 125 requests for one delayed call). We keep botocore to a few attempts in
+    "standard" mode and let one tenacity layer around whole operations bound the total time.
+    """
+    options = dict(user)
+    if protocol == "s3":
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("retries", {"mode": "standard", "max_attempts": 3})
+        config.setdefault("connect_timeout", 10)
+        config.setdefault("read_timeout", 30)
+        options["config_kwargs"] = config
+        options.setdefault("retries", 2)  # s3fs's own layer, on network errors only
+    if protocol in ("gs", "gcs") and os.environ.get("STORAGE_EMULATOR_HOST"):
+        options.setdefault("token", "anon")
+    return options
+
+
+def secret_values(storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Every credential string we might be holding: from options (at any depth) and the env."""
+    found: list[str] = []
+
+    def walk(value: Any, key: str = "") -> None:
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(v, str(k).lower())
+        elif isinstance(value, str) and key in SECRET_OPTION_KEYS and len(value) >= 4:
+            found.append(value)
+
+    walk(storage_options or {})
+    found += [v for name in SECRET_ENV_VARS if len(v := os.environ.get(name, "")) >= 4]
+    return found
+
+
+def redact(text: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """`text` with every known credential replaced by `***`."""
+    for secret in sorted(secret_values(storage_options), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+class Storage:
+    """Objects under one root URL. Paths given to methods are relative to the root.
+
+    Every method retries transient faults for at most `retry_timeout_s` in total, then raises
+    `StorageError` (credentials redacted). `write_bytes` is atomic for readers: on object stores a
+    single PUT is; on a local disk we write a temporary file, fsync it and rename it.
+    """
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None,
+                 retry_timeout_s: float = 60.0) -> None:
+        self.url = normalize_url(url)
+        self.protocol = self.url.split("://", 1)[0]
+        self._user_options = dict(storage_options or {})
+        self.storage_options = default_storage_options(self.protocol, self._user_options)
+        self.retry_timeout_s = retry_timeout_s
+        try:
+            self.fs: AbstractFileSystem = fsspec.filesystem(self.protocol, **self.storage_options)
+        except (ImportError, ValueError) as e:
+            raise StorageError(f"cannot open storage {self.url!r}: {self.redact(str(e))}") from e
+        self.root: str = self.fs._strip_protocol(self.url).rstrip("/") or "/"
+        self.is_local = self.protocol == "file"
+
+    # -- paths ---------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        """The filesystem path (no protocol) of `parts` under the root."""
+        return posixpath.join(self.root, *[p.strip("/") for p in parts if p])
+
+    def child(self, *parts: str) -> Storage:
+        """A Storage rooted at `parts` under this root, sharing its options and filesystem."""
+        new = object.__new__(Storage)
+        new.__dict__.update(self.__dict__)
+        new.root = self.path(*parts)
+        new.url = f"{self.protocol}://{new.root}" if self.protocol != "file" else \
+            f"file://{new.root}"
+        return new
+
+    def redact(self, text: str) -> str:
+        return redact(text, self._user_options)
+
+    def _retry(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return retrying(self.retry_timeout_s, what)(fn)(*args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001 - every storage failure becomes one clear type
+            raise StorageError(f"{what} failed: {self.redact(f'{type(e).__name__}: {e}')}") from e
+
+    # -- operations ----------------------------------------------------------------------
+    def read_bytes(self, rel: str, start: int | None = None, end: int | None = None) -> bytes:
+        """The object's bytes [start, end). Raises FileNotFoundError if it does not exist."""
+        path = self.path(rel)
+
+        def read() -> bytes:
+            data = self.fs.cat_file(path, start=start, end=end)
+            want = None if start is None or end is None else end - start
+            if want is not None and len(data) != want:
+                # A truncated body that the HTTP layer did not notice: retry the whole range.
+                raise ConnectionError(f"short read of {rel}: {len(data)} of {want} bytes")
+            return data
+
+        return self._retry(f"read {self._show(rel)}", read)
+
+    def write_bytes(self, rel: str, data: bytes | memoryview) -> None:
+        """Replace the object with `data`, atomically for readers."""
+        path = self.path(rel)
+        if self.is_local:
+            self._retry(f"write {self._show(rel)}", _write_local_atomic, path, data)
+        else:
+            self._retry(f"write {self._show(rel)}", self.fs.pipe_file, path, bytes(data))
+
+    def list_files(self, rel: str = "") -> dict[str, int]:
+        """{name relative to `rel`: size} of every file below `rel`; {} if there is none."""
+        base = self.path(rel)
+
+        def listing() -> dict[str, int]:
+            self.fs.invalidate_cache(base)
+            try:
+                found = self.fs.find(base, detail=True)
+            except FileNotFoundError:
+                return {}
+            return {posixpath.relpath(p, base): int(info.get("size") or 0)
+                    for p, info in found.items() if info.get("type", "file") != "directory"}
+
+        return self._retry(f"list {self._show(rel)}", listing)
+
+    def list_dirs(self, rel: str = "") -> list[str]:
+        """Names of the entries directly below `rel` (objects and prefixes)."""
+        base = self.path(rel)
+
+        def listing() -> list[str]:
+            self.fs.invalidate_cache(base)
+            try:
+                entries = self.fs.ls(base, detail=False)
+            except FileNotFoundError:
+                return []
+            return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
+        return self._retry(f"list {self._show(rel)}", listing)
+
+    def exists(self, rel: str) -> bool:
+        path = self.path(rel)
+
+        def check() -> bool:
+            self.fs.invalidate_cache(posixpath.dirname(path))
+            return bool(self.fs.exists(path))
+
+        return self._retry(f"stat {self._show(rel)}", check)
+
+    def remove(self, rels: Iterable[str]) -> list[str]:
+        """Delete these objects (missing ones are fine); returns their full URLs."""
+        removed = []
+        for rel in rels:
+            path = self.path(rel)
+
+            def rm(p: str = path) -> None:
+                try:
+                    self.fs.rm_file(p)
+                except FileNotFoundError:
+                    pass
+
+            self._retry(f"delete {self._show(rel)}", rm)
+            removed.append(self.url_of(rel))
+        return removed
+
+    def remove_tree(self, rel: str) -> list[str]:
+        """Delete every object below `rel`; returns their URLs. Local empty dirs go too."""
+        names = self.list_files(rel)
+        removed = self.remove(posixpath.join(rel, n) for n in sorted(names))
+        if self.is_local:
+            import shutil
+
+            shutil.rmtree(self.path(rel), ignore_errors=True)
+        return removed
+
+    def url_of(self, rel: str = "") -> str:
+        return f"{self.protocol}://{self.path(rel)}" if self.protocol != "file" else \
+            f"file://{self.path(rel)}"
+
+    def _show(self, rel: str) -> str:
+        return self.url_of(rel)
+
+
+def _write_local_atomic(path: str, data: bytes | memoryview) -> None:
+    """Write `path` so that a reader sees the old file or the whole new one, never a torn one."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    # The rename is durable only once the directory entry is.
+    dir_fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
