@@ -18,9 +18,10 @@ runs torchrun's elastic agent in this process:
   failed with one, so that SkyPilot's `recover_on_exit_codes` can see it (torchrun itself exits 1).
 
 Environment besides SkyPilot's: BUCKET, RUN_URI, DATA_URI, CONFIG, TRAIN_ARGS, MIN_NODES (the
-`envs` of `sky/train.yaml`), RDZV_PORT (default 29400), MAX_RESTARTS (default 3: worker failures
-torchrun absorbs before giving up; membership changes do not count), ELASTIC_TRAIN_NOTICE_FILE
-(default `~/.elastic-train/preemption-notice`, the file the YAML's preemption hook touches).
+`envs` of `sky/train.yaml`), RDZV_PORT (default 29400), MAX_RESTARTS (default 100: worker failures
+each node's agent absorbs before it gives up; membership changes do not count),
+ELASTIC_TRAIN_NOTICE_FILE (default `~/.elastic-train/preemption-notice`, the file the YAML's
+preemption hook writes).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +37,9 @@ from pathlib import Path
 from elastic_train import exit_codes
 
 DEFAULT_RDZV_PORT = 29400
-DEFAULT_MAX_RESTARTS = 3
+DEFAULT_MAX_RESTARTS = 100
+"""A restart re-forms the world in seconds; giving up makes SkyPilot relaunch the cluster (minutes).
+Each peer lost costs every surviving node one restart, and torchrun never refunds them."""
 NOTICE_FILE = "~/.elastic-train/preemption-notice"
 """Touched by `sky/train.yaml`'s preemption hook; the trainer polls ELASTIC_TRAIN_NOTICE_FILE."""
 
@@ -45,8 +49,25 @@ NOTICE_FILE = "~/.elastic-train/preemption-notice"
 #   keep_alive_max_attempt=2 once split one job into two worlds, so stay well above it.
 RDZV_CONF = "is_host=false,last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=5"
 
-# Sharing the rendezvous store with the workers deadlocks the job when a node joins later.
-AGENT_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+SHUTDOWN_TIMEOUT_S = 5
+"""Seconds the agent waits for SIGTERMed workers before SIGKILL (default 30). The trainer exits at
+once on SIGTERM; only a wedged worker waits this long."""
+
+TASK_ENVS = ("BUCKET", "RUN_URI", "DATA_URI", "CONFIG", "TRAIN_ARGS", "MIN_NODES")
+"""The task `envs` this module reads; `sky/train.yaml` declares each."""
+
+
+def agent_env(timer_file: str) -> dict[str, str]:
+    """Environment of this node's torchrun agent (inherited by its workers)."""
+    return {
+        # Sharing the rendezvous store with the workers deadlocks the job when a node joins.
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+        # The agent's file-timer server SIGKILLs a worker whose step overran its timer: how a
+        # hung rank is detected (`--parallel.hang_timeout_s`).
+        "TORCHELASTIC_ENABLE_FILE_TIMER": "1",
+        "TORCHELASTIC_TIMER_FILE": timer_file,
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 class LaunchError(ValueError):
@@ -137,6 +158,7 @@ def torchrun_args(node: Node, env: Mapping[str, str]) -> list[str]:
         f"--local-addr={node.ip}",
         f"--max-restarts={_int(env, 'MAX_RESTARTS', default=DEFAULT_MAX_RESTARTS)}",
         "--monitor-interval=0.5",
+        f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}",
         "-m", "elastic_train.train",
         *trainer,
     ]
@@ -164,12 +186,15 @@ def run_node(env: Mapping[str, str] | None = None) -> int:
         return exit_codes.BAD_CONFIG
 
     notice = Path(os.path.expanduser(env.get("ELASTIC_TRAIN_NOTICE_FILE") or NOTICE_FILE))
+    notice.parent.mkdir(parents=True, exist_ok=True)
     notice.unlink(missing_ok=True)  # a notice left by an earlier cluster on this disk is stale
-    os.environ.update(AGENT_ENV)
+    timer_file = os.path.join(tempfile.gettempdir(), f"elastic-train-timer-{os.getpid()}")
+    os.environ.update(agent_env(timer_file))
     os.environ["ELASTIC_TRAIN_NOTICE_FILE"] = str(notice)
 
     # Imported here: `elastic-train sky render` must not pay for torch.
     from torch.distributed import TCPStore
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -184,6 +209,12 @@ def run_node(env: Mapping[str, str] | None = None) -> int:
         run(parse_args(args))
     except ChildFailedError as e:
         return exit_code_of({rank: f.exitcode for rank, f in e.failures.items()})
+    except SignalException as e:
+        # A worker with a preemption notice saves, then SIGTERMs its agent (this process) so the
+        # node leaves instead of rejoining; any other signal is SkyPilot cancelling the job.
+        if notice.exists():
+            return exit_codes.PREEMPTED
+        return 128 + int(e.sigval)
     finally:
         del store
     return exit_codes.OK

@@ -144,7 +144,7 @@ def check(path: str | Path) -> dict[str, Any]:
     resources = []
     for r in task.resources:
         recovery = r.job_recovery
-        resources.append({"infra": str(r.infra), "use_spot": r.use_spot,
+        resources.append({"infra": r.infra.to_str(), "use_spot": r.use_spot,
                           "accelerators": r.accelerators, "job_recovery": recovery})
         if recovery is None:
             continue
@@ -161,9 +161,10 @@ def check(path: str | Path) -> dict[str, Any]:
     return result
 
 
-def _check_cmd(args: argparse.Namespace) -> int:
-    results = [check(p) for p in args.files]
-    if args.json:
+def main_check(files: list[str], as_json: bool = True) -> int:
+    """Check `files`, print the results (JSON, or a line per file); 0 when all pass, else 1."""
+    results = [check(p) for p in files]
+    if as_json:
         print(json.dumps(results, default=str))
     else:
         for r in results:
@@ -174,6 +175,10 @@ def _check_cmd(args: argparse.Namespace) -> int:
             for error in r["errors"]:
                 print(f"  {error}")
     return exit_codes.OK if all(not r["errors"] for r in results) else 1
+
+
+def _check_cmd(args: argparse.Namespace) -> int:
+    return main_check(args.files, args.json)
 
 
 def _render_cmd(args: argparse.Namespace) -> int:
