@@ -1,4 +1,6 @@
-"""Asynchronous sharded checkpoints to object storage with an atomic commit. Knows nothing of models or data.
+"""Asynchronous sharded checkpoints to object storage with an atomic commit.
+
+Knows nothing of models or data.
 
 `CheckpointManager` saves and loads any `Stateful` objects under a run URI (s3://, gs://, file://
 or a local path); `ModelOptimizerState` wraps a model and its optimizer. See docs/internals.md.

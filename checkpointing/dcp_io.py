@@ -153,7 +153,8 @@ class ParallelReader(FsspecReader):
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         per_file: dict[str, list[Any]] = {}
         for item in plan.items:
-            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+            name = self.storage_data[item.storage_index].relative_path
+            per_file.setdefault(name, []).append(item)
         with ThreadPoolExecutor(self.threads, thread_name_prefix="ckpt-read") as pool:
             # One file at a time bounds memory to the largest file's needed bytes.
             for name, items in sorted(per_file.items()):
@@ -162,7 +163,7 @@ class ParallelReader(FsspecReader):
                     raise NotImplementedError(f"{name}: stream transforms are not supported")
                 spans = _merge_ranges([(info.offset, info.offset + info.length) for info in infos])
                 buffers = self._fetch(pool, name, spans)
-                for item, info in zip(items, infos):
+                for item, info in zip(items, infos, strict=True):
                     span = next(s for s in spans if s[0] <= info.offset < s[1])
                     view = memoryview(buffers[span[0]])[info.offset - span[0]:
                                                        info.offset - span[0] + info.length]

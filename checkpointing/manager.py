@@ -60,7 +60,7 @@ class CheckpointSettings:
     when_busy: Literal["wait", "skip"] = "wait"
     """A save is due while the previous one is in flight: wait for it, or skip (all ranks agree)."""
     on_failure: Literal["continue", "stop"] = "continue"
-    """After a save fails for good: keep going (reported), or raise `SaveFailed` from `wait`/`save`."""
+    """After a save fails for good: keep going (reported), or raise `SaveFailed` (wait/save)."""
     cache_dir: str | None = None
     """Node-local cache of the newest checkpoint (None or "": no cache)."""
     retry_timeout_s: float = 60.0
