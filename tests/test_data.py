@@ -1,0 +1,123 @@
+"""The data stream: every sample of a batch goes to exactly one rank at any world size, and a
+stream resumed at step s is the uninterrupted stream from s on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from elastic_train import data
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> data.TokenStore:
+    out = tmp_path_factory.mktemp("corpus")
+    # Small shards so that samples straddle shard borders.
+    data.prepare(str(out), shard_tokens=50_000)
+    return data.TokenStore(f"file://{out}")
+
+
+@pytest.mark.parametrize("batch_size", [8, 12, 13, 16])
+@pytest.mark.parametrize("world_size", range(1, 9))
+def test_every_sample_of_a_batch_is_taken_by_exactly_one_rank(batch_size: int, world_size: int):
+    if batch_size < world_size:
+        pytest.skip("batch smaller than world: refused by config validation")
+    ids = data.global_batch(7, batch_size, num_samples=1000, seed=3)
+    taken = [i for r in range(world_size) for i in ids[data.rank_slice(batch_size, world_size, r)]]
+    assert taken == ids
+    shares = [len(ids[data.rank_slice(batch_size, world_size, r)]) for r in range(world_size)]
+    assert max(shares) - min(shares) <= 1 and min(shares) >= 1
+
+
+def test_an_epoch_visits_every_sample_once_then_reshuffles():
+    n, b = 100, 10
+    epoch0 = [i for s in range(10) for i in data.global_batch(s, b, n, seed=0)]
+    epoch1 = [i for s in range(10, 20) for i in data.global_batch(s, b, n, seed=0)]
+    assert sorted(epoch0) == list(range(n)) == sorted(epoch1)
+    assert epoch0 != epoch1
+
+
+def test_a_batch_straddling_an_epoch_border_ends_one_epoch_and_starts_the_next():
+    ids = data.global_batch(3, batch_size=30, num_samples=100, seed=1)  # positions 90..119
+    epoch0 = [i for s in range(9) for i in data.global_batch(s, 10, 100, seed=1)]
+    assert len(ids) == 30
+    assert sorted(epoch0 + ids[:10]) == list(range(100))
+    assert ids[10:] == [i for s in range(10, 12) for i in data.global_batch(s, 10, 100, seed=1)]
+
+
+def test_order_depends_on_seed_only():
+    assert data.global_batch(5, 16, 500, seed=0) == data.global_batch(5, 16, 500, seed=0)
+    assert data.global_batch(5, 16, 500, seed=0) != data.global_batch(5, 16, 500, seed=1)
+
+
+@pytest.mark.parametrize("world_before,world_after", [(1, 3), (3, 2), (2, 2)])
+def test_stream_resumed_at_step_s_equals_the_uninterrupted_stream(
+    corpus: data.TokenStore, world_before: int, world_after: int
+):
+    def global_view(world: int, start: int, n: int) -> list[tuple[str, np.ndarray]]:
+        streams = [data.DataStream(corpus, seq_len=64, batch_size=10, seed=0, rank=r,
+                                   world_size=world, start_step=start, prefetch=2)
+                   for r in range(world)]
+        out = []
+        for _ in range(n):
+            parts = [next(s) for s in streams]
+            inputs = np.concatenate([p.inputs.numpy() for p in parts])
+            out.append((data.batch_digest(parts[0].global_ids), inputs))
+        for s in streams:
+            s.close()
+        return out
+
+    uninterrupted = global_view(world_before, 0, 12)
+    resumed = global_view(world_before, 0, 5) + global_view(world_after, 5, 7)
+    assert [d for d, _ in resumed] == [d for d, _ in uninterrupted]
+    for (_, a), (_, b) in zip(resumed, uninterrupted):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_samples_are_contiguous_text_across_shard_borders(corpus: data.TokenStore):
+    border = corpus.index["shards"][0]["tokens"]
+    straddling = border // 64  # sample whose window crosses from shard 0 into shard 1
+    sample = corpus.sample(straddling, 64)
+    text = data.embedded_corpus().encode()
+    start = straddling * 64
+    assert bytes(sample.astype(np.uint8)) == text[start:start + 65]
+    assert len(corpus.index["shards"]) == -(-len(text) // 50_000)
+
+
+def test_targets_are_inputs_shifted_by_one(corpus: data.TokenStore):
+    stream = data.DataStream(corpus, seq_len=32, batch_size=4, seed=0, rank=0, world_size=1,
+                             start_step=0, prefetch=0)
+    batch = next(stream)
+    assert (batch.inputs[:, 1:] == batch.targets[:, :-1]).all()
+
+
+def test_reader_fetches_ranges_not_the_whole_dataset(tmp_path):
+    data.prepare(str(tmp_path), shard_tokens=200_000)
+    store = data.TokenStore(str(tmp_path), block_bytes=4096, cache_blocks=4)
+    for i in range(0, 3000, 97):
+        store.sample(i, 128)
+    cached = sum(b.nbytes for b in store._cache.values())
+    assert cached <= 4 * 4096 < store.total_tokens * 2
+
+
+def test_missing_dataset_names_the_uri(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no prepared dataset at"):
+        data.TokenStore(str(tmp_path / "nothing"))
+
+
+def test_prepare_with_a_hugging_face_tokenizer(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([data.embedded_corpus()[:100_000]],
+                            trainers.BpeTrainer(vocab_size=500, special_tokens=["[UNK]"]))
+    tok.save(str(tmp_path / "tok.json"))
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog " * 200)
+    index = data.prepare(str(tmp_path / "out"), [str(tmp_path / "a.txt")],
+                         tokenizer_path=str(tmp_path / "tok.json"))
+    assert index["vocab_size"] == tok.get_vocab_size()
+    store = data.TokenStore(str(tmp_path / "out"))
+    expected = tok.encode("the quick brown fox").ids
+    assert store.tokens(0, len(expected)).tolist() == expected
