@@ -16,14 +16,14 @@ from elastic_train.config import ConfigError
 
 def build_parser() -> argparse.ArgumentParser:
     from checkpointing import cli as ckpt_cli
-    from elastic_train import data, sky_render, train
+    from elastic_train import data, ledger, sky_render, train
 
     parser = argparse.ArgumentParser(
         prog="elastic-train",
         description="Train PyTorch models on preemptible capacity without losing work.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train, data, ckpt_cli, sky_render):
+    for module in (train, data, ckpt_cli, sky_render, ledger):
         module.register(subparsers)
     for ep in entry_points(group="elastic_train.commands"):
         ep.load()(subparsers)
