@@ -32,7 +32,8 @@ def test_shipped_configs_load(toml: Path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"checkpont.every": "5"}, "unknown config key 'checkpont.every' (did you mean 'checkpoint.every'?)"),
+    ({"checkpont.every": "5"},
+     "unknown config key 'checkpont.every' (did you mean 'checkpoint.every'?)"),
     ({"model": "huge"}, "model='huge' is not a known size; expected one of tiny, small, base"),
     ({"steps": "0"}, "steps=0 must be >= 1"),
     ({"steps": "ten"}, "steps='ten' is not a valid int"),

@@ -70,7 +70,7 @@ def test_stream_resumed_at_step_s_equals_the_uninterrupted_stream(
     uninterrupted = global_view(world_before, 0, 12)
     resumed = global_view(world_before, 0, 5) + global_view(world_after, 5, 7)
     assert [d for d, _ in resumed] == [d for d, _ in uninterrupted]
-    for (_, a), (_, b) in zip(resumed, uninterrupted):
+    for (_, a), (_, b) in zip(resumed, uninterrupted, strict=True):
         np.testing.assert_array_equal(a, b)
 
 

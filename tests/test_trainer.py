@@ -42,7 +42,7 @@ def test_world_sizes_1_2_3_see_the_same_batches_and_agree_on_the_loss(runs, othe
     # (per-rank partial sums, then gloo's reduction). In fp32 that moves a loss of ~4 by a few
     # ulps per step (1 ulp = 5e-7 at 4), and Adam can amplify tiny gradient differences over
     # 12 steps: 1e-4 relative is ~100x what we observe and far below any real divergence.
-    for a, b in zip(ref, run):
+    for a, b in zip(ref, run, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
     wa, wb = final_weights(runs["w1"]), final_weights(runs[other])
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
@@ -54,20 +54,22 @@ def test_a_run_stopped_at_step_s_and_resumed_at_another_world_size_continues_exa
 ):
     """Stop a 2-rank run after the step-6 commit, resume at another world size."""
     run = tmp_path / "run"
-    shutil.copytree(runs["w2"] / "checkpoints" / "step_00000006", run / "checkpoints" / "step_00000006")
+    step6 = Path("checkpoints") / "step_00000006"
+    shutil.copytree(runs["w2"] / step6, run / step6)
     out = train(run, resume_world, *COMMON)
     assert "from step 6" in out.stdout
     resumed = steps(run)
     assert [r["step"] for r in resumed] == list(range(7, STEPS + 1))
     ref = steps(runs["w2"])[6:]
     assert [r["batch_digest"] for r in resumed] == [r["batch_digest"] for r in ref]
-    for a, b in zip(ref, resumed):
+    for a, b in zip(ref, resumed, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
 
 
 def test_resuming_at_the_same_world_size_is_bit_identical(runs, tmp_path: Path):
     run = tmp_path / "run"
-    shutil.copytree(runs["w2"] / "checkpoints" / "step_00000006", run / "checkpoints" / "step_00000006")
+    step6 = Path("checkpoints") / "step_00000006"
+    shutil.copytree(runs["w2"] / step6, run / step6)
     train(run, 2, *COMMON)
     assert [r["loss"] for r in steps(run)] == [r["loss"] for r in steps(runs["w2"])[6:]]
     wa, wb = final_weights(runs["w2"]), final_weights(run)
@@ -83,7 +85,8 @@ def test_loss_falls_on_the_embedded_corpus(tmp_path: Path):
 
 def test_metrics_lines_carry_the_contract_fields(runs):
     for r in steps(runs["w2"]):
-        assert {"step", "loss", "lr", "world_size", "batch_digest", "tokens_per_s", "time"} <= set(r)
+        fields = {"step", "loss", "lr", "world_size", "batch_digest", "tokens_per_s", "time"}
+        assert fields <= set(r)
 
 
 def test_batch_larger_than_world_is_required_at_start(tmp_path: Path):
