@@ -1,4 +1,4 @@
-"""One node of a SkyPilot cluster: `elastic-train sky node`, the `run:` of `sky/train.yaml`.
+"""One node of a SkyPilot cluster: `python -m elastic_train.launch`, the `run:` of `sky/train.yaml`.
 
 Every node runs this once. It reads what SkyPilot sets on each node and the task's `envs`, and
 runs torchrun's elastic agent in this process:
@@ -218,3 +218,7 @@ def run_node(env: Mapping[str, str] | None = None) -> int:
     finally:
         del store
     return exit_codes.OK
+
+
+if __name__ == "__main__":
+    sys.exit(run_node())

@@ -1,12 +1,12 @@
-"""`elastic-train sky ...`: SkyPilot task YAMLs without editing YAML, and the YAMLs' `run:` entry.
+"""`elastic-train sky render|check`: SkyPilot task YAMLs without editing YAML, checked.
 
     elastic-train sky render --nodes 4 --accelerators A100:8 --bucket s3://my-bucket/et > my.yaml
     sky jobs launch my.yaml
 
 `render` prints `sky/train.yaml` with the given values filled in; the output parses with
 `sky.Task.from_yaml` without further `--env` flags. `check` runs SkyPilot's own parser and schema
-on task YAMLs plus what parsing misses (job_recovery keys and strategy). `node` is what every node
-of the cluster runs (`elastic_train.launch`).
+on task YAMLs plus what parsing misses (job_recovery keys and strategy). What every node of the
+cluster runs is `python -m elastic_train.launch`.
 """
 
 from __future__ import annotations
@@ -191,14 +191,8 @@ def _render_cmd(args: argparse.Namespace) -> int:
     return exit_codes.OK
 
 
-def _node_cmd(args: argparse.Namespace) -> int:
-    from elastic_train.launch import run_node
-
-    return run_node()
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
-    sky = subparsers.add_parser("sky", help="SkyPilot: render a task YAML, or run one node of it")
+    sky = subparsers.add_parser("sky", help="SkyPilot: render or check task YAMLs")
     commands = sky.add_subparsers(dest="sky_command", required=True, metavar="SUBCOMMAND")
 
     r = commands.add_parser(
@@ -230,7 +224,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--json", action="store_true", help="print the results as JSON")
     c.set_defaults(func=_check_cmd)
 
-    n = commands.add_parser(
-        "node", help="run this node's part of a job (the run: section of sky/train.yaml)",
-        description="Reads SKYPILOT_* and the task's envs; see elastic_train/launch.py.")
-    n.set_defaults(func=_node_cmd)

@@ -137,7 +137,7 @@ def test_train_yaml_declares_every_env_the_launcher_reads(checked):
     result = checked["train.yaml"]
     assert set(launch.TASK_ENVS) <= set(result["envs"])
     assert result["required_envs"] == ["BUCKET"]
-    assert result["run"].strip() == "exec elastic-train sky node"
+    assert result["run"].strip() == "exec python -m elastic_train.launch"
 
 
 def test_prepare_data_yaml_requires_its_destination(checked):
