@@ -27,6 +27,13 @@ from checkpointing.notices import (
 )
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a client that gave up on a slow answer: expected here
+
+
 class FakeCloud:
     """A metadata server on a free loopback port. `state` is what the test changes (notice or
     not); `requests` records (method, path, headers) of every request."""
@@ -46,8 +53,7 @@ class FakeCloud:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = _QuietServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True).start()
 
