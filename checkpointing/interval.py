@@ -33,8 +33,9 @@ from typing import Any
 
 class AdaptiveInterval:
     """Fed observations, answers `next_interval_steps()`. Never raises on odd observations:
-    negative, NaN or infinite values are ignored. `state_dict()` is plain JSON-able data; keep it
-    with the run's checkpoints and hand it back through `load_state_dict()` after a restart.
+    negative, NaN or infinite values (and zero durations) are ignored. `state_dict()` is plain
+    JSON-able data; keep it with the run's checkpoints and hand it back through
+    `load_state_dict()` after a restart.
 
     Interruptions are deduplicated: times within `dedupe_s` of one already recorded are the same
     interruption, so a restarted trainer may feed the whole history again.
@@ -78,7 +79,7 @@ class AdaptiveInterval:
 
     def observe_checkpoint_cost(self, stall_s: float, commit_s: float = 0.0) -> None:
         """One committed save: the step loop's stall plus the time from save to commit."""
-        if self._ok(stall_s) and self._ok(commit_s):
+        if self._ok(stall_s) and self._ok(commit_s) and stall_s + commit_s > 0:
             self._touch()
             self._costs.append(float(stall_s) + float(commit_s))
 
