@@ -211,6 +211,9 @@ class LocalCluster:
                 "TORCHELASTIC_ENABLE_FILE_TIMER": "1",
                 "TORCHELASTIC_TIMER_FILE": str(self.workdir / f"timer-node{index}"),
                 "PYTHONUNBUFFERED": "1",
+                # torchrun logs rendezvous rounds and worker exits at INFO: the node logs then
+                # show where a recovery spent its time.
+                "LOGLEVEL": "INFO",
             }
             cmd = [
                 sys.executable, "-m", "torch.distributed.run",

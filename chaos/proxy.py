@@ -8,6 +8,8 @@ server unless a fault rule matches it. Rules are added at runtime from any threa
     proxy.inject("truncate", match="GET")     # headers promise N bytes, half arrive, then a reset
     proxy.inject("delay", delay_s=2.0)        # forward after a pause
     proxy.inject("error_after_success")       # upstream applies the request; the client sees 500
+    proxy.inject("drop", delay_s=30)          # hold the request, never forward it, then reset:
+                                              # a request lost in flight (e.g. its sender died)
     proxy.outage(5.0)                         # every request fails for 5 s
 
 Every fault that fires is appended to `proxy.fired`; `assert_all_fired()` raises if a rule with a
@@ -29,8 +31,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Literal
 from urllib.parse import urlsplit
 
-FaultKind = Literal["error", "reset", "truncate", "delay", "error_after_success"]
-KINDS: tuple[str, ...] = ("error", "reset", "truncate", "delay", "error_after_success")
+FaultKind = Literal["error", "reset", "truncate", "delay", "error_after_success", "drop"]
+KINDS: tuple[str, ...] = ("error", "reset", "truncate", "delay", "error_after_success", "drop")
 
 _HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                 "trailers", "transfer-encoding", "upgrade", "content-length"}
@@ -225,6 +227,11 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 self._send_error(503)
             return
         if kind == "reset":
+            self._reset()
+            return
+        if kind == "drop":
+            assert rule is not None
+            time.sleep(rule.delay_s)
             self._reset()
             return
         if kind == "error":

@@ -1,0 +1,374 @@
+"""Run one chaos scenario end to end: reference, cluster, faults, invariants, report.
+
+`run_scenario(scenario, options)`:
+
+1. Prepares storage (`backends`) and the fault-free reference run (`reference`), cached by the
+   trainer's config digest, the world size and the trainer's source.
+2. Starts the local cluster with `scenario.nodes` nodes, tails metrics.jsonl, and lets the
+   injector fire the faults as the run reports steps; prints progress as it goes.
+3. Stops when the run is done (or every node is gone, or the timeout passes), kills whatever is
+   left, checks the invariants and writes `{out}/report.json` and `{out}/timeline.png`.
+
+It never raises for a failed run: a run that does not finish is a report with `completed` false.
+It raises `HarnessError` only when it cannot run at all (e.g. the reference run failed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chaos import invariants, report
+from chaos.backends import Backend, open_backend, prepared_data
+from chaos.cluster import LocalCluster
+from chaos.faults import Injector, draw_faults
+from chaos.metrics import MetricsTail, Record, events, is_step, step_records
+from chaos.scenario import Scenario
+
+HARNESS_TRAIN_DEFAULTS: dict[str, Any] = {
+    # A SIGSTOPped rank must cost seconds, not minutes: the agent's file timer kills a worker
+    # whose step (forward, backward, optimizer, all-reduce) takes longer than this. Steps of the
+    # tiny model take ~0.1-0.5 s here, even on a busy CPU.
+    "parallel.hang_timeout_s": 5,
+    # Backstop for collectives outside the step timer (restore, checkpoint agreement): a peer
+    # that vanished fails them after this instead of gloo's default.
+    "parallel.collective_timeout_s": 15,
+    # One torch thread per worker: several workers share two cores.
+    "run.threads": 1,
+    # Node logs stay short; the harness prints its own progress.
+    "run.log_every": 50,
+    # Transient storage errors (an outage of a few seconds) are retried for this long.
+    "checkpoint.retry_timeout_s": 30,
+}
+"""Trainer overrides the harness sets unless the scenario's `train` sets them."""
+
+DONE_GRACE_S = 60.0
+"""After the `done` event: how long agents may take to exit (torchrun's exit barrier)."""
+
+
+class HarnessError(RuntimeError):
+    """The harness could not run the scenario at all (not: the run failed an invariant)."""
+
+
+@dataclass
+class Options:
+    out: Path
+    seed: int | None = None
+    """Overrides the scenario's seed (node choices, random faults)."""
+    random_faults: int | None = None
+    """Draw this many faults from the seed instead of the scenario's."""
+    timeout_s: float = 600.0
+    """The chaos run (not the reference) is stopped after this; it then fails `completed`."""
+    cache: Path = field(default_factory=lambda: default_cache())
+    log: Callable[[str], None] = print
+
+
+def default_cache() -> Path:
+    """ELASTIC_TRAIN_CHAOS_CACHE, else ~/.cache/elastic-train/chaos: prepared data, references."""
+    env = os.environ.get("ELASTIC_TRAIN_CHAOS_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "elastic-train" / "chaos"
+
+
+def train_overrides(scenario: Scenario) -> dict[str, Any]:
+    return {**HARNESS_TRAIN_DEFAULTS, **scenario.train}
+
+
+def _args(overrides: dict[str, Any]) -> list[str]:
+    return [f"--{k}={v}" for k, v in overrides.items()]
+
+
+# ------------------------------------------------------------------------------------- reference
+
+
+@dataclass
+class Reference:
+    dir: Path
+    world_size: int
+    wall_s: float
+    digests: list[str | None]
+
+    @property
+    def final_model(self) -> Path:
+        return self.dir / "run" / "final_model.pt"
+
+    @property
+    def step_time_s(self) -> float:
+        """Fault-free seconds per step, start-up included (wall time / steps)."""
+        return self.wall_s / max(1, len(self.digests))
+
+
+def _source_digest() -> str:
+    """Hash of the trainer's and checkpointing's source: a cached reference from other code is
+    not a reference."""
+    import checkpointing
+    import elastic_train
+
+    h = hashlib.sha256()
+    for pkg in (elastic_train, checkpointing):
+        for path in sorted(Path(pkg.__file__).parent.glob("*.py")):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def reference_key(scenario: Scenario) -> str:
+    from elastic_train import config as config_lib
+
+    cfg = config_lib.load(None, {k: str(v) for k, v in train_overrides(scenario).items()})
+    world = scenario.nodes * scenario.procs_per_node
+    return f"{cfg.digest()}-w{world}-{_source_digest()}"
+
+
+def reference(scenario: Scenario, cache: Path, log: Callable[[str], None] = print) -> Reference:
+    """The fault-free run of the scenario's trainer config at its starting world size (same
+    nodes and processes per node, file storage), from the cache or run now.
+
+    Raises HarnessError when the reference run does not complete."""
+    key = reference_key(scenario)
+    world = scenario.nodes * scenario.procs_per_node
+    ref_dir = cache / "references" / key
+    meta = ref_dir / "reference.json"
+    if meta.exists() and (ref_dir / "run" / "final_model.pt").exists():
+        m = json.loads(meta.read_text())
+        return Reference(ref_dir, m["world_size"], m["wall_s"], m["digests"])
+    log(f"reference run (no faults, world {world}) for config {key} ...")
+    tmp = cache / "references" / f".{key}.{uuid.uuid4().hex[:6]}"
+    data_uri = prepared_data(cache)
+    overrides = {**train_overrides(scenario), "run.dir": str(tmp / "run"),
+                 "checkpoint.uri": "file://" + str((tmp / "checkpoints").resolve()),
+                 "data.uri": data_uri}
+    t0 = time.time()
+    with LocalCluster(tmp / "nodes", ["-m", "elastic_train.train", *_args(overrides)],
+                      min_nodes=scenario.nodes, max_nodes=scenario.nodes,
+                      procs_per_node=scenario.procs_per_node) as cluster:
+        for _ in range(scenario.nodes):
+            cluster.add_node()
+        finished = cluster.wait(timeout_s=max(300.0, scenario.steps * 2.0))
+        codes = cluster.exit_codes()
+    wall = time.time() - t0
+    records = MetricsTail(tmp / "run" / "metrics.jsonl")
+    records.poll()
+    steps = step_records(records.records)
+    if not finished or any(codes.values()) or not events(records.records, "done"):
+        raise HarnessError(f"the reference run failed (exit codes {codes}); logs in {tmp}/nodes")
+    digests: list[str | None] = [None] * scenario.steps
+    for r in steps:
+        digests[int(r["step"]) - 1] = r.get("batch_digest")
+    shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
+    (tmp / "reference.json").write_text(json.dumps(
+        {"world_size": world, "wall_s": wall, "digests": digests, "key": key}))
+    shutil.rmtree(ref_dir, ignore_errors=True)
+    os.replace(tmp, ref_dir)
+    log(f"reference done in {wall:.1f} s")
+    return Reference(ref_dir, world, wall, digests)
+
+
+# ------------------------------------------------------------------------------------- the run
+
+
+class _Progress:
+    """Live progress lines: events at once, steps at most every `every_s` seconds."""
+
+    def __init__(self, log: Callable[[str], None], t0: float, steps: int,
+                 every_s: float = 2.0) -> None:
+        self.log, self.t0, self.steps, self.every_s = log, t0, steps, every_s
+        self._last = 0.0
+
+    def say(self, text: str) -> None:
+        self.log(f"[{time.time() - self.t0:6.1f}s] {text}")
+
+    def records(self, new: list[Record]) -> None:
+        for r in new:
+            name = r.get("event")
+            if name == "start":
+                restored = r.get("restored_step")
+                self.say(f"world of {r.get('world_size')} started from "
+                         f"{'step ' + str(restored) if restored is not None else 'scratch'}")
+            elif name in ("commit", "save_failed", "notice", "done"):
+                extra = f" ({r.get('error')})" if name == "save_failed" else ""
+                self.say(f"{name} step {r.get('step')}{extra}")
+        steps = [r for r in new if is_step(r)]
+        if steps and (time.time() - self._last >= self.every_s or
+                      int(steps[-1]["step"]) == self.steps):
+            self._last = time.time()
+            r = steps[-1]
+            self.say(f"step {r['step']}/{self.steps} loss {float(r.get('loss', 0)):.3f} "
+                     f"world {r.get('world_size')}")
+
+
+def _clean_out(out: Path) -> None:
+    """Remove what an earlier run left in `out` (only the harness's own names)."""
+    for name in ("run", "nodes", "checkpoints"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("report.json", "timeline.png"):
+        (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _verifier(backend: Backend) -> tuple[list[int], Callable[[int], tuple[bool, str]]]:
+    from checkpointing import CheckpointManager
+
+    with _env(backend.env):
+        manager = CheckpointManager(backend.checkpoint_uri)
+        try:
+            steps = [info.step for info in manager.steps()]
+            results = {}
+            for step in steps:
+                r = manager.verify(step)
+                results[step] = (bool(r.ok), str(r.detail))
+        finally:
+            manager.close()
+    return steps, lambda step: results[step]
+
+
+@contextlib.contextmanager
+def _env(env: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
+    """Run `scenario` and return its report (also written to `{out}/report.json`)."""
+    log = options.log
+    out = options.out.resolve()
+    _clean_out(out)
+    if options.seed is not None:
+        scenario = Scenario(**{**scenario.__dict__, "seed": options.seed})
+    if options.random_faults is not None:
+        faults = draw_faults(scenario, options.random_faults, scenario.seed)
+        scenario = scenario.with_faults(faults)
+        log(f"random faults (seed {scenario.seed}): "
+            + "; ".join(f.describe() for f in faults))
+    options.cache.mkdir(parents=True, exist_ok=True)
+    ref = reference(scenario, options.cache, log)
+
+    run_dir = out / "run"
+    with contextlib.ExitStack() as stack:
+        backend = stack.enter_context(open_backend(scenario.storage, out, options.cache))
+        overrides = {**train_overrides(scenario), "run.dir": str(run_dir),
+                     "checkpoint.uri": backend.checkpoint_uri, "data.uri": backend.data_uri}
+        cluster = stack.enter_context(LocalCluster(
+            out / "nodes", ["-m", "elastic_train.train", *_args(overrides)],
+            min_nodes=scenario.min_nodes, max_nodes=scenario.max_nodes,
+            procs_per_node=scenario.procs_per_node, env=backend.env))
+        tail = MetricsTail(run_dir / "metrics.jsonl")
+        injector = Injector(scenario.faults, cluster, checkpoint_every=scenario.checkpoint_every,
+                            steps=scenario.steps, outage=backend.outage,
+                            log=lambda m: progress.say(m))
+        cluster.on_node_removed.append(injector.node_removed)
+        t0 = time.time()
+        progress = _Progress(log, t0, scenario.steps)
+        progress.say(f"scenario {scenario.name}: {scenario.nodes} node(s) x "
+                     f"{scenario.procs_per_node}, storage {scenario.storage}, "
+                     f"{len(scenario.faults)} fault(s), {scenario.steps} steps")
+        for _ in range(scenario.nodes):
+            cluster.add_node()
+        outcome = _drive(cluster, tail, injector, progress, t0, options.timeout_s)
+        wall = time.time() - t0
+        cluster.close()
+        tail.poll()
+        records = tail.records
+        try:
+            committed, verify = _verifier(backend)
+        except Exception as e:  # storage unreachable: the invariant fails, the report is written
+            committed, verify = [], (lambda step, e=e: (False, str(e)))
+            log(f"could not list checkpoints: {e}")
+    survivors = [f"{p.pid} {' '.join(p.cmdline()[:4])}" for p in cluster.tagged_processes()]
+    survivors += [str(pid) for pid in backend.pids if _alive(pid)]
+
+    final_model = run_dir / "final_model.pt"
+    changed = invariants.world_changed(records, ref.world_size)
+    checks = {
+        "completed": invariants.completed(records, scenario.steps, final_model),
+        "exactly_once": invariants.exactly_once(records, ref.digests, scenario.steps),
+        "weights_match_reference": invariants.weights_match(final_model, ref.final_model,
+                                                            changed),
+        "checkpoints_verified": invariants.checkpoints_verified(records, committed, verify),
+        "no_orphans": invariants.no_orphans(survivors),
+    }
+    done = events(records, "done")
+    final_step = max((int(r["step"]) for r in step_records(records)), default=0)
+    faults = report.summarize_faults(injector.fired, records, t0)
+    rep: dict[str, Any] = {
+        "scenario": scenario.to_dict(),
+        "completed": bool(done) and checks["completed"].ok,
+        "final_step": final_step,
+        "wall_s": round(wall, 3),
+        "goodput": round(ref.step_time_s * scenario.steps / wall, 4) if wall > 0 else 0.0,
+        "invariants": {k: v.as_dict() for k, v in checks.items()},
+        "faults": faults,
+        "run_uri": backend.checkpoint_uri,
+        "outcome": outcome,
+        "faults_not_fired": [f.to_dict() for _, f in injector.pending],
+        "reference": {"key": reference_key(scenario), "world_size": ref.world_size,
+                      "wall_s": round(ref.wall_s, 3), "step_time_s": round(ref.step_time_s, 4)},
+        "weights_tolerance": {"world_changed": changed, "rtol_l2": invariants.WEIGHTS_RTOL},
+        "exit_codes": {str(k): v for k, v in cluster.exit_codes().items()},
+        "seed": scenario.seed,
+        "random_faults": options.random_faults,
+        "metrics_path": str(run_dir / "metrics.jsonl"),
+        "logs_dir": str(out / "nodes"),
+    }
+    report.write(rep, out)
+    try:
+        report.plot_timeline(records, faults, t0, scenario.steps, out / "timeline.png",
+                             f"{scenario.name}: {scenario.storage}, {scenario.nodes} nodes")
+    except Exception as e:  # a plot must not lose the report
+        log(f"timeline plot failed: {e}")
+    return rep
+
+
+def _drive(cluster: LocalCluster, tail: MetricsTail, injector: Injector, progress: _Progress,
+           t0: float, timeout_s: float) -> str:
+    """Poll metrics and fire faults until the run ends; returns how it ended."""
+    done_at: float | None = None
+    while True:
+        new = tail.poll()
+        progress.records(new)
+        injector.observe(new)
+        if done_at is None and any(r.get("event") == "done" for r in new):
+            done_at = time.time()
+        live = cluster.live_nodes()
+        if done_at is not None and (not live or time.time() - done_at > DONE_GRACE_S):
+            return "done"
+        if not live and not any(f.kind == "add_node" for _, f in injector.pending):
+            tail.poll()
+            if any(r.get("event") == "done" for r in tail.records):
+                return "done"
+            progress.say(f"every node has exited (exit codes {cluster.exit_codes()})")
+            return "no nodes left"
+        if time.time() - t0 > timeout_s:
+            progress.say(f"timed out after {timeout_s:.0f} s")
+            return "timed out"
+        time.sleep(0.02 if injector.armed_during else 0.1)
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def main_log(message: str) -> None:
+    print(message, flush=True, file=sys.stdout)
