@@ -349,7 +349,7 @@ def format_table(ledger: dict[str, Any], title: str) -> str:
            f"{ledger['restarts']} restart(s), {ledger['notices']} notice(s), "
            f"{ledger['commits']} commit(s), {ledger['save_failures']} failed save(s)",
            "",
-           f"{'where the time went':<26}{'seconds':>10}{'share':>8}{'node-hours':>12}"]
+           f"{'where the time went':<34}{'seconds':>10}{'share':>8}{'node-hours':>12}"]
     notes = {"useful": f" ({ledger['steps']['useful']} steps)",
              "lost": f" ({ledger['steps']['lost']} steps)"}
     node_h = ledger["cost"]["node_hours_by_bucket"]
@@ -357,8 +357,8 @@ def format_table(ledger: dict[str, Any], title: str) -> str:
         s = ledger["time_s"][b]
         share = s / wall if wall > 0 else 0.0
         label = BUCKET_LABELS[b] + notes.get(b, "")
-        out.append(f"{label:<26}{s:>10.1f}{share:>8.1%}{node_h[b]:>12.4f}")
-    out.append(f"{'total':<26}{sum(ledger['time_s'].values()):>10.1f}"
+        out.append(f"{label:<34}{s:>10.1f}{share:>8.1%}{node_h[b]:>12.4f}")
+    out.append(f"{'total':<34}{sum(ledger['time_s'].values()):>10.1f}"
                f"{(sum(ledger['time_s'].values()) / wall if wall else 0):>8.1%}"
                f"{ledger['cost']['node_hours']:>12.4f}")
     p, c = ledger["prices"], ledger["cost"]
@@ -402,10 +402,15 @@ def plot(ledger: dict[str, Any], path: str, title: str = "") -> str:
         if gap_end > allowance_end:
             ax.axvspan(allowance_end - t0, gap_end - t0, color=colors["waiting_for_capacity"],
                        alpha=0.3, lw=0)
-    for inc in incs:
+    for k, inc in enumerate(incs):
         seg = [p for p in pts if inc["start"] - 1e-6 <= p[0] <= inc["end"] + 1e-6]
-        if seg:
-            ax.plot([p[0] - t0 for p in seg], [p[1] for p in seg], color=colors["useful"], lw=1.5)
+        # Steps above what a later incarnation restored were rolled back: draw them as lost.
+        kept = min([int(j["restored_step"] or 0) for j in incs[k + 1:]], default=math.inf)
+        for bucket, part in (("useful", [p for p in seg if p[1] <= kept]),
+                             ("lost", [p for p in seg if p[1] >= kept])):
+            if part:
+                ax.plot([p[0] - t0 for p in part], [p[1] for p in part], color=colors[bucket],
+                        lw=1.5)
     ax.set_xlabel("seconds since start")
     ax.set_ylabel("step")
     ax.set_title(title or "run ledger")
