@@ -61,9 +61,13 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     """The cosine schedule ends at lr * min_lr_ratio at the last step."""
     warmup_steps: int = 20
+    """Steps of linear warmup from lr / warmup_steps to lr."""
     weight_decay: float = 0.1
+    """AdamW decoupled weight decay, on weight matrices only (not norms, not biases)."""
     beta1: float = 0.9
+    """AdamW first-moment decay."""
     beta2: float = 0.95
+    """AdamW second-moment decay."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
 
@@ -92,7 +96,9 @@ class CheckpointConfig:
     """fixed: every `every` steps. adaptive: Young/Daly sqrt(2*C*M) from measured checkpoint cost
     C and mean time between interruptions M, between min_every and max_every."""
     min_every: int = 5
+    """Adaptive interval: never save more often than this many steps."""
     max_every: int = 500
+    """Adaptive interval: never go longer than this many steps without a save."""
 
 
 @dataclass

@@ -66,3 +66,9 @@ def test_cli_prints_one_line_and_exits_2_on_a_bad_key(tmp_path: Path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == \
         "elastic-train: error: unknown config key 'stepz' (did you mean 'steps'?)"
+
+
+def test_readme_documents_every_config_key():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    missing = [k for k in cfg._all_keys() if f"| `{k}` |" not in readme]
+    assert not missing, f"README's configuration table lacks {missing}"
