@@ -335,6 +335,11 @@ class CheckpointManager:
         self._wait_job()
         self._raise_failure()
 
+    @property
+    def save_in_flight(self) -> bool:
+        """True while this rank's last save is still writing or committing."""
+        return self._busy()
+
     def _busy(self) -> bool:
         return self._job is not None and not self._job.done.is_set()
 

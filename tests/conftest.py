@@ -1,0 +1,110 @@
+"""Shared fixtures: real object-storage servers on loopback and a fault-injecting proxy.
+
+- `moto_server`, `gcs_emulator` (session): one server each per test session, on free ports,
+  started only if a test asks for them.
+- `s3`, `gcs` (function): a reset server with an empty bucket, the environment pointed at it
+  (for subprocesses) and `storage_options` for in-process clients. Depend on them to get a clean
+  store; tests that do not are not slowed down.
+- `s3_proxy`, `gcs_proxy` (function): the same, but every request goes through a `FaultProxy`.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+# gcsfs reads this at import time; without it every call first waits 60 s for a Google API.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+import pytest  # noqa: E402
+
+from chaos.proxy import FaultProxy  # noqa: E402
+from chaos.services import GcsEmulator, MotoS3Server  # noqa: E402
+
+
+@dataclass
+class ObjectStore:
+    """A clean bucket on a loopback server, maybe behind a proxy."""
+
+    protocol: str
+    bucket: str
+    storage_options: dict[str, Any]
+    env: dict[str, str]
+    proxy: FaultProxy | None = None
+    server: Any = field(default=None, repr=False)
+
+    def url(self, prefix: str = "") -> str:
+        """A fresh URI under the bucket (unique unless `prefix` is given)."""
+        return f"{self.protocol}://{self.bucket}/{prefix or uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoS3Server]:
+    with MotoS3Server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator() -> Iterator[GcsEmulator]:
+    with GcsEmulator() as server:
+        yield server
+
+
+def _s3_store(server: MotoS3Server, monkeypatch: pytest.MonkeyPatch,
+              proxy: FaultProxy | None) -> ObjectStore:
+    import fsspec.config
+    import s3fs
+
+    server.reset()
+    endpoint = proxy.endpoint_url if proxy else server.endpoint_url
+    env = server.env(endpoint)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    # fsspec read FSSPEC_S3_* into its config at import; keep it in step for in-process clients.
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint,
+                                                   "key": env["FSSPEC_S3_KEY"],
+                                                   "secret": env["FSSPEC_S3_SECRET"]})
+    s3fs.S3FileSystem.clear_instance_cache()
+    bucket = "ckpt-test"
+    s3fs.S3FileSystem(**server.storage_options()).mkdir(bucket)
+    return ObjectStore("s3", bucket, server.storage_options(endpoint), env, proxy, server)
+
+
+def _gcs_store(server: GcsEmulator, monkeypatch: pytest.MonkeyPatch,
+               proxy: FaultProxy | None) -> ObjectStore:
+    import gcsfs
+
+    server.reset()
+    endpoint = proxy.endpoint_url if proxy else server.endpoint_url
+    env = server.env(endpoint)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    bucket = "ckpt-test"
+    gcsfs.GCSFileSystem(**server.storage_options()).mkdir(bucket)
+    return ObjectStore("gs", bucket, server.storage_options(endpoint), env, proxy, server)
+
+
+@pytest.fixture
+def s3(moto_server: MotoS3Server, monkeypatch: pytest.MonkeyPatch) -> ObjectStore:
+    return _s3_store(moto_server, monkeypatch, None)
+
+
+@pytest.fixture
+def gcs(gcs_emulator: GcsEmulator, monkeypatch: pytest.MonkeyPatch) -> ObjectStore:
+    return _gcs_store(gcs_emulator, monkeypatch, None)
+
+
+@pytest.fixture
+def s3_proxy(moto_server: MotoS3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[ObjectStore]:
+    with FaultProxy(moto_server.endpoint_url, flavor="s3") as proxy:
+        yield _s3_store(moto_server, monkeypatch, proxy)
+
+
+@pytest.fixture
+def gcs_proxy(gcs_emulator: GcsEmulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[ObjectStore]:
+    with FaultProxy(gcs_emulator.endpoint_url, flavor="gcs") as proxy:
+        yield _gcs_store(gcs_emulator, monkeypatch, proxy)
