@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -45,6 +46,11 @@ from checkpointing.staging import HostStager
 from checkpointing.storage import Storage, redact
 
 log = logging.getLogger(__name__)
+
+# DCP warns on every single-process save/load even when asked for one (no_dist=True); a world of
+# one is a supported mode here, so that warning is noise. Only that message is filtered.
+warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled, )?unavailable or "
+                        r"uninitialized, assuming the intent", category=UserWarning)
 
 Event = dict[str, Any]
 

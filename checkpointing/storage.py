@@ -59,7 +59,6 @@ def default_storage_options(protocol: str, user: Mapping[str, Any]) -> dict[str,
         config.setdefault("connect_timeout", 10)
         config.setdefault("read_timeout", 30)
         options["config_kwargs"] = config
-        options.setdefault("retries", 2)  # s3fs's own layer, on network errors only
     if protocol in ("gs", "gcs") and os.environ.get("STORAGE_EMULATOR_HOST"):
         options.setdefault("token", "anon")
     return options

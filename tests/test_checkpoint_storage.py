@@ -1,0 +1,168 @@
+"""The manager against every backend: file://, a plain path, S3 (moto) and GCS (emulator); the
+`ckpt` CLI; copying committed checkpoints between clouds."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from ckpt_workers import Trainer, assert_same, build_model, full_state, train_steps
+
+from checkpointing import CheckpointManager, CheckpointSettings, ModelOptimizerState
+from checkpointing import cli as ckpt_cli
+from checkpointing.storage import Storage
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def trained(seed: int = 0, steps: int = 2) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = build_model(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train_steps(model, opt, 1, steps)
+    return model, opt
+
+
+def save_steps(uri: str, steps: list[int], options: dict | None = None, **settings) -> dict:
+    """Save `steps` of one training run; returns {step: full state at that step}."""
+    model, opt = trained()
+    expected = {}
+    events: list[dict] = []
+    with CheckpointManager(uri, CheckpointSettings(storage_options=options or {}, **settings),
+                           config_digest="cfg-1", on_event=events.append) as manager:
+        for step in steps:
+            train_steps(model, opt, 10 + step, 1)
+            expected[step] = full_state(model, opt)
+            assert manager.save(step, {"app": ModelOptimizerState(model, opt),
+                                       "trainer": Trainer(step)})
+        manager.wait()
+        assert [e["step"] for e in events if e["event"] == "commit"] == steps, events
+    return expected
+
+
+def load_latest(uri: str, options: dict | None = None) -> tuple[int | None, dict, Trainer]:
+    model, opt = trained(seed=99, steps=1)
+    trainer = Trainer(-1)
+    with CheckpointManager(uri, CheckpointSettings(storage_options=options or {})) as manager:
+        step = manager.load({"app": ModelOptimizerState(model, opt), "trainer": trainer})
+    return step, full_state(model, opt), trainer
+
+
+@pytest.fixture(params=["file", "path", "s3", "gs"])
+def store_uri(request, tmp_path) -> tuple[str, dict]:
+    if request.param == "file":
+        return f"file://{tmp_path}/run", {}
+    if request.param == "path":
+        return str(tmp_path / "run"), {}
+    store = request.getfixturevalue("s3" if request.param == "s3" else "gcs")
+    return store.url("run"), store.storage_options
+
+
+def test_save_then_load_round_trips_on_every_backend(store_uri):
+    uri, options = store_uri
+    expected = save_steps(uri, [2, 4], options, keep=3)
+    step, got, trainer = load_latest(uri, options)
+    assert step == 4 and trainer.step == 4
+    assert assert_same(expected[4], got) > 0
+    manager = CheckpointManager(uri, CheckpointSettings(storage_options=options))
+    assert [c.step for c in manager.steps()] == [2, 4]
+    assert manager.verify().ok and manager.verify(2).ok
+    info = manager.steps()[-1]
+    assert info.world_size == 1 and info.config_digest == "cfg-1"
+    assert {".metadata"} < set(info.files) and all(r.size > 0 for r in info.files.values())
+
+
+def test_nothing_committed_loads_as_none_and_leaves_state_alone(tmp_path):
+    model, opt = trained()
+    before = full_state(model, opt)
+    with CheckpointManager(f"file://{tmp_path}/empty") as manager:
+        assert manager.load({"app": ModelOptimizerState(model, opt)}) is None
+        assert manager.latest_step() is None and manager.steps() == []
+        assert not manager.verify().ok
+    assert_same(before, full_state(model, opt))
+
+
+def test_retention_keeps_the_newest_k(tmp_path):
+    uri = f"file://{tmp_path}/run"
+    save_steps(uri, [1, 2, 3, 4], keep=2)
+    assert [c.step for c in CheckpointManager(uri).steps()] == [3, 4]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["step_00000003",
+                                                                   "step_00000004"]
+
+
+def test_node_local_cache_is_used_only_while_it_matches_the_remote_commit(s3, tmp_path):
+    uri, cache = s3.url("run"), str(tmp_path / "cache")
+    expected = save_steps(uri, [1, 2], s3.storage_options, cache_dir=cache)
+    settings = CheckpointSettings(storage_options=s3.storage_options, cache_dir=cache)
+    model, opt = trained(seed=5)
+    with CheckpointManager(uri, settings) as manager:
+        assert manager.load({"app": ModelOptimizerState(model, opt)}) == 2
+        n_files = len(manager.steps()[-1].files)
+        assert manager.metrics["last_load_from_cache_files"] == n_files
+    assert_same(expected[2], full_state(model, opt))
+    # Only the newest step stays cached.
+    (run_dir,) = (tmp_path / "cache").iterdir()
+    assert [p.name for p in run_dir.iterdir()] == ["step_00000002"]
+    # A damaged cached file is not trusted: the remote copy is read instead, and loads exactly.
+    victim = next(p for p in (run_dir / "step_00000002").iterdir() if p.suffix == ".distcp")
+    victim.write_bytes(b"\0" * victim.stat().st_size)
+    model, opt = trained(seed=6)
+    with CheckpointManager(uri, settings) as manager:
+        assert manager.load({"app": ModelOptimizerState(model, opt)}) == 2
+        assert manager.metrics["last_load_from_cache_files"] == n_files - 1
+    assert_same(expected[2], full_state(model, opt))
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+def run_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="elastic-train")
+    ckpt_cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv))
+    return args.func(args)
+
+
+def test_cli_ls_verify_gc_copy_across_clouds(s3, gcs, tmp_path, capsys):
+    src = s3.url("run")
+    expected = save_steps(src, [1, 2, 3], s3.storage_options, keep=10)
+    (tmp_path / "x").mkdir()
+    Storage(src).write_bytes("step_00000000/__0_0.distcp", b"debris")  # a partial, older step
+    assert run_cli("ckpt", "ls", src, "--json") == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["step"], r["committed"]) for r in rows] == [(0, False), (1, True), (2, True),
+                                                            (3, True)]
+    assert run_cli("ckpt", "verify", src) == 0
+    assert "ok: step 3" in capsys.readouterr().out
+    assert run_cli("ckpt", "gc", src, "--keep", "2") == 0
+    out = capsys.readouterr().out
+    assert "step_00000000" in out and "step_00000001" in out and "step_00000002" not in out
+    dst = gcs.url("copy")
+    assert run_cli("ckpt", "copy", src, dst) == 0
+    assert run_cli("ckpt", "copy", src, dst, "--step", "3") == 0  # again: already there
+    assert "already there" in capsys.readouterr().out
+    assert run_cli("ckpt", "verify", dst, "--step", "2") == 0
+    step, got, _ = load_latest(dst, gcs.storage_options)
+    assert step == 3
+    assert_same(expected[3], got)
+
+
+def test_cli_reports_a_corrupt_file_and_bad_input_in_one_line(tmp_path, capsys):
+    uri = f"file://{tmp_path}/run"
+    save_steps(uri, [1])
+    victim = next((tmp_path / "run" / "step_00000001").glob("*.distcp"))
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    assert run_cli("ckpt", "verify", uri) == 1
+    assert "crc32" in capsys.readouterr().out
+    assert run_cli("ckpt", "verify", uri, "--quick") == 0  # same size: only the CRC catches it
+    capsys.readouterr()
+    assert run_cli("ckpt", "verify", uri, "--step", "7") == 1
+    assert capsys.readouterr().err.strip() == \
+        f"elastic-train ckpt: error: no committed step 7 under {uri}"
+    assert run_cli("ckpt", "ls", "nosuch://bucket/x") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'nosuch'" in err
+    with pytest.raises(SystemExit):
+        run_cli("ckpt", "gc", uri, "--keep", "0")
+    assert "0 must be >= 1" in capsys.readouterr().err
