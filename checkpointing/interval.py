@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -39,6 +40,9 @@ class AdaptiveInterval:
 
     Interruptions are deduplicated: times within `dedupe_s` of one already recorded are the same
     interruption, so a restarted trainer may feed the whole history again.
+
+    Thread-safe: checkpoint costs typically arrive from the upload thread's commit callback while
+    the step loop feeds step times and asks for the interval.
     """
 
     VERSION = 1
@@ -61,6 +65,7 @@ class AdaptiveInterval:
         self._costs: deque[float] = deque(maxlen=max(5, window // 5))
         self._interruptions: list[float] = []
         self._since: float | None = None
+        self._lock = threading.RLock()
 
     @staticmethod
     def _ok(x: float) -> bool:
@@ -74,14 +79,16 @@ class AdaptiveInterval:
     def observe_step_time(self, seconds: float) -> None:
         """Seconds one optimizer step took (compute, not checkpoint stalls)."""
         if self._ok(seconds) and seconds > 0:
-            self._touch()
-            self._step_times.append(float(seconds))
+            with self._lock:
+                self._touch()
+                self._step_times.append(float(seconds))
 
     def observe_checkpoint_cost(self, stall_s: float, commit_s: float = 0.0) -> None:
         """One committed save: the step loop's stall plus the time from save to commit."""
         if self._ok(stall_s) and self._ok(commit_s) and stall_s + commit_s > 0:
-            self._touch()
-            self._costs.append(float(stall_s) + float(commit_s))
+            with self._lock:
+                self._touch()
+                self._costs.append(float(stall_s) + float(commit_s))
 
     def observe_interruption(self, t: float | None = None) -> bool:
         """An interruption (a restart that lost uncommitted work) at unix time `t` (default now).
@@ -89,25 +96,29 @@ class AdaptiveInterval:
         t = self.clock() if t is None else float(t)
         if not math.isfinite(t):
             return False
-        if any(abs(t - u) <= self.dedupe_s for u in self._interruptions):
-            return False
-        self._touch(t)
-        self._interruptions.append(t)
-        self._interruptions.sort()
-        return True
+        with self._lock:
+            if any(abs(t - u) <= self.dedupe_s for u in self._interruptions):
+                return False
+            self._touch(t)
+            self._interruptions.append(t)
+            self._interruptions.sort()
+            return True
 
     def start_at(self, t: float) -> None:
         """The run began at unix time `t` (exposure counts from here). Optional."""
         if math.isfinite(t):
-            self._touch(t)
+            with self._lock:
+                self._touch(t)
 
     @property
     def step_time_s(self) -> float | None:
-        return statistics.median(self._step_times) if self._step_times else None
+        with self._lock:
+            return statistics.median(self._step_times) if self._step_times else None
 
     @property
     def checkpoint_cost_s(self) -> float | None:
-        return statistics.median(self._costs) if self._costs else None
+        with self._lock:
+            return statistics.median(self._costs) if self._costs else None
 
     @property
     def interruptions(self) -> int:
@@ -145,6 +156,10 @@ class AdaptiveInterval:
         return max(self.min_steps, min(self.max_steps, round(seconds / step)))
 
     def state_dict(self) -> dict[str, Any]:
+        with self._lock:
+            return self._state_dict()
+
+    def _state_dict(self) -> dict[str, Any]:
         return {
             "version": self.VERSION,
             "min_steps": self.min_steps,

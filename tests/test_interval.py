@@ -167,3 +167,25 @@ def test_bad_configuration_raises():
         AdaptiveInterval(10, 5)
     with pytest.raises(ValueError):
         AdaptiveInterval(1, 5, prior_mtbi_s=0.0)
+
+
+def test_commit_callbacks_from_another_thread_are_safe():
+    import threading
+
+    ai = AdaptiveInterval(1, 100)
+    stop = threading.Event()
+
+    def feed() -> None:
+        while not stop.is_set():
+            ai.observe_checkpoint_cost(0.01, 0.2)
+
+    t = threading.Thread(target=feed)
+    t.start()
+    try:
+        for _ in range(2000):
+            ai.observe_step_time(0.1)
+            json.dumps(ai.state_dict())
+            ai.next_interval_steps()
+    finally:
+        stop.set()
+        t.join()

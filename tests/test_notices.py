@@ -157,6 +157,28 @@ def test_aws_refetches_a_rejected_token(serve):
     assert len([r for r in cloud.requests if r[0] == "PUT"]) == 2
 
 
+def test_aws_falls_back_to_imdsv1_when_the_token_answer_never_arrives(serve):
+    def hop_limited(cloud: FakeCloud, h: BaseHTTPRequestHandler) -> None:
+        # IMDSv1 allowed; the PUT's answer is lost on the way (IMDS hop limit 1 in a container).
+        path = urlsplit(h.path).path
+        if h.command == "PUT":
+            time.sleep(0.5)
+            return reply(h, 200, "late")
+        if path == "/latest/meta-data/instance-id":
+            return reply(h, 200, "i-0123456789abcdef0")
+        if path == "/latest/meta-data/spot/instance-action" and "action" in cloud.state:
+            return reply(h, 200, json.dumps({"action": "stop", "time": "2026-11-23T16:00:00Z"}))
+        return reply(h, 404)
+
+    cloud = serve(hop_limited)
+    watcher = NoticeWatcher([AwsSource(cloud.url, timeout_s=0.1)], absent_after=1)
+    assert watcher.poll_once() is None
+    assert watcher.poll_once() is None and watcher.sources == ["aws"]
+    cloud.state["action"] = "stop"
+    notice = watcher.poll_once()
+    assert notice is not None and "stop" in notice.detail
+
+
 def test_gcp_preempted_false_then_true(serve):
     cloud = serve(gce_metadata)
     src = GcpSource(cloud.url)
