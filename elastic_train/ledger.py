@@ -31,8 +31,9 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -318,6 +319,64 @@ def write_ledger(run_uri: str, metrics_path: str, prices: Prices | None = None,
     except Exception as e:  # noqa: BLE001 - see docstring: never fail the trainer
         log.warning("ledger not written to %s: %s", run_uri, e)
         return None
+
+
+class LedgerWriter:
+    """Keeps `{run_uri}/ledger.json` current from rank 0's checkpoint events.
+
+    Pass every event dict the checkpoint manager reports to `on_event` (after it is in
+    metrics.jsonl); on a `commit` it rewrites the ledger, at most once per `min_interval_s` so
+    frequent small saves do not reread the metrics each time. Call `write()` once at the end.
+    `extra` is a callable returning what to keep under "extra" (e.g. the adaptive interval's
+    state). Like `write_ledger`, it never raises.
+    """
+
+    def __init__(self, run_uri: str, metrics_path: str, prices: Prices | None = None,
+                 extra: Callable[[], Mapping[str, Any]] | None = None,
+                 min_interval_s: float = 10.0,
+                 storage_options: Mapping[str, Any] | None = None) -> None:
+        self.run_uri, self.metrics_path = run_uri, metrics_path
+        self.prices = prices or Prices.from_env()
+        self.extra = extra
+        self.min_interval_s = min_interval_s
+        self.storage_options = storage_options
+        self._last = -math.inf
+        self._lock = threading.Lock()
+
+    def on_event(self, event: Mapping[str, Any]) -> None:
+        if event.get("event") == "commit" and time.monotonic() - self._last >= self.min_interval_s:
+            self.write()
+
+    def write(self) -> dict[str, Any] | None:
+        if not self._lock.acquire(blocking=False):
+            return None  # a write is under way in another thread: it is as good
+        try:
+            self._last = time.monotonic()
+            try:
+                extra = dict(self.extra()) if self.extra else None
+            except Exception as e:  # noqa: BLE001 - never fail the trainer
+                log.warning("ledger extra failed: %s", e)
+                extra = None
+            return write_ledger(self.run_uri, self.metrics_path, self.prices, extra,
+                                self.storage_options)
+        finally:
+            self._lock.release()
+
+
+def restore_interval(interval: Any, ledger: Mapping[str, Any] | None) -> None:
+    """Give a fresh `checkpointing.interval.AdaptiveInterval` what a kept ledger knows: the
+    state saved under extra["interval"] and the run's interruption times (duplicates are
+    ignored by the interval). A missing or odd ledger changes nothing."""
+    if not ledger:
+        return
+    state = (ledger.get("extra") or {}).get("interval")
+    if isinstance(state, dict):
+        interval.load_state_dict(state)
+    for t in ledger.get("interruptions") or []:
+        if isinstance(t, (int, float)):
+            interval.observe_interruption(t)
+    if isinstance(ledger.get("first_time"), (int, float)):
+        interval.start_at(ledger["first_time"])
 
 
 def read_ledger(run_uri: str, storage_options: Mapping[str, Any] | None = None

@@ -203,3 +203,36 @@ def test_report_reads_ledger_json_from_a_checkpoint_uri(tmp_path, capsys):
 def test_report_on_nothing_fails_with_a_message(tmp_path, capsys):
     assert _report(["report", str(tmp_path / "none")]) == 1
     assert "no metrics.jsonl or ledger.json" in capsys.readouterr().err
+
+
+def test_ledger_writer_rewrites_on_commits_at_most_so_often(tmp_path):
+    run = three_incarnations()
+    metrics = str(tmp_path / "metrics.jsonl")
+    uri = "file://" + str(tmp_path / "ckpt")
+    calls = []
+    writer = L.LedgerWriter(uri, metrics, L.Prices(1.0), extra=lambda: calls.append(1) or {"n": 1},
+                            min_interval_s=3600)
+    run.write(metrics)
+    writer.on_event({"event": "save_failed", "step": 20})
+    assert L.read_ledger(uri) is None
+    writer.on_event({"event": "commit", "step": 20})
+    first = L.read_ledger(uri)
+    assert first is not None and first["extra"] == {"n": 1}
+    writer.on_event({"event": "commit", "step": 40})  # within min_interval_s: skipped
+    assert len(calls) == 1
+    assert writer.write() is not None and len(calls) == 2
+
+
+def test_restore_interval_from_a_kept_ledger():
+    from checkpointing.interval import AdaptiveInterval
+
+    led = L.compute_ledger(three_incarnations().lines)
+    before = AdaptiveInterval(5, 500)
+    before.observe_checkpoint_cost(0.05, 0.8)
+    led["extra"] = {"interval": before.state_dict()}
+    after = AdaptiveInterval(5, 500)
+    L.restore_interval(after, json.loads(json.dumps(led)))
+    assert after.interruptions == 2 and after.checkpoint_cost_s == pytest.approx(0.85)
+    L.restore_interval(after, led)  # again, as after another restart: nothing doubles
+    assert after.interruptions == 2
+    L.restore_interval(after, None)
