@@ -27,13 +27,14 @@ boundary. Sources:
 - `signal`: SIGUSR1 to the worker, for manual use (`kill -USR1 PID`).
 
 Failure semantics: no source ever raises into the caller. A cloud source that has never answered
-and fails `absent_after` times in a row (connection refused or timed out, or an HTTP answer that
-is not that cloud's metadata server) is taken to be absent: it is logged once at INFO and never
-polled again, so off-cloud it costs at most `absent_after` short timeouts. A source that has
-answered once is never dropped; later failures are transient and logged at DEBUG. A read timeout
-after a connection was made never counts towards absence (Azure's first Scheduled Events call may
-take minutes while the service starts). Notices are sticky: once seen, `pending()` keeps
-returning one until the watcher is closed.
+is taken to be absent after one answer that is not that cloud's metadata server's (a 4xx, a
+missing `Metadata-Flavor`), or after `absent_after` failures in a row (connection refused or
+timed out, HTTP 5xx): it is logged once at INFO and never polled again, so off-cloud it costs at
+most `absent_after` short timeouts. A source that has answered once is never dropped; later
+failures are transient and logged at DEBUG. A read timeout after a connection was made never
+counts towards absence (Azure's first Scheduled Events call may take minutes while the service
+starts). Notices are sticky: once seen, `pending()` keeps returning one until the watcher is
+closed.
 """
 
 from __future__ import annotations
@@ -171,6 +172,8 @@ class AwsSource:
             except _ReadTimeout:
                 self._v1 = True  # hop limit: the PUT's answer never arrives; try IMDSv1
                 return {}
+            if r.status >= 500:
+                raise OSError(f"token endpoint: HTTP {r.status}")
             if r.status != 200 or not r.body:
                 raise SourceAbsent(f"token endpoint answered HTTP {r.status}")
             self._token = r.body.decode().strip()
@@ -182,6 +185,7 @@ class AwsSource:
                      self._headers(), self.timeout_s)
         if r.status == 401:
             if self._v1:
+                self._v1 = False  # try for a token again next time
                 raise SourceAbsent("IMDSv2 required but its token cannot be had (hop limit?)")
             self._token = None  # expired or revoked: fetch a new one next time
             raise OSError("IMDS token rejected")
@@ -222,6 +226,8 @@ class GcpSource:
         # thread, and a 1 s poll is ample against a 30 s warning.
         r = _request("GET", f"{self.base_url}/computeMetadata/v1/instance/preempted",
                      {"Metadata-Flavor": "Google"}, self.timeout_s)
+        if r.status >= 500:
+            raise OSError(f"preempted: HTTP {r.status}")
         if r.headers.get("Metadata-Flavor") != "Google" or r.status == 404:
             raise SourceAbsent(f"not a GCE metadata server (HTTP {r.status})")
         if r.status != 200:
@@ -263,6 +269,8 @@ class AzureSource:
     def poll(self) -> Notice | None:
         r = _request("GET", f"{self.base_url}/metadata/scheduledevents"
                      f"?api-version={self.API_VERSION}", {"Metadata": "true"}, self.timeout_s)
+        if r.status >= 500:  # the service may still be starting (first call after boot)
+            raise OSError(f"scheduledevents: HTTP {r.status}")
         try:
             doc = json.loads(r.body) if r.status == 200 else None
         except ValueError:
