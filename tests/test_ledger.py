@@ -236,3 +236,11 @@ def test_restore_interval_from_a_kept_ledger():
     L.restore_interval(after, led)  # again, as after another restart: nothing doubles
     assert after.interruptions == 2
     L.restore_interval(after, None)
+
+
+def test_elastic_train_report_is_registered(tmp_path, capsys):
+    from elastic_train.cli import main
+
+    three_incarnations().write(str(tmp_path / "metrics.jsonl"))
+    assert main(["report", str(tmp_path), "--no-plot"]) == 0
+    assert "where the time went" in capsys.readouterr().out
