@@ -25,6 +25,9 @@ SECRET_OPTION_KEYS = ("key", "secret", "token", "password", "session_token",
                       "aws_access_key_id", "aws_secret_access_key", "aws_session_token")
 """storage_options keys (at any depth) whose values are credentials."""
 
+CLIENT_RETRIES = {"s3": 1, "gs": 2, "gcs": 2}
+"""Attempts the fsspec client itself makes per call (botocore adds its own 2 for s3)."""
+
 SECRET_ENV_VARS = ("FSSPEC_S3_KEY", "FSSPEC_S3_SECRET", "AWS_ACCESS_KEY_ID",
                    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "FSSPEC_GCS_TOKEN")
 
@@ -55,7 +58,7 @@ def default_storage_options(protocol: str, user: Mapping[str, Any]) -> dict[str,
     options = dict(user)
     if protocol == "s3":
         config = dict(options.get("config_kwargs") or {})
-        config.setdefault("retries", {"mode": "standard", "max_attempts": 3})
+        config.setdefault("retries", {"mode": "standard", "max_attempts": 2})
         config.setdefault("connect_timeout", 10)
         config.setdefault("read_timeout", 30)
         options["config_kwargs"] = config
@@ -103,9 +106,15 @@ class Storage:
         self.storage_options = default_storage_options(self.protocol, self._user_options)
         self.retry_timeout_s = retry_timeout_s
         try:
-            self.fs: AbstractFileSystem = fsspec.filesystem(self.protocol, **self.storage_options)
-        except (ImportError, ValueError) as e:
+            # Our own instance (not fsspec's shared cache), because we change its retry count.
+            self.fs: AbstractFileSystem = fsspec.filesystem(
+                self.protocol, skip_instance_cache=True, **self.storage_options)
+        except (ImportError, ValueError, TypeError) as e:
             raise StorageError(f"cannot open storage {self.url!r}: {self.redact(str(e))}") from e
+        if self.protocol in CLIENT_RETRIES:
+            # s3fs retries SlowDown/network errors 5 times around botocore's own attempts, gcsfs
+            # 6 times: layers that multiply (FACTS.md). `retrying` is the layer that counts.
+            self.fs.retries = CLIENT_RETRIES[self.protocol]
         self.root: str = self.fs._strip_protocol(self.url).rstrip("/") or "/"
         self.is_local = self.protocol == "file"
 

@@ -9,6 +9,7 @@ Run as a script under torchrun (multi-rank) or plain python (single rank):
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -72,7 +73,8 @@ def full_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd, optim_sd = get_state_dict(model, opt, options=options)
-    return {"model": model_sd, "optim": optim_sd}
+    # Unsharded, these may alias the live parameters: copy so later steps cannot change them.
+    return copy.deepcopy({"model": model_sd, "optim": optim_sd})
 
 
 def assert_same(a: Any, b: Any, where: str = "") -> int:

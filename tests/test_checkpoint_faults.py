@@ -1,0 +1,116 @@
+"""Storage faults injected by our proxy between s3fs and a real S3 server (moto) on loopback.
+
+Transient faults (5xx, throttling, resets, truncated bodies, a write that succeeded but answered
+500) are retried and the checkpoint is exact; a permanent failure leaves the previous commit
+intact and is reported; credentials never reach logs, events, metrics or COMMIT.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from ckpt_workers import Trainer, assert_same, build_model, full_state, train_steps
+
+from checkpointing import CheckpointManager, CheckpointSettings, ModelOptimizerState, SaveFailed
+from checkpointing.storage import Storage, redact
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def trained(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = build_model(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train_steps(model, opt, 1, 2)
+    return model, opt
+
+
+def test_transient_faults_on_save_and_load_are_retried(s3_proxy):
+    proxy, uri = s3_proxy.proxy, s3_proxy.url("run")
+    settings = CheckpointSettings(storage_options=s3_proxy.storage_options, retry_timeout_s=30)
+    proxy.inject("error", status=503, match=r"PUT .*step_00000001/__0_0\.distcp")
+    proxy.inject("error", status=429, match=r"PUT .*step_00000001/__0_1\.distcp")
+    proxy.inject("error_after_success", status=500, match=r"PUT .*__0_0\.distcp")
+    proxy.inject("reset", match=r"PUT .*/\.metadata")
+    proxy.inject("error", status=500, match=r"PUT .*COMMIT\.json")
+    proxy.inject("reset", match=r"GET .*list-type")
+    model, opt = trained()
+    expected = full_state(model, opt)
+    events: list[dict] = []
+    with CheckpointManager(uri, settings, on_event=events.append) as manager:
+        assert manager.save(1, {"app": ModelOptimizerState(model, opt), "trainer": Trainer(1)})
+        manager.wait()
+        assert [e["event"] for e in events] == ["commit"], events
+        proxy.assert_all_fired()
+
+        proxy.inject("truncate", match=r"GET .*__0_0\.distcp")
+        proxy.inject("reset", match=r"GET .*__0_1\.distcp")
+        proxy.inject("error", status=503, match=r"GET .*/\.metadata")
+        proxy.inject("error", status=500, match=r"GET .*COMMIT\.json")
+        model2, opt2 = trained(seed=1)
+        assert manager.load({"app": ModelOptimizerState(model2, opt2), "trainer": Trainer()}) == 1
+        proxy.assert_all_fired()
+        assert manager.verify(1).ok
+    assert_same(expected, full_state(model2, opt2))
+    assert {"error", "reset", "truncate", "error_after_success"} <= set(proxy.fired_kinds())
+
+
+@pytest.mark.parametrize("on_failure", ["continue", "stop"])
+def test_a_save_that_fails_for_good_keeps_the_previous_commit(s3_proxy, on_failure):
+    proxy, uri = s3_proxy.proxy, s3_proxy.url("run")
+    settings = CheckpointSettings(storage_options=s3_proxy.storage_options, retry_timeout_s=1.0,
+                                  on_failure=on_failure)
+    model, opt = trained()
+    state = {"app": ModelOptimizerState(model, opt), "trainer": Trainer(1)}
+    expected = full_state(model, opt)
+    events: list[dict] = []
+    with CheckpointManager(uri, settings, on_event=events.append) as manager:
+        manager.save(1, state)
+        manager.wait()
+        train_steps(model, opt, 5, 1)
+        proxy.inject("error", status=503, count=None, match=r"PUT .*step_00000002")
+        manager.save(2, state)
+        if on_failure == "stop":
+            with pytest.raises(SaveFailed, match="step 2"):
+                manager.wait()
+        else:
+            manager.wait()
+        assert manager.metrics["failed"] == 1 and manager.metrics["committed"] == 1
+        assert events[-1]["event"] == "save_failed" and events[-1]["step"] == 2
+        assert "503" in events[-1]["error"] or "SlowDown" in events[-1]["error"]
+        proxy.clear()
+        assert manager.latest_step() == 1 and manager.verify(1).ok
+        model2, opt2 = trained(seed=3)
+        assert manager.load({"app": ModelOptimizerState(model2, opt2)}) == 1
+        assert_same(expected, full_state(model2, opt2))
+        # Training goes on: the next save commits, and GC then removes the failed step's debris.
+        manager.save(3, state)
+        manager.wait()
+        assert [c.step for c in manager.steps()] == [1, 3]
+        assert "step_00000002" not in Storage(uri, s3_proxy.storage_options).list_dirs()
+
+
+def test_credentials_never_reach_logs_events_metrics_or_commit(s3_proxy, caplog):
+    key, secret = "AKIA-TEST-KEY-1234567", "very-secret-value-987654"
+    options = {**s3_proxy.storage_options, "key": key, "secret": secret}
+    caplog.set_level(logging.DEBUG, logger="checkpointing")
+    events: list[dict] = []
+    model, opt = trained()
+    state = {"app": ModelOptimizerState(model, opt), "trainer": Trainer(1)}
+    uri = s3_proxy.url("run")
+    settings = CheckpointSettings(storage_options=options, retry_timeout_s=0.5)
+    with CheckpointManager(uri, settings, on_event=events.append) as manager:
+        manager.save(1, state)
+        manager.wait()
+        s3_proxy.proxy.outage(60)
+        manager.save(2, state)
+        manager.wait()
+        s3_proxy.proxy.clear()
+        commit = Storage(uri, options).read_bytes("step_00000001/COMMIT.json").decode()
+        seen = json.dumps(events) + json.dumps(manager.metrics, default=str) + commit + \
+            caplog.text + repr(manager.steps())
+    assert events[-1]["event"] == "save_failed"
+    assert key not in seen and secret not in seen
+    assert redact(f"endpoint said {secret} and {key}", options) == "endpoint said *** and ***"
