@@ -99,6 +99,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._wake = threading.Event()  # set by clear()/stop(): held requests stop waiting
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> FaultProxy:
@@ -114,6 +115,7 @@ class FaultProxy:
         return self
 
     def stop(self) -> None:
+        self._wake.set()
         server, self._server = self._server, None
         if server is not None:
             server.shutdown()
@@ -158,6 +160,12 @@ class FaultProxy:
         with self._lock:
             self.rules.clear()
             self._outage_until = 0.0
+            wake, self._wake = self._wake, threading.Event()
+        wake.set()
+
+    def _hold(self, seconds: float) -> None:
+        """Sleep for a delay/drop fault; cut short by clear() or stop()."""
+        self._wake.wait(seconds)
 
     def pending(self) -> list[FaultRule]:
         """Rules with a count that have not fired that many times yet."""
@@ -231,7 +239,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             return
         if kind == "drop":
             assert rule is not None
-            time.sleep(rule.delay_s)
+            self.proxy._hold(rule.delay_s)
             self._reset()
             return
         if kind == "error":
@@ -240,7 +248,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             return
         if kind == "delay":
             assert rule is not None
-            time.sleep(rule.delay_s)
+            self.proxy._hold(rule.delay_s)
         try:
             status, headers, payload = self._forward(body)
         except OSError:
