@@ -36,7 +36,7 @@ pytestmark = pytest.mark.chaos
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_YAML = ROOT / "sky" / "train.yaml"
-STEPS = 40
+STEPS = 30
 SCENARIO = from_dict({
     "name": "sky-run", "seed": 0, "nodes": 2, "min_nodes": 1, "max_nodes": 2,
     "procs_per_node": 1, "storage": "s3",
@@ -240,13 +240,13 @@ def reference() -> harness.Reference:
 
 def test_run_section_trains_through_a_node_kill(reference, tmp_path):
     run_dir = tmp_path / "run"
-    with object_store("gcs") as (bucket, env):  # S3 is the source in the resume test
+    with object_store("gcs") as (bucket, env):  # the resume test starts on S3
         uri = f"{bucket}/runs/node-kill"
         envs = {"BUCKET": bucket, "RUN_URI": uri, "DATA_URI": f"{bucket}/data", "MIN_NODES": "1",
                 "TRAIN_ARGS": train_args(run_dir, tmp_path / "cache")}
         with SkyNodes(TRAIN_YAML, 2, envs, env, tmp_path / "nodes") as nodes:
             tail = MetricsTail(run_dir / "metrics.jsonl")
-            wait_for(tail, nodes, lambda rs: any(int(r["step"]) >= 15 for r in step_records(rs)),
+            wait_for(tail, nodes, lambda rs: any(int(r["step"]) >= 12 for r in step_records(rs)),
                      timeout_s=120)
             nodes.kill_node(1)
             finished = nodes.wait(timeout_s=150)
