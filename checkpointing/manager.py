@@ -13,6 +13,7 @@ it creates two process groups. Call `save`, `save_within` and `load` at the same
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import warnings
@@ -148,7 +149,7 @@ class CheckpointManager:
     `on_failure="stop"` raised as `SaveFailed` by the next `wait()` or `save()` on every rank.
     """
 
-    def __init__(self, uri: str, settings: CheckpointSettings | None = None,
+    def __init__(self, uri: str | os.PathLike[str], settings: CheckpointSettings | None = None,
                  config_digest: str = "", on_event: Callable[[Event], None] | None = None) -> None:
         # Attributes close() needs come first, so close() is safe if anything below raises.
         self._job: _SaveJob | None = None

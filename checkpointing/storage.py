@@ -32,9 +32,9 @@ SECRET_ENV_VARS = ("FSSPEC_S3_KEY", "FSSPEC_S3_SECRET", "AWS_ACCESS_KEY_ID",
                    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "FSSPEC_GCS_TOKEN")
 
 
-def normalize_url(url: str) -> str:
+def normalize_url(url: str | os.PathLike[str]) -> str:
     """`s3://b/p/` -> `s3://b/p`; a plain path -> `file:///abs/path`. Raises ValueError if empty."""
-    url = url.strip()
+    url = os.fspath(url).strip()
     if not url:
         raise ValueError("checkpoint URI is empty")
     if "://" not in url:
@@ -98,7 +98,8 @@ class Storage:
     single PUT is; on a local disk we write a temporary file, fsync it and rename it.
     """
 
-    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None,
+    def __init__(self, url: str | os.PathLike[str],
+                 storage_options: Mapping[str, Any] | None = None,
                  retry_timeout_s: float = 60.0) -> None:
         self.url = normalize_url(url)
         self.protocol = self.url.split("://", 1)[0]

@@ -1,0 +1,139 @@
+"""Manager behaviour: one save in flight (wait or skip), deadline-bounded saves, settings, and the
+commit protocol's rules as readers and GC see them."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from ckpt_workers import Trainer, build_model, train_steps
+
+from checkpointing import (
+    CheckpointManager,
+    CheckpointSettings,
+    ModelOptimizerState,
+    NoSuchCheckpoint,
+)
+from checkpointing.commit import list_steps
+from checkpointing.retention import collect_garbage
+from checkpointing.storage import Storage
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def state() -> dict:
+    model = build_model(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train_steps(model, opt, 1, 1)
+    return {"app": ModelOptimizerState(model, opt), "trainer": Trainer(1)}
+
+
+def test_when_busy_skip_skips_and_wait_waits_and_both_are_counted(s3_proxy):
+    proxy, s = s3_proxy.proxy, state()
+    for when_busy in ("skip", "wait"):
+        uri = s3_proxy.url(when_busy)
+        proxy.inject("delay", delay_s=1.5, match=rf"PUT .*/{when_busy}/step_00000001/\.metadata")
+        settings = CheckpointSettings(storage_options=s3_proxy.storage_options,
+                                      when_busy=when_busy)
+        with CheckpointManager(uri, settings) as manager:
+            assert manager.save(1, s) is True
+            assert manager.save_in_flight
+            t0 = time.monotonic()
+            second = manager.save(2, s)
+            blocked = time.monotonic() - t0
+            manager.wait()
+            if when_busy == "skip":
+                assert second is False and blocked < 0.5
+                assert manager.metrics["skipped"] == 1 and manager.metrics["committed"] == 1
+                assert manager.latest_step() == 1
+            else:
+                assert second is True and blocked > 0.5
+                assert manager.metrics["waits"] == 1 and manager.metrics["committed"] == 2
+                assert manager.latest_step() == 2
+    proxy.assert_all_fired()
+
+
+def test_save_within_a_missed_deadline_leaves_nothing_committed(s3_proxy):
+    proxy, s = s3_proxy.proxy, state()
+    settings = CheckpointSettings(storage_options=s3_proxy.storage_options)
+    events: list[dict] = []
+    with CheckpointManager(s3_proxy.url("run"), settings, on_event=events.append) as manager:
+        assert manager.save_within(1, s, deadline_s=30) is True
+        proxy.inject("delay", delay_s=2.0, match=r"PUT .*step_00000002/__0_0\.distcp")
+        t0 = time.monotonic()
+        assert manager.save_within(2, s, deadline_s=0.5) is False
+        assert time.monotonic() - t0 < 1.5
+        manager.wait()  # the upload finishes in the background, but must not commit
+        assert manager.latest_step() == 1
+        assert list_steps(manager.storage).partial == [2]
+        assert manager.metrics["aborted"] == 1
+        assert events[-1]["event"] == "save_failed" and "deadline" in events[-1]["error"]
+        assert manager.save_within(3, s, deadline_s=30) is True
+        assert [c.step for c in manager.steps()] == [1, 3]
+    proxy.assert_all_fired()
+
+
+def test_sync_mode_returns_committed(tmp_path):
+    with CheckpointManager(tmp_path, CheckpointSettings(mode="sync")) as manager:
+        assert manager.save(5, state())
+        assert not manager.save_in_flight and manager.latest_step() == 5
+
+
+def test_load_of_an_uncommitted_step_raises_naming_it(tmp_path):
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(1, state())
+        manager.wait()
+        with pytest.raises(NoSuchCheckpoint, match="step 9"):
+            manager.load(state(), step=9)
+
+
+@pytest.mark.parametrize(("field", "value"), [("keep", 0), ("mode", "fast"),
+                                              ("when_busy", "queue"), ("on_failure", "ignore"),
+                                              ("retry_timeout_s", -1)])
+def test_bad_settings_name_the_field_and_value(field, value):
+    with pytest.raises(ValueError, match=f"{field}={value!r}"):
+        CheckpointSettings(**{field: value})
+
+
+def test_close_is_safe_on_a_half_built_manager_and_twice(tmp_path):
+    with pytest.raises(Exception, match="nosuch"):
+        CheckpointManager("nosuch://bucket/x")
+    manager = CheckpointManager.__new__(CheckpointManager)
+    manager.close()
+    manager = CheckpointManager(tmp_path)
+    manager.close()
+    manager.close()
+
+
+def test_readers_ignore_steps_without_a_whole_commit(tmp_path):
+    with CheckpointManager(tmp_path, CheckpointSettings(keep=5)) as manager:
+        for step in (1, 2):
+            manager.save(step, state())
+        manager.wait()
+    storage = Storage(str(tmp_path))
+    storage.write_bytes("step_00000003/__0_0.distcp", b"partial upload")
+    storage.write_bytes("step_00000004/COMMIT.json", b'{"step": 4, "files": ')  # torn: invalid
+    storage.write_bytes("step_00000005/COMMIT.json", b'{"step": 99, "world_size": 1, "time": 0,'
+                                                     b' "config_digest": "", "files": {}}')
+    storage.write_bytes("notes.txt", b"not a step")
+    listing = list_steps(storage)
+    assert [c.step for c in listing.committed] == [1, 2]
+    assert listing.partial == [3, 4, 5]
+    # Partial steps newer than the newest commit may be in flight: GC leaves them alone.
+    assert collect_garbage(storage, keep=1) != []
+    assert storage.list_dirs() == ["notes.txt", "step_00000002", "step_00000003",
+                                   "step_00000004", "step_00000005"]
+
+
+def test_gc_never_deletes_the_only_commit_and_removes_older_debris(tmp_path):
+    storage = Storage(str(tmp_path))
+    storage.write_bytes("step_00000001/__0_0.distcp", b"debris")
+    with CheckpointManager(tmp_path, CheckpointSettings(keep=1)) as manager:
+        manager.save(2, state())
+        manager.wait()  # commit, then retention: the older partial step goes
+        assert storage.list_dirs() == ["step_00000002"]
+        assert manager.gc(keep=1) == []
+        with pytest.raises(ValueError, match="keep must be >= 1"):
+            manager.gc(keep=0)
+        assert manager.latest_step() == 2
