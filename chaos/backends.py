@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -71,26 +73,32 @@ def _object_store(storage: str, stack: contextlib.ExitStack) -> Backend:
     from chaos import proxy, services
 
     bucket = f"chaos-{uuid.uuid4().hex[:8]}"
+    server: services.MotoS3Server | services.GcsEmulator
     if storage == "s3":
         server = stack.enter_context(services.MotoS3Server())
         scheme = "s3"
     else:
         server = stack.enter_context(services.GcsEmulator())
         scheme = "gs"
-    fault_proxy = stack.enter_context(proxy.FaultProxy(server.endpoint))
-    env = server.env(fault_proxy.endpoint)
+    fault_proxy = stack.enter_context(proxy.FaultProxy(server.endpoint_url, flavor=storage))
+    env = server.env(fault_proxy.endpoint_url)
+    if storage == "gcs":
+        env["FSSPEC_GS_TOKEN"] = "anon"  # fsspec's env config: gcsfs clients that get no options
     backend = Backend(storage, f"{scheme}://{bucket}/checkpoints", f"{scheme}://{bucket}/data",
                       env=env, outage=fault_proxy.outage)
-    backend.pids = [p for p in (getattr(server, "pid", None), getattr(fault_proxy, "pid", None))
-                    if p]
+    backend.pids = [server.pid] if server.pid else []
+    # The harness reads checkpoints straight from the server, never through the proxy.
+    backend.storage_options = server.storage_options()
     with _environ(env):
         import fsspec
 
-        from elastic_train import data
-
-        fs = fsspec.filesystem(scheme, skip_instance_cache=True)
+        fs = fsspec.filesystem(scheme, skip_instance_cache=True, **server.storage_options())
         fs.mkdir(bucket)
-        data.prepare(backend.data_uri)
+    # In a child process: fsspec reads its FSSPEC_* configuration when it is imported.
+    subprocess.run(
+        [sys.executable, "-c", "import sys; from elastic_train import data; "
+         "data.prepare(sys.argv[1])", backend.data_uri],
+        env={**os.environ, **env}, check=True, capture_output=True, timeout=120)
     return backend
 
 

@@ -8,6 +8,7 @@ chaos). Exit codes: 0 every invariant held; 1 an invariant failed; 2 the scenari
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -29,6 +30,9 @@ def _run(args: argparse.Namespace) -> int:
                       timeout_s=args.timeout,
                       cache=Path(args.cache) if args.cache else default_cache(),
                       log=lambda m: print(m, flush=True))
+    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the cluster's context manager
+    # still kills every node and server it started.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         rep = run_scenario(scenario, options)
     except (HarnessError, scenario_lib.ScenarioError) as e:
@@ -42,6 +46,10 @@ def _run(args: argparse.Namespace) -> int:
     print(f"checkpoints: {rep['run_uri']}")
     ok = all(v["ok"] for v in rep["invariants"].values())
     return 0 if ok else 1
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

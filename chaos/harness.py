@@ -216,10 +216,11 @@ def _clean_out(out: Path) -> None:
 
 
 def _verifier(backend: Backend) -> tuple[list[int], Callable[[int], tuple[bool, str]]]:
-    from checkpointing import CheckpointManager
+    from checkpointing import CheckpointManager, CheckpointSettings
 
     with _env(backend.env):
-        manager = CheckpointManager(backend.checkpoint_uri)
+        settings = CheckpointSettings(storage_options=backend.storage_options)
+        manager = CheckpointManager(backend.checkpoint_uri, settings)
         try:
             steps = [info.step for info in manager.steps()]
             results = {}

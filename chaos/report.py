@@ -127,6 +127,7 @@ def plot_timeline(records: list[Record], faults: list[dict[str, Any]], t0: float
     if wx:
         ax_world.step(wx, wy, where="post", color="tab:blue")
         ax_world.set_ylim(0, max(wy) + 1)
+    ax_step.set_xlim(left=0)
     ax_step.set_ylabel("step")
     ax_step.set_title(title)
     ax_step.legend(loc="lower right", fontsize=8)

@@ -1,0 +1,249 @@
+"""Chaos harness pieces that need no cluster: scenarios, random faults, lineage, reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from chaos import invariants, report
+from chaos.faults import Fired, Injector, draw_faults
+from chaos.metrics import Lineage, MetricsTail
+from chaos.scenario import CONTRACTS, Fault, ScenarioError, from_dict, load
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = ROOT / "chaos" / "scenarios"
+SHARED = ROOT.parent / "shared" / "contracts"
+
+BASE = {"name": "t", "nodes": 2, "min_nodes": 1, "max_nodes": 3, "storage": "s3",
+        "train": {"model": "tiny", "steps": 40, "checkpoint.every": 5}}
+
+
+def scenario(**changes):
+    return from_dict({**BASE, **changes})
+
+
+@pytest.mark.parametrize("name", ["scenario", "report"])
+def test_packaged_contracts_equal_the_shared_ones(name: str) -> None:
+    shared = SHARED / f"{name}.schema.json"
+    if not shared.exists():
+        pytest.skip("shared/contracts is not beside this checkout")
+    assert json.loads((CONTRACTS / f"{name}.schema.json").read_text()) == \
+        json.loads(shared.read_text())
+
+
+@pytest.mark.parametrize("path", sorted(SCENARIOS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_scenarios_validate(path: Path) -> None:
+    s = load(path)
+    jsonschema.validate(s.to_dict(), json.loads((CONTRACTS / "scenario.schema.json").read_text()))
+
+
+def test_demo_has_every_fault_the_issue_asks_for() -> None:
+    kinds = {f.kind for f in load(SCENARIOS / "demo.yaml").faults}
+    assert {"kill_node", "preempt_node", "add_node", "kill_worker", "storage_outage"} <= kinds
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"nodes": 0}, "nodes: 0 is less than the minimum of 1"),
+    ({"storage": "nfs"}, "storage: 'nfs' is not one of"),
+    ({"bogus": 1}, "Additional properties are not allowed ('bogus'"),
+    ({"faults": [{"kind": "explode", "at_step": 3}]}, "faults.0.kind: 'explode' is not one of"),
+    ({"faults": [{"kind": "kill_node"}]}, "a fault needs exactly one of at_step or during"),
+    ({"faults": [{"kind": "kill_node", "at_step": 3, "during": "checkpoint_upload"}]},
+     "a fault needs exactly one of at_step or during"),
+    ({"faults": [{"kind": "kill_node", "at_step": 3, "node": 5}]}, "node 5 does not exist yet"),
+    ({"faults": [{"kind": "kill_node", "at_step": 3, "node": 1},
+                 {"kind": "kill_worker", "at_step": 5, "node": 1}]}, "node 1 was already removed"),
+    ({"faults": [{"kind": "kill_node", "at_step": 3, "node": 1},
+                 {"kind": "kill_node", "at_step": 5, "node": 0}]}, "would leave none to train"),
+    ({"faults": [{"kind": "add_node", "at_step": 3}, {"kind": "add_node", "at_step": 4}]},
+     "already has max_nodes=3"),
+    ({"faults": [{"kind": "kill_node", "at_step": 40}]}, "is not before the last step 40"),
+    ({"storage": "file", "faults": [{"kind": "storage_outage", "at_step": 3}]},
+     "storage_outage needs storage s3 or gcs"),
+    ({"nodes": 4}, "need min_nodes <= nodes <= max_nodes"),
+])
+def test_invalid_scenarios_fail_with_one_line_naming_the_problem(changes, message) -> None:
+    with pytest.raises(ScenarioError) as err:
+        scenario(**changes)
+    text = str(err.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_bad_yaml_and_missing_file_are_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ScenarioError, match=r"not valid YAML \(line 2\)"):
+        load(bad)
+    with pytest.raises(ScenarioError, match="cannot read"):
+        load(tmp_path / "missing.yaml")
+
+
+def test_cli_rejects_an_invalid_scenario_with_one_line_and_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nnodes: 2\ntrain: {}\nfaults: [{kind: kill_node}]\n")
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from elastic_train.cli import main; "
+         "sys.exit(main(sys.argv[1:]))", "chaos", "run", str(bad), "--out",
+         str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "a fault needs exactly one of at_step or during" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 7, 11])
+def test_random_faults_are_reproducible_and_valid(seed: int) -> None:
+    s = scenario()
+    first = draw_faults(s, 4, seed)
+    assert first == draw_faults(s, 4, seed)
+    assert len(first) == 4
+    steps = [f.at_step for f in first]
+    assert steps == sorted(steps) and len(set(steps)) == 4
+    assert all(f.node is not None for f in first if f.kind != "add_node" and
+               f.kind != "storage_outage")
+
+
+def test_random_faults_differ_between_seeds_and_respect_storage() -> None:
+    s = scenario(storage="file")
+    draws = {tuple(draw_faults(s, 3, seed)) for seed in range(8)}
+    assert len(draws) > 1
+    assert all(f.kind != "storage_outage" for d in draws for f in d)
+
+
+# --------------------------------------------------------------------------------- lineage
+
+
+def steps(a: int, b: int, world: int = 2, t: float = 0.0) -> list[dict]:
+    return [{"step": s, "batch_digest": f"d{s}", "world_size": world, "time": t + s}
+            for s in range(a, b + 1)]
+
+
+def start(restored: int | None, world: int = 2, t: float = 0.0) -> dict:
+    return {"event": "start", "restored_step": restored, "world_size": world, "time": t}
+
+
+def test_lineage_rolls_back_to_the_restored_step() -> None:
+    records = [start(None), *steps(1, 7), start(5, 1, 100.0), *steps(6, 10, 1, 100.0)]
+    lineage = Lineage.from_records(records)
+    assert lineage.problems == []
+    assert lineage.digests == [f"d{s}" for s in range(1, 11)]
+    verdict = invariants.exactly_once(records, [f"d{s}" for s in range(1, 11)], 10)
+    assert verdict.ok, verdict.detail
+
+
+def test_lineage_catches_a_skipped_and_a_repeated_step() -> None:
+    skipped = [start(None), *steps(1, 3), *steps(5, 6)]
+    assert not invariants.exactly_once(skipped, [f"d{s}" for s in range(1, 7)], 6).ok
+    repeated = [start(None), *steps(1, 4), *steps(3, 6)]
+    verdict = invariants.exactly_once(repeated, [f"d{s}" for s in range(1, 7)], 6)
+    assert not verdict.ok and "without a restart" in verdict.detail
+
+
+def test_lineage_catches_a_wrong_batch_and_a_restore_from_the_future() -> None:
+    records = [start(None), *steps(1, 5)]
+    reference = [f"d{s}" for s in range(1, 6)]
+    reference[2] = "other"
+    verdict = invariants.exactly_once(records, reference, 5)
+    assert not verdict.ok and "first step 3" in verdict.detail
+    future = [start(None), *steps(1, 2), start(4), *steps(5, 5)]
+    assert not invariants.exactly_once(future, [f"d{s}" for s in range(1, 6)], 5).ok
+
+
+def test_restores_must_come_from_commits() -> None:
+    records = [start(None), *steps(1, 10), {"event": "commit", "step": 5, "time": 6},
+               start(10)]
+    verdict = invariants.checkpoints_verified(records, [5], lambda s: (True, "ok"))
+    assert not verdict.ok and "[10]" in verdict.detail
+    good = records[:-1] + [start(5)]
+    assert invariants.checkpoints_verified(good, [5], lambda s: (True, "ok")).ok
+
+
+def test_metrics_tail_waits_for_a_torn_line(tmp_path: Path) -> None:
+    path = tmp_path / "m.jsonl"
+    tail = MetricsTail(path)
+    assert tail.poll() == []
+    path.write_text('{"step": 1}\n{"step": ')
+    assert tail.poll() == [{"step": 1}]
+    with path.open("a") as f:
+        f.write('2}\n')
+    assert tail.poll() == [{"step": 2}]
+
+
+# --------------------------------------------------------------------------------- injector
+
+
+class FakeCluster:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.nodes = [0, 1]
+
+    def live_nodes(self) -> list[int]:
+        return list(self.nodes)
+
+    def add_node(self) -> int:
+        self.calls.append(("add",))
+        self.nodes.append(len(self.nodes))
+        return self.nodes[-1]
+
+    def kill_node(self, index: int) -> float:
+        self.calls.append(("kill", index))
+        self.nodes.remove(index)
+        return 1.0
+
+    def preempt_node(self, index: int, notice_s: float) -> float:
+        self.calls.append(("preempt", index, notice_s))
+        return 1.0
+
+    def kill_worker(self, index: int, local_rank: int = 0) -> int:
+        self.calls.append(("kill_worker", index))
+        return 123
+
+    def hang_worker(self, index: int, local_rank: int = 0) -> int:
+        self.calls.append(("hang_worker", index))
+        return 123
+
+
+def test_injector_fires_at_steps_and_during_an_upload() -> None:
+    cluster = FakeCluster()
+    outages: list[float] = []
+    faults = [Fault("kill_worker", at_step=3), Fault("storage_outage", at_step=4, seconds=2),
+              Fault("kill_node", during="checkpoint_upload", node=1)]
+    inj = Injector(faults, cluster, checkpoint_every=5, steps=20, outage=outages.append,
+                   log=lambda m: None)
+    inj.observe(steps(1, 2))
+    assert cluster.calls == []
+    inj.observe(steps(3, 5) + [{"event": "commit", "step": 5, "time": 6}])
+    # kill_worker picks the newest live node; the step-5 upload was committed before we saw it
+    assert cluster.calls == [("kill_worker", 1)] and outages == [2]
+    inj.observe(steps(6, 10))
+    assert cluster.calls[-1] == ("kill", 1)
+    assert [f.at_step for f in inj.fired] == [5, 5, 10]
+    assert inj.fired[2].detail["upload_step"] == 10
+    assert not inj.pending
+
+
+def test_fault_summaries_attribute_restarts_and_validate(tmp_path: Path) -> None:
+    t0 = 1000.0
+    records = [start(None, 2, t0 + 1), *steps(1, 12, 2, t0 + 1), start(10, 1, t0 + 20),
+               *steps(11, 20, 1, t0 + 20)]
+    fired = [Fired(index=0, fault=Fault("kill_node", at_step=12, node=1), node=1, at_step=12,
+                   time=t0 + 14, world_before=2)]
+    entries = report.summarize_faults(fired, records, t0)
+    assert entries[0]["world_after"] == 1
+    assert entries[0]["lost_steps"] == 2
+    assert entries[0]["recovery_s"] == pytest.approx(20 + 11 - 14)
+    rep = {"scenario": BASE, "completed": True, "final_step": 20, "wall_s": 40.0,
+           "goodput": 0.5, "faults": entries, "run_uri": "file:///x",
+           "invariants": {k: {"ok": True, "detail": ""} for k in
+                          ("completed", "exactly_once", "weights_match_reference",
+                           "checkpoints_verified", "no_orphans")}}
+    report.validate(rep)
+    png = report.plot_timeline(records, entries, t0, 20, tmp_path / "timeline.png", "t")
+    assert png.stat().st_size > 1000
+    assert "kill_node" in report.summary_table(rep)
