@@ -1,0 +1,84 @@
+"""The local cluster itself, with workers that only sleep (fast): killing a node kills its whole
+tree, a hung worker is stopped, and closing leaves nothing behind."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from chaos.cluster import LocalCluster, RendezvousSettings
+
+SLEEPER = """
+import subprocess, sys, time
+# A grandchild in the worker's session: a node's death must take it too.
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+time.sleep(600)
+"""
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _wait_until(predicate, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not reached in time")
+
+
+@pytest.mark.timeout(180)
+def test_kill_node_takes_every_descendant_and_close_leaves_nothing(tmp_path: Path) -> None:
+    script = tmp_path / "sleeper.py"
+    script.write_text(SLEEPER)
+    seen: set[int] = set()
+    with LocalCluster(tmp_path / "cluster", [str(script)], min_nodes=1, max_nodes=2) as cluster:
+        assert cluster.store_port
+        for _ in range(2):
+            cluster.add_node()
+        _wait_until(lambda: all(len(_descendants(cluster.node(i).agent.pid)) >= 2
+                                for i in (0, 1)))
+        doomed = _descendants(cluster.node(1).agent.pid)
+        seen |= {p.pid for p in doomed} | {p.pid for p in _descendants(cluster.node(0).agent.pid)}
+
+        cluster.kill_node(1)
+        gone, alive = psutil.wait_procs(doomed, timeout=10)
+        assert not alive, f"survived a node kill: {alive}"
+        assert cluster.live_nodes() == [0]
+
+        pid = cluster.hang_worker(0)
+        _wait_until(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED, 10)
+
+        index = cluster.add_node()
+        assert index == 2 and cluster.live_nodes() == [0, 2]
+    assert cluster.tagged_processes() == []
+    for pid in seen:
+        assert not psutil.pid_exists(pid) or \
+            psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, f"pid {pid} outlived close()"
+
+
+def test_rendezvous_settings_say_why_and_default_is_torchs() -> None:
+    fast = RendezvousSettings.fast().conf()
+    assert fast.startswith("is_host=false,")
+    assert "last_call_timeout=1" in fast and "keep_alive_max_attempt=3" in fast
+    assert RendezvousSettings.torch_default().conf() == "is_host=false"
+
+
+def test_the_store_stops_when_its_owner_goes(tmp_path: Path) -> None:
+    cluster = LocalCluster(tmp_path, [sys.executable])
+    cluster.start()
+    store = cluster._store
+    assert store is not None and store.poll() is None
+    assert store.stdin is not None
+    store.stdin.close()  # what the harness dying looks like to the store
+    store.wait(10)
+    cluster.close()
