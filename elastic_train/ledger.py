@@ -305,16 +305,12 @@ def write_ledger(run_uri: str, metrics_path: str, prices: Prices | None = None,
                                 restart_allowance_s)
         if extra:
             ledger["extra"] = dict(extra)
-        data = json.dumps(ledger, indent=1).encode()
+        # The data module's writer: rename locally, one whole put on object stores. Imported
+        # here: it pulls in torch, which `report` does not need.
+        from elastic_train.data import _write_atomic
+
         fs, path = _fs_and_path(run_uri, storage_options)
-        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        else:
-            fs.pipe_file(path, data)
+        _write_atomic(fs, path, json.dumps(ledger, indent=1).encode())
         return ledger
     except Exception as e:  # noqa: BLE001 - see docstring: never fail the trainer
         log.warning("ledger not written to %s: %s", run_uri, e)
