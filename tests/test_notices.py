@@ -249,6 +249,20 @@ def test_a_slow_answer_after_connecting_is_not_absence(serve):
     assert watcher.absent == [] and watcher.sources == ["azure"]
 
 
+def test_a_5xx_while_the_service_starts_is_not_absence(serve):
+    def starting(cloud: FakeCloud, h: BaseHTTPRequestHandler) -> None:
+        cloud.state["n"] = cloud.state.get("n", 0) + 1
+        if cloud.state["n"] <= 2:
+            return reply(h, 503)
+        azure_imds(cloud, h)
+
+    cloud = serve(starting)
+    watcher = NoticeWatcher([AzureSource(cloud.url)], absent_after=3)
+    for _ in range(4):
+        watcher.poll_once()
+    assert watcher.sources == ["azure"] and watcher.absent == []
+
+
 def test_a_source_that_answered_once_is_never_dropped(serve):
     cloud = serve(gce_metadata)
     watcher = NoticeWatcher([GcpSource(cloud.url)], absent_after=1)
