@@ -38,11 +38,15 @@ from chaos.scenario import Scenario
 HARNESS_TRAIN_DEFAULTS: dict[str, Any] = {
     # A SIGSTOPped rank must cost seconds, not minutes: the agent's file timer kills a worker
     # whose step (forward, backward, optimizer, all-reduce) takes longer than this. Steps of the
-    # tiny model take ~0.1-0.5 s here, even on a busy CPU.
-    "parallel.hang_timeout_s": 5,
-    # Backstop for collectives outside the step timer (restore, checkpoint agreement): a peer
-    # that vanished fails them after this instead of gloo's default.
-    "parallel.collective_timeout_s": 15,
+    # tiny model take ~0.1-0.5 s here, even on a busy CPU. The timer server then kills its own
+    # agent too (torch 2.13), so the hung rank's node leaves the job.
+    "parallel.hang_timeout_s": 8,
+    # Must be shorter than hang_timeout_s: the healthy ranks wait for the hung one inside a
+    # collective, and if their step timers expired first their agents would kill themselves as
+    # well and the whole job would die. With a shorter gloo timeout they fail the collective,
+    # release their timers and exit; their agents re-form the world without the hung node.
+    # Long enough for ranks that start a few seconds apart on a busy machine.
+    "parallel.collective_timeout_s": 5,
     # One torch thread per worker: several workers share two cores.
     "run.threads": 1,
     # Node logs stay short; the harness prints its own progress.
