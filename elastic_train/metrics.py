@@ -18,6 +18,7 @@ class MetricsLog:
     def __init__(self, path: str | None) -> None:
         self._lock = threading.Lock()
         self._file = None
+        self.path = path
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self._file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115

@@ -18,7 +18,6 @@ What happens on failure:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -33,13 +32,13 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.checkpoint.stateful import Stateful
 
 from checkpointing import CheckpointManager, CheckpointSettings, ModelOptimizerState
-from elastic_train import data, distributed, exit_codes
+from checkpointing.interval import AdaptiveInterval
+from checkpointing.notices import Notice, build_watcher_from_env
+from elastic_train import data, distributed, exit_codes, ledger
 from elastic_train.config import Config, validate
 from elastic_train.metrics import MetricsLog, progress_line, say
 from elastic_train.model import GPT, config_for, num_params
 from elastic_train.optim import build_optimizer, lr_at
-
-DEFAULT_NOTICE_DEADLINE_S = 30.0
 
 
 class TrainerProgress(Stateful):
@@ -79,18 +78,6 @@ def _hang_timer(seconds: float):
     return lambda: expires(after=seconds, scope="step")
 
 
-def _local_notice() -> tuple[bool, float | None]:
-    """(this node has a preemption notice, its deadline as unix time if known)."""
-    path = os.environ.get("ELASTIC_TRAIN_NOTICE_FILE")
-    if not path or not os.path.exists(path):
-        return False, None
-    try:
-        with open(path) as f:
-            return True, float(json.load(f)["deadline"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return True, None
-
-
 class Trainer:
     def __init__(self, config: Config) -> None:
         _exit_on_sigterm()
@@ -114,15 +101,42 @@ class Trainer:
         self.state = {"app": ModelOptimizerState(self.model, self.optimizer),
                       "trainer": self.progress}
         ckpt = config.checkpoint
+        run_uri = self.checkpoint_uri(config)
+        # Rank 0 alone decides when to save (and tells the others in the step's all-reduce), so
+        # only rank 0 keeps the adaptive interval and the ledger.
+        self.interval = (AdaptiveInterval(ckpt.min_every, ckpt.max_every)
+                         if ckpt.interval == "adaptive" and self.world.is_main else None)
+        self.ledger = (ledger.LedgerWriter(run_uri, self.metrics.path, extra=self._ledger_extra)
+                       if self.world.is_main else None)
+        if self.interval is not None:
+            try:
+                ledger.restore_interval(self.interval, ledger.read_ledger(run_uri))
+            except (OSError, ValueError) as e:
+                say(f"warning: ledger at {run_uri} unreadable ({e}); adaptive interval starts "
+                    "without history")
         self.checkpoints = CheckpointManager(
-            self.checkpoint_uri(config),
+            run_uri,
             CheckpointSettings(keep=ckpt.keep, mode=ckpt.mode, when_busy=ckpt.when_busy,
                                on_failure=ckpt.on_failure, cache_dir=ckpt.cache_dir or None,
                                retry_timeout_s=ckpt.retry_timeout_s),
             config_digest=self.progress.config_digest,
-            on_event=self.metrics.write,
+            on_event=self._on_checkpoint_event,
         )
+        self.last_save_step = 0
+        self.notices = build_watcher_from_env()
         self.step_timer = _hang_timer(config.parallel.hang_timeout_s)
+
+    def _on_checkpoint_event(self, event: dict[str, Any]) -> None:
+        """Rank 0, any thread: log it, learn the checkpoint cost, keep the ledger current."""
+        self.metrics.write(event)
+        if event.get("event") == "commit" and self.interval is not None:
+            self.interval.observe_checkpoint_cost(event.get("stall_s", 0.0),
+                                                  event.get("commit_s", 0.0))
+        if self.ledger is not None:
+            self.ledger.on_event(event)
+
+    def _ledger_extra(self) -> dict[str, Any]:
+        return {"interval": self.interval.state_dict()} if self.interval is not None else {}
 
     @staticmethod
     def checkpoint_uri(config: Config) -> str:
@@ -142,19 +156,26 @@ class Trainer:
         return uri
 
     def _save_due(self, step: int) -> bool:
+        """Rank 0's view: should the state after `step` be saved (final step excluded)?"""
+        if step >= self.config.steps:
+            return False
+        if self.interval is not None:
+            return step - self.last_save_step >= self.interval.next_interval_steps()
         every = self.config.checkpoint.every
-        return every > 0 and step % every == 0 and step < self.config.steps
+        return every > 0 and step % every == 0
 
-    def _agree_on_notice(self, local_deadline: float | None) -> float:
-        """All ranks learn the earliest deadline of any noticed node (one rare collective)."""
-        remaining = (local_deadline - time.time()) if local_deadline else DEFAULT_NOTICE_DEADLINE_S
-        t = torch.tensor([remaining if remaining > 0 else math.inf], device=self.world.device)
+    def _agree_on_deadline(self, notice: Notice | None) -> float:
+        """All ranks learn the seconds left before the earliest noticed node goes (one rare
+        collective, only after a notice)."""
+        left = notice.seconds_left() if notice is not None else math.inf
+        t = torch.tensor([left], device=self.world.device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        value = float(t.item())
-        return value if math.isfinite(value) else DEFAULT_NOTICE_DEADLINE_S
+        return max(1.0, float(t.item()))  # clouds are often late: a past deadline still tries
 
-    def _train_step(self, batch: data.Batch, lr: float, noticed: bool) -> tuple[float, bool]:
-        """One optimizer step; returns (global mean loss, whether any rank has a notice)."""
+    def _train_step(self, batch: data.Batch, lr: float, noticed: bool, save_due: bool
+                    ) -> tuple[float, bool, bool]:
+        """One optimizer step. Returns the global mean loss and what all ranks agreed on in the
+        same all-reduce: whether any rank has a notice, whether rank 0 wants a save."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         inputs = batch.inputs.to(self.world.device, non_blocking=True)
@@ -171,10 +192,11 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        stats = torch.stack([loss_sum.detach().float(),
-                             torch.tensor(float(noticed), device=self.world.device)])
+        flags = torch.tensor([float(noticed), float(save_due and self.world.is_main)],
+                             device=self.world.device)
+        stats = torch.cat([loss_sum.detach().float().view(1), flags])
         dist.all_reduce(stats)
-        return stats[0].item() / global_tokens, stats[1].item() > 0
+        return stats[0].item() / global_tokens, stats[1].item() > 0, stats[2].item() > 0
 
     def run(self) -> int:
         cfg, world = self.config, self.world
@@ -195,14 +217,17 @@ class Trainer:
         t_start, t_last = time.time(), time.time()
         try:
             for step in range(start + 1, cfg.steps + 1):
-                noticed_here, deadline = _local_notice()
+                local_notice = self.notices.pending()
                 with self.step_timer():
                     batch = next(stream)
                     lr = lr_at(step - 1, cfg.steps, cfg.optim)
-                    loss, notice = self._train_step(batch, lr, noticed_here)
+                    loss, notice, save = self._train_step(
+                        batch, lr, local_notice is not None, self._save_due(step))
                 now = time.time()
                 step_time, t_last = now - t_last, now
                 self.progress.step = step
+                if self.interval is not None:
+                    self.interval.observe_step_time(step_time)
                 self.metrics.write({
                     "step": step, "loss": loss, "lr": lr, "world_size": world.size,
                     "batch_digest": data.batch_digest(batch.global_ids),
@@ -214,26 +239,31 @@ class Trainer:
                     say(progress_line(step, cfg.steps, loss, lr, tokens_per_step / step_time,
                                       world.size, (cfg.steps - step) / rate))
                 if notice:
-                    self._save_for_notice(step, noticed_here, deadline)
-                elif self._save_due(step):
+                    self._save_for_notice(step, local_notice)
+                elif save:
                     self.checkpoints.save(step, self.state)
+                    self.last_save_step = step
         finally:
             stream.close()
         self._finish()
         return exit_codes.OK
 
-    def _save_for_notice(self, step: int, noticed_here: bool, deadline: float | None) -> None:
-        """Save within the earliest notice deadline; the noticed node then leaves the job."""
-        seconds = self._agree_on_notice(deadline if noticed_here else None)
-        self.metrics.event("notice", step=step, source="file", deadline_s=seconds)
+    def _save_for_notice(self, step: int, notice: Notice | None) -> None:
+        """Save within the earliest notice deadline; a noticed node then leaves the job."""
+        seconds = self._agree_on_deadline(notice)
+        self.metrics.event("notice", step=step, deadline_s=seconds,
+                           source=notice.source if notice is not None else None)
         self.checkpoints.wait()
         self.checkpoints.save_within(step, self.state, seconds)
-        if noticed_here:
+        self.last_save_step = step
+        if notice is not None:
             self.leave()
 
     def leave(self) -> None:
         """Leave the job for good: stop this node's torchrun agent (so it does not rejoin the
-        next rendezvous while its machine is being taken away) and exit."""
+        next rendezvous while its machine is being taken away) and exit. The other ranks' next
+        collective fails at once; torchrun re-forms their world without this node."""
+        self.metrics.event("left", step=self.progress.step)
         self.metrics.close()
         if "TORCHELASTIC_RUN_ID" in os.environ:
             os.kill(os.getppid(), signal.SIGTERM)
@@ -254,9 +284,12 @@ class Trainer:
             torch.save(full, path + ".tmp")
             os.replace(path + ".tmp", path)
             self.metrics.event("done", step=cfg.steps)
+            if self.ledger is not None:
+                self.ledger.write()
             say(f"done: step {cfg.steps}; weights at {path}")
 
     def close(self) -> None:
+        self.notices.close()
         self.checkpoints.close()
         self.metrics.close()
         if dist.is_initialized():

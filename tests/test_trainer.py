@@ -3,12 +3,13 @@ resumable at any step and world size, and it learns."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from torchrun_util import final_weights, steps, train
+from torchrun_util import events, final_weights, steps, train
 
 STEPS = 12
 COMMON = (f"--steps={STEPS}", "--checkpoint.every=6", "--data.batch_size=12",
@@ -93,3 +94,15 @@ def test_batch_larger_than_world_is_required_at_start(tmp_path: Path):
     proc = train(tmp_path, 3, "--data.batch_size=2", "--steps=2", check=False)
     assert proc.returncode != 0
     assert "data.batch_size=2 is smaller than the world size 3" in proc.stderr
+
+
+def test_adaptive_interval_saves_within_its_bounds_and_keeps_a_ledger(tmp_path: Path):
+    train(tmp_path, 2, "--steps=16", "--checkpoint.interval=adaptive", "--checkpoint.min_every=3",
+          "--checkpoint.max_every=5", "--checkpoint.keep=10", "--data.seq_len=64")
+    commits = [e["step"] for e in events(tmp_path, "commit")]
+    assert commits[-1] == 16
+    periodic = commits[:-1]  # the last is the final step's own save
+    gaps = [b - a for a, b in zip([0, *periodic[:-1]], periodic, strict=True)]
+    assert gaps and all(3 <= g <= 5 for g in gaps), commits
+    ledger = json.loads((tmp_path / "checkpoints" / "ledger.json").read_text())
+    assert "interval" in ledger["extra"]
