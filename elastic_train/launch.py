@@ -6,18 +6,19 @@ runs torchrun's elastic agent in this process:
     torchrun --nnodes=MIN_NODES:SKYPILOT_NUM_NODES --nproc-per-node=SKYPILOT_NUM_GPUS_PER_NODE
              --rdzv-backend=c10d --rdzv-endpoint=HEAD:RDZV_PORT --rdzv-id=SKYPILOT_TASK_ID
              --rdzv-conf=is_host=false,... -m elastic_train.train [--config CONFIG]
-             --checkpoint.uri=RUN_URI [--data.uri=DATA_URI] TRAIN_ARGS...
+             --checkpoint.uri=BUCKET/runs/RUN_NAME [--data.uri=DATA_URI] TRAIN_ARGS...
 
 - The head (node rank 0) also hosts the rendezvous store: a standalone `TCPStore` in this process,
   so no agent owns it and any other node may die without taking the rendezvous with it. Losing the
   head loses the store; SkyPilot relaunches a multi-node managed job as a whole then anyway.
-- `SKYPILOT_TASK_ID` is stable across SkyPilot's recoveries: it names the rendezvous and, unless
-  `RUN_URI` is set, the run's checkpoint prefix `$BUCKET/runs/$SKYPILOT_TASK_ID`, so a relaunched
-  cluster resumes from the newest committed checkpoint.
+- The run lives at `$BUCKET/runs/$RUN_NAME`; RUN_NAME defaults to `SKYPILOT_TASK_ID`, which is
+  stable across SkyPilot's recoveries (it also names the rendezvous), so a relaunched cluster
+  resumes from the newest committed checkpoint. Another job with the same BUCKET (or a copy of
+  the run in another bucket) and RUN_NAME continues the same run anywhere.
 - Exits with the trainer's own exit code (`elastic_train.exit_codes`: 75, 76, 77) when a worker
   failed with one, so that SkyPilot's `recover_on_exit_codes` can see it (torchrun itself exits 1).
 
-Environment besides SkyPilot's: BUCKET, RUN_URI, DATA_URI, CONFIG, TRAIN_ARGS, MIN_NODES (the
+Environment besides SkyPilot's: BUCKET, RUN_NAME, DATA_URI, CONFIG, TRAIN_ARGS, MIN_NODES (the
 `envs` of `sky/train.yaml`), RDZV_PORT (default 29400), MAX_RESTARTS (default 100: worker failures
 each node's agent absorbs before it gives up; membership changes do not count),
 ELASTIC_TRAIN_NOTICE_FILE (default `~/.elastic-train/preemption-notice`, the file the YAML's
@@ -53,7 +54,7 @@ SHUTDOWN_TIMEOUT_S = 5
 """Seconds the agent waits for SIGTERMed workers before SIGKILL (default 30). The trainer exits at
 once on SIGTERM; only a wedged worker waits this long."""
 
-TASK_ENVS = ("BUCKET", "RUN_URI", "DATA_URI", "CONFIG", "TRAIN_ARGS", "MIN_NODES")
+TASK_ENVS = ("BUCKET", "RUN_NAME", "DATA_URI", "CONFIG", "TRAIN_ARGS", "MIN_NODES")
 """The task `envs` this module reads; `sky/train.yaml` declares each."""
 
 
@@ -125,15 +126,13 @@ def _int(env: Mapping[str, str], key: str, default: int | None = None) -> int:
 
 
 def run_uri(env: Mapping[str, str], task_id: str) -> str:
-    """RUN_URI if set (resuming an existing run), else `$BUCKET/runs/$SKYPILOT_TASK_ID`."""
-    explicit = env.get("RUN_URI", "").strip()
-    if explicit:
-        return explicit.rstrip("/")
+    """`$BUCKET/runs/$RUN_NAME`, RUN_NAME defaulting to the task id."""
     bucket = env.get("BUCKET", "").strip().rstrip("/")
     if not bucket:
-        raise LaunchError("set BUCKET (s3://bucket/prefix or gs://...) or RUN_URI: "
+        raise LaunchError("set BUCKET (s3://bucket/prefix, gs://... or file:// for one machine): "
                           "checkpoints must outlive the cluster")
-    return f"{bucket}/runs/{task_id}"
+    name = env.get("RUN_NAME", "").strip().strip("/") or task_id
+    return f"{bucket}/runs/{name}"
 
 
 def torchrun_args(node: Node, env: Mapping[str, str]) -> list[str]:
@@ -182,7 +181,7 @@ def run_node(env: Mapping[str, str] | None = None) -> int:
         node = Node.from_env(env)
         args = torchrun_args(node, env)
     except LaunchError as e:
-        print(f"elastic-train sky node: error: {e}", file=sys.stderr)
+        print(f"elastic_train.launch: error: {e}", file=sys.stderr)
         return exit_codes.BAD_CONFIG
 
     notice = Path(os.path.expanduser(env.get("ELASTIC_TRAIN_NOTICE_FILE") or NOTICE_FILE))
@@ -203,8 +202,8 @@ def run_node(env: Mapping[str, str] | None = None) -> int:
     if node.rank == 0:
         port = _int(env, "RDZV_PORT", default=DEFAULT_RDZV_PORT)
         store = TCPStore(node.head, port, is_master=True, wait_for_workers=False)
-    print(f"elastic-train sky node {node.rank}/{node.num_nodes}: torchrun {shlex.join(args)}",
-          flush=True)
+    print(f"elastic_train.launch: node {node.rank} of {node.num_nodes}, run "
+          f"{run_uri(env, node.task_id)}\n  torchrun {shlex.join(args)}", flush=True)
     try:
         run(parse_args(args))
     except ChildFailedError as e:

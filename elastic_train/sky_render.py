@@ -55,12 +55,11 @@ def render(args: argparse.Namespace, template: Path = TEMPLATE) -> dict[str, Any
     min_nodes = args.min_nodes if args.min_nodes is not None else 1
     if not 1 <= min_nodes <= args.nodes:
         raise RenderError(f"--min-nodes={min_nodes} must be between 1 and --nodes={args.nodes}")
-    for flag, uri in (("--bucket", args.bucket), ("--run-uri", args.run_uri)):
-        if uri and not uri.startswith(BUCKET_SCHEMES):
-            raise RenderError(f"{flag}={uri!r} must start with {' or '.join(BUCKET_SCHEMES)}: "
-                              "checkpoints must outlive the cluster")
-    if not (args.bucket or args.run_uri):
-        raise RenderError("give --bucket (a new run) or --run-uri (resume an existing run)")
+    if not args.bucket:
+        raise RenderError("give --bucket: s3://bucket/prefix or gs://bucket/prefix")
+    if not args.bucket.startswith(BUCKET_SCHEMES):
+        raise RenderError(f"--bucket={args.bucket!r} must start with "
+                          f"{' or '.join(BUCKET_SCHEMES)}: checkpoints must outlive the cluster")
     if not template.is_file():
         raise RenderError(f"{template} not found: run render from a checkout of elastic-train")
 
@@ -80,8 +79,8 @@ def render(args: argparse.Namespace, template: Path = TEMPLATE) -> dict[str, Any
     if args.max_restarts_on_errors is not None:
         resources["job_recovery"]["max_restarts_on_errors"] = args.max_restarts_on_errors
     envs = task["envs"]
-    envs["BUCKET"] = (args.bucket or "").rstrip("/")
-    envs["RUN_URI"] = (args.run_uri or "").rstrip("/")
+    envs["BUCKET"] = args.bucket.rstrip("/")
+    envs["RUN_NAME"] = args.run_name or ""
     envs["MIN_NODES"] = str(min_nodes)
     for key, value in (("DATA_URI", args.data_uri), ("CONFIG", args.config),
                        ("TRAIN_ARGS", args.train_args)):
@@ -201,9 +200,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--nodes", type=int, required=True, help="nodes in the cluster (num_nodes)")
     r.add_argument("--accelerators", required=True,
                    help="per node, e.g. A100:8; several (any one of them): A100:8,H100:8")
-    r.add_argument("--bucket", help="s3://bucket/prefix or gs://...; the run goes to "
-                   "BUCKET/runs/SKYPILOT_TASK_ID")
-    r.add_argument("--run-uri", help="resume this existing run instead (any cloud or region)")
+    r.add_argument("--bucket", help="s3://bucket/prefix or gs://...; the run "
+                   "lives at BUCKET/runs/RUN_NAME")
+    r.add_argument("--run-name", help="default: the job's SKYPILOT_TASK_ID; an existing run's "
+                   "name resumes it (any cloud or region)")
     r.add_argument("--min-nodes", type=int, help="keep training while this many nodes are up "
                    "(default 1)")
     r.add_argument("--infra", action="append",

@@ -103,12 +103,12 @@ class SkyNodes:
     def kill_node(self, rank: int) -> None:
         proc = self.procs[rank]
         try:
-            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            tree = psutil.Process(proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             tree = []
-        tree += [p for p in self.tagged() if _env_of(p).get(NODE_ENV) == str(rank)]
-        _kill(tree)
+        proc.kill()  # first, so it starts nothing new; reaped by Popen to keep its exit code
         proc.wait()
+        _kill(tree + [p for p in self.tagged() if _env_of(p).get(NODE_ENV) == str(rank)])
 
     def wait(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -241,13 +241,15 @@ def reference() -> harness.Reference:
 def test_run_section_trains_through_a_node_kill(reference, tmp_path):
     run_dir = tmp_path / "run"
     with object_store("gcs") as (bucket, env):  # the resume test starts on S3
-        uri = f"{bucket}/runs/node-kill"
-        envs = {"BUCKET": bucket, "RUN_URI": uri, "DATA_URI": f"{bucket}/data", "MIN_NODES": "1",
+        task_id = f"sky-managed-test_{uuid.uuid4().hex[:8]}_1-0"
+        uri = f"{bucket}/runs/{task_id}"  # RUN_NAME is empty: the task id names the run
+        envs = {"BUCKET": bucket, "DATA_URI": f"{bucket}/data", "MIN_NODES": "1",
                 "TRAIN_ARGS": train_args(run_dir, tmp_path / "cache")}
-        with SkyNodes(TRAIN_YAML, 2, envs, env, tmp_path / "nodes") as nodes:
+        with SkyNodes(TRAIN_YAML, 2, envs, env, tmp_path / "nodes", task_id) as nodes:
             tail = MetricsTail(run_dir / "metrics.jsonl")
-            wait_for(tail, nodes, lambda rs: any(int(r["step"]) >= 12 for r in step_records(rs)),
-                     timeout_s=120)
+            # Between saves: a kill during an upload is the chaos harness's own fault kind.
+            wait_for(tail, nodes, lambda rs: events(rs, "commit") and any(
+                int(r["step"]) >= 12 for r in step_records(rs)), timeout_s=120)
             nodes.kill_node(1)
             finished = nodes.wait(timeout_s=150)
             codes = nodes.exit_codes()
@@ -266,10 +268,10 @@ def test_run_resumes_from_a_copy_in_another_cloud_on_a_new_cluster(reference, tm
     run_a, run_b = tmp_path / "a" / "run", tmp_path / "b" / "run"
     with contextlib.ExitStack() as gcs_stack:
         gcs, gcs_env = gcs_stack.enter_context(object_store("gcs"))
-        dst = f"{gcs}/runs/moved"
+        dst = f"{gcs}/runs/first"
         with object_store("s3") as (s3, s3_env):
             src = f"{s3}/runs/first"
-            envs = {"BUCKET": s3, "RUN_URI": src, "DATA_URI": f"{s3}/data", "MIN_NODES": "1",
+            envs = {"BUCKET": s3, "RUN_NAME": "first", "DATA_URI": f"{s3}/data", "MIN_NODES": "1",
                     "TRAIN_ARGS": train_args(run_a, tmp_path / "a" / "cache")}
             with SkyNodes(TRAIN_YAML, 2, envs, s3_env, tmp_path / "a" / "nodes") as nodes:
                 tail_a = MetricsTail(run_a / "metrics.jsonl")
@@ -284,8 +286,8 @@ def test_run_resumes_from_a_copy_in_another_cloud_on_a_new_cluster(reference, tm
                 capture_output=True, text=True, timeout=120, cwd=ROOT,
                 env={**os.environ, **s3_env, **gcs_env})
             assert copy.returncode == 0, copy.stdout + copy.stderr
-        # The S3 server is gone now: the new cluster can only read GCS.
-        envs = {"BUCKET": gcs, "RUN_URI": dst, "DATA_URI": f"{gcs}/data", "MIN_NODES": "1",
+        # The S3 server is gone now: the new cluster (new task id) can only read GCS.
+        envs = {"BUCKET": gcs, "RUN_NAME": "first", "DATA_URI": f"{gcs}/data", "MIN_NODES": "1",
                 "TRAIN_ARGS": train_args(run_b, tmp_path / "b" / "cache")}
         with SkyNodes(TRAIN_YAML, 1, envs, gcs_env, tmp_path / "b" / "nodes") as nodes:
             finished = nodes.wait(timeout_s=180)

@@ -36,7 +36,7 @@ RENDERS: dict[str, list[str]] = {
         "--infra", "gcp/us-central1", "--infra", "aws/us-east-1", "--min-nodes", "2",
         "--data-uri", "gs://b/data", "--train-args", "--steps=1000 --model=base"],
     "resume_on_demand_one_cloud": [
-        "--nodes", "3", "--accelerators", "L4:1", "--run-uri", "gs://b/et/runs/old",
+        "--nodes", "3", "--accelerators", "L4:1", "--bucket", "gs://b/et", "--run-name", "old",
         "--infra", "gcp", "--on-demand", "--max-restarts-on-errors", "5"],
 }
 
@@ -204,7 +204,7 @@ def _node_env(rank: int = 1, nodes: int = 3, **extra: str) -> dict[str, str]:
         "SKYPILOT_NUM_GPUS_PER_NODE": "8",
         "SKYPILOT_TASK_ID": "sky-managed-2026-11-23_elastic-train_7-0",
         "BUCKET": "s3://bucket/et/",
-        "RUN_URI": "", "DATA_URI": "", "CONFIG": "", "TRAIN_ARGS": "", "MIN_NODES": "1",
+        "RUN_NAME": "", "DATA_URI": "", "CONFIG": "", "TRAIN_ARGS": "", "MIN_NODES": "1",
         **extra,
     }
 
@@ -227,8 +227,8 @@ def test_launcher_builds_torchrun_from_skypilots_variables():
     assert launch.agent_env("t")["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
 
 
-def test_launcher_resumes_an_explicit_run_uri_and_runs_one_worker_without_gpus():
-    env = _node_env(rank=0, nodes=1, RUN_URI="gs://other/et/runs/old/", BUCKET="",
+def test_launcher_resumes_a_named_run_and_runs_one_worker_without_gpus():
+    env = _node_env(rank=0, nodes=1, RUN_NAME="old", BUCKET="gs://other/et/",
                     SKYPILOT_NUM_GPUS_PER_NODE="0")
     args = launch.torchrun_args(launch.Node.from_env(env), env)
     assert "--nproc-per-node=1" in args and "--nnodes=1:1" in args
