@@ -44,6 +44,7 @@ from checkpointing.dcp_io import ParallelReader, RecordingWriter
 from checkpointing.errors import CheckpointError, NoSuchCheckpoint, SaveFailed
 from checkpointing.retention import collect_garbage
 from checkpointing.staging import HostStager
+from checkpointing.state import ModelOptimizerState
 from checkpointing.storage import Storage, redact
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,12 @@ class CheckpointSettings:
     """Total time one storage operation (a file upload, a ranged read, a listing) may retry."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """Passed to fsspec (endpoint, credentials, ...). Never logged or written to COMMIT.json."""
+    staging: Literal["deferred", "blocking"] = "deferred"
+    """deferred: for `ModelOptimizerState` values of an async save, `save` returns at once and the
+    writer thread copies them to host memory; their optimizer's next `step()` waits until that copy
+    is done (a step pre-hook), so the copy overlaps forward and backward. Anything else that
+    mutates the saved tensors before then must call `maybe_wait_for_staging()` first.
+    blocking: `save` copies everything before it returns."""
     write_threads: int = 2
     """Files written (and uploaded) concurrently per rank."""
     read_threads: int = 8
@@ -90,6 +97,8 @@ class CheckpointSettings:
             (self.on_failure in ("continue", "stop"),
              f"on_failure={self.on_failure!r} must be 'continue' or 'stop'"),
             (self.retry_timeout_s >= 0, f"retry_timeout_s={self.retry_timeout_s!r} must be >= 0"),
+            (self.staging in ("deferred", "blocking"),
+             f"staging={self.staging!r} must be 'deferred' or 'blocking'"),
             (self.write_threads >= 1, f"write_threads={self.write_threads!r} must be >= 1"),
             (self.read_threads >= 1, f"read_threads={self.read_threads!r} must be >= 1"),
         ]
@@ -115,9 +124,14 @@ class _SaveJob:
     """One save: staged state plus the outcome, shared between the caller and the writer thread."""
 
     def __init__(self, step: int, staged: dict[str, Any], started: float, stall_s: float,
-                 deadline: float | None) -> None:
+                 deadline: float | None, deferred: list[str]) -> None:
         self.step = step
         self.staged: dict[str, Any] | None = staged
+        self.deferred = deferred  # keys of `staged` still holding live state, copied by the thread
+        self.staging_done = threading.Event()
+        if not deferred:
+            self.staging_done.set()
+        self.fence_wait_s = 0.0
         self.started = started
         self.stall_s = stall_s
         self.deadline = deadline
@@ -153,6 +167,7 @@ class CheckpointManager:
                  config_digest: str = "", on_event: Callable[[Event], None] | None = None) -> None:
         # Attributes close() needs come first, so close() is safe if anything below raises.
         self._job: _SaveJob | None = None
+        self._fences: list[Any] = []
         self._groups: list[Any] = []
         self._closed = False
         self.settings = settings or CheckpointSettings()
@@ -162,6 +177,7 @@ class CheckpointManager:
             "saves_started": 0, "committed": 0, "skipped": 0, "failed": 0, "aborted": 0,
             "waits": 0, "wait_s": 0.0, "last_stall_s": None, "last_commit_s": None,
             "last_committed_step": None, "loads": 0, "last_load_s": None,
+            "fence_waits": 0, "last_fence_wait_s": None,
         }
         self._failure: SaveFailed | None = None
         self.storage = Storage(uri, self.settings.storage_options, self.settings.retry_timeout_s)
@@ -235,10 +251,19 @@ class CheckpointManager:
                deadline: float | None) -> _SaveJob:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        staged = {key: self._stager.stage(value.state_dict() if isinstance(value, Stateful)
-                                          else value) for key, value in state.items()}
+        self._remove_fences()
+        live = {key: value.state_dict() if isinstance(value, Stateful) else value
+                for key, value in state.items()}
+        defer_ok = (self.settings.staging == "deferred" and self.settings.mode == "async"
+                    and deadline is None)
+        deferred = [key for key, value in state.items() if defer_ok
+                    and isinstance(value, ModelOptimizerState) and value.optimizer is not None]
+        staged = {key: value if key in deferred else self._stager.stage(value, key)
+                  for key, value in live.items()}
         stall = time.monotonic() - t0
-        job = _SaveJob(step, staged, t0, stall, deadline)
+        job = _SaveJob(step, staged, t0, stall, deadline, deferred)
+        for key in deferred:
+            self._install_fence(job, state[key].optimizer)
         self.metrics["saves_started"] += 1
         self.metrics["last_stall_s"] = stall
         self._job = job
@@ -247,13 +272,53 @@ class CheckpointManager:
         job.thread.start()
         return job
 
+    def _install_fence(self, job: _SaveJob, optimizer: Any) -> None:
+        """Make the optimizer's next step() wait until the writer thread has copied the state."""
+
+        def fence(*_: Any) -> None:
+            if job.staging_done.is_set():
+                return
+            t0 = time.monotonic()
+            job.staging_done.wait()
+            job.fence_wait_s += time.monotonic() - t0
+            self.metrics["fence_waits"] += 1
+            self.metrics["last_fence_wait_s"] = job.fence_wait_s
+
+        # Removed by the caller's thread at the next save/close: removing a hook from inside
+        # optimizer.step() would change the dict step() is iterating.
+        self._fences.append(optimizer.register_step_pre_hook(fence))
+
+    def _remove_fences(self) -> None:
+        self.maybe_wait_for_staging()
+        for handle in self._fences:
+            handle.remove()
+        self._fences = []
+
+    def maybe_wait_for_staging(self) -> None:
+        """Block until the in-flight save no longer reads live state (no-op if it does not).
+
+        Must be called before mutating saved tensors other than through the optimizer's step().
+        """
+        job = self._job
+        if job is not None and not job.staging_done.is_set():
+            job.staging_done.wait()
+
     def _run(self, job: _SaveJob) -> None:
         """The writer thread. Every rank runs the same collectives whatever fails, so no rank
         waits on a collective its peers skipped."""
         step_storage = self.storage.child(step_dir(job.step))
         error = ""
+        # Phase 0: copy deferred state to host memory; the optimizer fence waits for this.
+        if job.deferred:
+            assert job.staged is not None
+            try:
+                staged = job.staged
+                error = self._attempt(lambda: staged.update(
+                    {key: self._stager.stage(staged[key], key) for key in job.deferred}))
+            finally:
+                job.staging_done.set()
         # Phase 1: rank 0 clears leftovers of an earlier attempt at this step.
-        if self.rank == 0:
+        if self.rank == 0 and not error:
             error = self._attempt(lambda: self._clear_step(job.step))
         error = self._first_error(error)
         records: dict[str, FileRecord] = {}
@@ -295,7 +360,8 @@ class CheckpointManager:
             self.metrics["committed"] += 1
             self.metrics["last_commit_s"] = commit_s
             self.metrics["last_committed_step"] = job.step
-            self._emit({"event": "commit", "step": job.step, "stall_s": job.stall_s,
+            self._emit({"event": "commit", "step": job.step,
+                        "stall_s": job.stall_s + job.fence_wait_s,
                         "commit_s": commit_s})
             if self.rank == 0:
                 self._attempt(lambda: collect_garbage(self.storage, self.settings.keep),
@@ -354,7 +420,14 @@ class CheckpointManager:
         job = self._job
         if job is None:
             return True
-        return job.done.wait(timeout)
+        if not job.done.wait(timeout):
+            return False
+        # Join too: a daemon thread still unwinding C++ frames (freeing DTensors, gloo work) when
+        # the interpreter exits aborts the process ("terminate called without an active
+        # exception"), seen when a run's last act was a save.
+        if job.thread is not None and job.thread is not threading.current_thread():
+            job.thread.join()
+        return True
 
     def _raise_failure(self) -> None:
         if self._failure is not None:
@@ -440,9 +513,11 @@ class CheckpointManager:
         if getattr(self, "_closed", True):
             return
         self._closed = True
-        job = getattr(self, "_job", None)
-        if job is not None:
-            job.done.wait()
+        if getattr(self, "_job", None) is not None:
+            self._wait_job()
+        for handle in getattr(self, "_fences", []):
+            handle.remove()
+        self._fences = []
         for group in getattr(self, "_groups", []):
             try:
                 dist.destroy_process_group(group)

@@ -4,7 +4,8 @@
 values) into CPU buffers that it keeps and reuses on the next save when shapes and dtypes match, so
 steady-state staging is a memcpy into already-touched memory (no allocation, no page faults). The
 caller must not stage again while a save still reads the previous buffers (the manager keeps at
-most one save in flight and waits for it first).
+most one save in flight and waits for it first). Safe to call from one thread at a time, any
+thread: the manager stages deferred values from its writer thread.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ class HostStager:
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
 
-    def stage(self, state: Any) -> Any:
-        """A deep copy of `state` on the host; tensors shared inside `state` stay shared."""
+    def stage(self, state: Any, key: str = "") -> Any:
+        """A deep copy of `state` on the host; tensors shared inside `state` stay shared.
+
+        `key` names the buffers: give each separately staged value its own.
+        """
         memo: dict[int, Any] = {}
         with torch.no_grad():
-            return self._copy(state, "", memo)
+            return self._copy(state, key, memo)
 
     def _copy(self, value: Any, key: str, memo: dict[int, Any]) -> Any:
         if id(value) in memo:

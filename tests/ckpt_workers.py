@@ -157,8 +157,9 @@ def role_train_save(args: dict[str, Any]) -> None:
     first = 1
     if "check" in args:
         first = _load_and_check(args["check"], state, model, opt, rank, world) + 1
-    manager = CheckpointManager(args["uri"], CheckpointSettings(keep=10, mode="async"),
-                                config_digest="cfg-1")
+    settings = CheckpointSettings(keep=10, mode="async",
+                                  staging=args.get("staging", "deferred"))
+    manager = CheckpointManager(args["uri"], settings, config_digest="cfg-1")
     out = Path(args["out"])
     steps_during_save = 0
     for step in range(first, first + args["steps"]):

@@ -137,3 +137,24 @@ def test_gc_never_deletes_the_only_commit_and_removes_older_debris(tmp_path):
         with pytest.raises(ValueError, match="keep must be >= 1"):
             manager.gc(keep=0)
         assert manager.latest_step() == 2
+
+
+def test_deferred_staging_fences_the_next_optimizer_step(tmp_path):
+    # Big enough that the background copy is still running when step() is called right away.
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(8)])
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with CheckpointManager(tmp_path, CheckpointSettings(staging="deferred")) as manager:
+        manager.save(1, {"app": ModelOptimizerState(model, opt)})
+        opt.step()  # must wait for the copy: the checkpoint holds the state from before it
+        assert manager.metrics["fence_waits"] == 1
+        manager.wait()
+        fresh = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(8)])
+        fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+        manager.load({"app": ModelOptimizerState(fresh, fresh_opt)})
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, before[key]), key
+        assert not torch.equal(value, model.state_dict()[key]), key
