@@ -1,7 +1,8 @@
 """One node of a SkyPilot cluster: `python -m elastic_train.launch`, the `run:` of `sky/train.yaml`.
 
 Every node runs this once. It reads what SkyPilot sets on each node and the task's `envs`, and
-runs torchrun's elastic agent in this process:
+runs torchrun's elastic agent in a child process (`supervise`: started again if a hung worker's
+timer takes the agent down with it):
 
     torchrun --nnodes=MIN_NODES:SKYPILOT_NUM_NODES --nproc-per-node=SKYPILOT_NUM_GPUS_PER_NODE
              --rdzv-backend=c10d --rdzv-endpoint=HEAD:RDZV_PORT --rdzv-id=SKYPILOT_TASK_ID
@@ -9,8 +10,8 @@ runs torchrun's elastic agent in this process:
              --checkpoint.uri=BUCKET/runs/RUN_NAME [--data.uri=DATA_URI] TRAIN_ARGS...
 
 - The head (node rank 0) also hosts the rendezvous store: a standalone `TCPStore` in this process,
-  so no agent owns it and any other node may die without taking the rendezvous with it. Losing the
-  head loses the store; SkyPilot relaunches a multi-node managed job as a whole then anyway.
+  so no agent owns it and any agent may die without taking the rendezvous with it. Losing the
+  head node loses the store; SkyPilot relaunches a multi-node managed job as a whole then anyway.
 - The run lives at `$BUCKET/runs/$RUN_NAME`; RUN_NAME defaults to `SKYPILOT_TASK_ID`, which is
   stable across SkyPilot's recoveries (it also names the rendezvous), so a relaunched cluster
   resumes from the newest committed checkpoint. Another job with the same BUCKET (or a copy of
@@ -20,15 +21,17 @@ runs torchrun's elastic agent in this process:
 
 Environment besides SkyPilot's: BUCKET, RUN_NAME, DATA_URI, CONFIG, TRAIN_ARGS, MIN_NODES (the
 `envs` of `sky/train.yaml`), RDZV_PORT (default 29400), MAX_RESTARTS (default 100: worker failures
-each node's agent absorbs before it gives up; membership changes do not count),
-ELASTIC_TRAIN_NOTICE_FILE (default `~/.elastic-train/preemption-notice`, the file the YAML's
-preemption hook writes).
+each node's agent absorbs before it gives up; membership changes do not count), AGENT_RESTARTS
+(default 3, see `supervise`), ELASTIC_TRAIN_NOTICE_FILE (default
+`~/.elastic-train/preemption-notice`, the file the YAML's preemption hook writes).
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import signal
+import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -38,6 +41,8 @@ from pathlib import Path
 from elastic_train import exit_codes
 
 DEFAULT_RDZV_PORT = 29400
+DEFAULT_AGENT_RESTARTS = 3
+"""Times a node starts its agent again after the agent died by a signal (see `supervise`)."""
 DEFAULT_MAX_RESTARTS = 100
 """A restart re-forms the world in seconds; giving up makes SkyPilot relaunch the cluster (minutes).
 Each peer lost costs every surviving node one restart, and torchrun never refunds them."""
@@ -53,6 +58,9 @@ RDZV_CONF = "is_host=false,last_call_timeout=1,keep_alive_interval=1,keep_alive_
 SHUTDOWN_TIMEOUT_S = 5
 """Seconds the agent waits for SIGTERMed workers before SIGKILL (default 30). The trainer exits at
 once on SIGTERM; only a wedged worker waits this long."""
+
+AGENT_TAG_ENV = "ELASTIC_TRAIN_AGENT_TAG"
+"""Set on each agent a node starts, inherited by its workers: finds them after the agent died."""
 
 TASK_ENVS = ("BUCKET", "RUN_NAME", "DATA_URI", "CONFIG", "TRAIN_ARGS", "MIN_NODES")
 """The task `envs` this module reads; `sky/train.yaml` declares each."""
@@ -174,8 +182,7 @@ def exit_code_of(failures: Mapping[int, int]) -> int:
 
 
 def run_node(env: Mapping[str, str] | None = None) -> int:
-    """Start this node's part of the job and return its exit code. Must run in the main thread
-    (torchrun's agent installs signal handlers)."""
+    """Start this node's part of the job and return its exit code (the `run:` of the YAML)."""
     env = dict(os.environ if env is None else env)
     try:
         node = Node.from_env(env)
@@ -188,36 +195,97 @@ def run_node(env: Mapping[str, str] | None = None) -> int:
     notice.parent.mkdir(parents=True, exist_ok=True)
     notice.unlink(missing_ok=True)  # a notice left by an earlier cluster on this disk is stale
     timer_file = os.path.join(tempfile.gettempdir(), f"elastic-train-timer-{os.getpid()}")
-    os.environ.update(agent_env(timer_file))
-    os.environ["ELASTIC_TRAIN_NOTICE_FILE"] = str(notice)
+    agent_environ = {**env, **agent_env(timer_file), "ELASTIC_TRAIN_NOTICE_FILE": str(notice)}
 
-    # Imported here: `elastic-train sky render` must not pay for torch.
-    from torch.distributed import TCPStore
+    print(f"elastic_train.launch: node {node.rank} of {node.num_nodes}, run "
+          f"{run_uri(env, node.task_id)}\n  torchrun {shlex.join(args)}", flush=True)
+    # Held until the agent is done: the store lives exactly as long as this head process.
+    store = None
+    if node.rank == 0:
+        from torch.distributed import TCPStore
+
+        port = _int(env, "RDZV_PORT", default=DEFAULT_RDZV_PORT)
+        store = TCPStore(node.head, port, is_master=True, wait_for_workers=False)
+    try:
+        cmd = [sys.executable, "-m", "elastic_train.launch", "--agent", *args]
+        return supervise(cmd, agent_environ, _int(env, "AGENT_RESTARTS",
+                                                  default=DEFAULT_AGENT_RESTARTS))
+    finally:
+        del store
+
+
+def supervise(cmd: list[str], env: Mapping[str, str], restarts: int) -> int:
+    """Run the agent `cmd` until it ends by itself; return its exit code.
+
+    torchrun's file-timer server SIGKILLs a hung worker and then its own agent (torch 2.13), so a
+    hang would take this node out of the job for good, and on the head the rendezvous store with
+    it. The agent therefore runs in a child process: when it dies by a signal this process starts
+    a fresh one (up to `restarts` times), which rejoins like a node coming back. Then it gives up
+    with COLLECTIVE_TIMEOUT, which SkyPilot recovers from. SIGTERM and SIGINT to this process are
+    passed on to the agent (its workers get them from it)."""
+    attempt = 0
+    while True:
+        tag = f"{os.getpid()}-{attempt}"
+        agent = subprocess.Popen(cmd, env={**env, AGENT_TAG_ENV: tag})
+        forward = {sig: signal.signal(sig, lambda s, _f, a=agent: a.send_signal(s))
+                   for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            code = agent.wait()
+        finally:
+            for sig, handler in forward.items():
+                signal.signal(sig, handler)
+            # Workers live in sessions of their own and outlive a killed agent; they must not
+            # hold the node's devices while the next agent starts its own.
+            kill_tagged(tag)
+        if code >= 0 or code in (-signal.SIGTERM, -signal.SIGINT):
+            return code if code >= 0 else 128 - code
+        if attempt >= restarts:
+            print(f"elastic_train.launch: the agent died by signal {-code} {attempt + 1} times; "
+                  "giving up", file=sys.stderr, flush=True)
+            return exit_codes.COLLECTIVE_TIMEOUT
+        attempt += 1
+        print(f"elastic_train.launch: the agent died by signal {-code} (a hung worker's timer?); "
+              f"starting it again ({attempt}/{restarts})", file=sys.stderr, flush=True)
+
+
+def kill_tagged(tag: str) -> int:
+    """SIGKILL every process whose environment carries AGENT_TAG_ENV=tag; returns how many."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.environ().get(AGENT_TAG_ENV) == tag:
+                proc.kill()
+                found.append(proc)
+        except psutil.Error:
+            continue
+    psutil.wait_procs(found, timeout=10)
+    return len(found)
+
+
+def run_agent(args: list[str]) -> int:
+    """torchrun's elastic agent, in this process, so that the workers' own exit codes reach us
+    (torchrun's command exits 1 for any worker failure). Must run in the main thread."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    # Held until the agent is done: the store lives exactly as long as this head process.
-    store = None
-    if node.rank == 0:
-        port = _int(env, "RDZV_PORT", default=DEFAULT_RDZV_PORT)
-        store = TCPStore(node.head, port, is_master=True, wait_for_workers=False)
-    print(f"elastic_train.launch: node {node.rank} of {node.num_nodes}, run "
-          f"{run_uri(env, node.task_id)}\n  torchrun {shlex.join(args)}", flush=True)
     try:
         run(parse_args(args))
     except ChildFailedError as e:
         return exit_code_of({rank: f.exitcode for rank, f in e.failures.items()})
     except SignalException as e:
         # A worker with a preemption notice saves, then SIGTERMs its agent (this process) so the
-        # node leaves instead of rejoining; any other signal is SkyPilot cancelling the job.
-        if notice.exists():
+        # node leaves instead of rejoining; any other signal is SkyPilot stopping the job.
+        notice = os.environ.get("ELASTIC_TRAIN_NOTICE_FILE", "")
+        if notice and os.path.exists(notice):
             return exit_codes.PREEMPTED
         return 128 + int(e.sigval)
-    finally:
-        del store
     return exit_codes.OK
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--agent"]:
+        sys.exit(run_agent(sys.argv[2:]))
     sys.exit(run_node())

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 
@@ -252,3 +253,31 @@ def test_launcher_exits_with_the_trainers_code_so_skypilot_can_recover_on_it():
     assert launch.exit_code_of({0: exit_codes.COLLECTIVE_TIMEOUT}) == 75
     assert launch.exit_code_of({0: exit_codes.CHECKPOINT_FAILED, 1: -9}) == 76
     assert launch.exit_code_of({0: -9}) == 1
+
+
+FAKE_AGENT = """
+import os, signal, subprocess, sys
+count = os.path.join(sys.argv[1], "attempts")
+n = int(open(count).read()) + 1 if os.path.exists(count) else 1
+open(count, "w").write(str(n))
+if n <= int(sys.argv[2]):  # a hung worker's timer: the worker, then the agent, SIGKILLed
+    worker = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    open(os.path.join(sys.argv[1], f"worker{n}"), "w").write(str(worker.pid))
+    os.kill(os.getpid(), signal.SIGKILL)
+sys.exit(int(sys.argv[3]))
+"""
+
+
+@pytest.mark.parametrize("deaths, restarts, final, expected, attempts", [
+    (0, 3, 0, 0, 1),
+    (1, 3, exit_codes.PREEMPTED, exit_codes.PREEMPTED, 2),
+    (9, 1, 0, exit_codes.COLLECTIVE_TIMEOUT, 2),
+])
+def test_a_node_starts_its_agent_again_after_a_hang_took_it_down(tmp_path, deaths, restarts,
+                                                                 final, expected, attempts):
+    cmd = [sys.executable, "-c", FAKE_AGENT, str(tmp_path), str(deaths), str(final)]
+    assert launch.supervise(cmd, dict(os.environ), restarts=restarts) == expected
+    assert int((tmp_path / "attempts").read_text()) == attempts
+    for pid_file in tmp_path.glob("worker*"):  # orphaned workers do not outlive their agent
+        pid = int(pid_file.read_text())
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
