@@ -3,9 +3,11 @@ variables SkyPilot sets (every node IP 127.0.0.1), against real GCS and S3 API s
 loopback; checked with the chaos harness's invariants against its fault-free reference run.
 
 1. A node is killed mid-run: the other trains on in a smaller world to the end.
-2. Resuming anywhere: a run on S3 is stopped entirely (every node killed), its checkpoints are
-   copied to GCS with `elastic-train ckpt copy`, and a new cluster (other node count, empty
-   homes and caches, new task id and so new rendezvous id) resumes from the copy and finishes.
+2. Preemption, then resuming anywhere: on S3, the YAML's preemption hook gives one node a notice
+   (it saves and leaves with exit code 77, which `recover_on_exit_codes` lists); then the run is
+   stopped entirely (every node killed); its checkpoints are copied to GCS with
+   `elastic-train ckpt copy`, and a new cluster (other node count, empty homes and caches, new
+   task id and so new rendezvous id) resumes from the copy and finishes.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from chaos.cluster import NODE_ENV, TAG_ENV
 from chaos.metrics import MetricsTail, Record, events, step_records
 from chaos.scenario import from_dict
 from chaos.services import GcsEmulator, MotoS3Server, free_port
+from elastic_train import exit_codes
 
 pytestmark = pytest.mark.chaos
 
@@ -58,6 +61,7 @@ class SkyNodes:
             str, str], workdir: Path, task_id: str | None = None) -> None:
         task = yaml.safe_load(yaml_path.read_text())
         self.run = task["run"]
+        self.hooks = (task.get("config") or {}).get("hooks") or []
         self.envs = {**{k: v for k, v in (task.get("envs") or {}).items()}, **envs}
         missing = [k for k, v in self.envs.items() if v is None]
         assert not missing, f"required envs not given: {missing}"
@@ -109,6 +113,17 @@ class SkyNodes:
         proc.kill()  # first, so it starts nothing new; reaped by Popen to keep its exit code
         proc.wait()
         _kill(tree + [p for p in self.tagged() if _env_of(p).get(NODE_ENV) == str(rank)])
+
+    def run_hook(self, rank: int, event: str) -> None:
+        """Run the YAML's `config.hooks` for `event` on a node, as skylet would (without their
+        closing `sleep`, which only holds a Kubernetes pod's grace period open)."""
+        for hook in self.hooks:
+            if event in hook.get("events", []):
+                script = "\n".join(line for line in hook["run"].splitlines()
+                                   if not line.strip().startswith("sleep "))
+                subprocess.run(["bash", "-c", script], check=True, timeout=30,
+                               env={**os.environ, "HOME": str(self.workdir / f"home{rank}"),
+                                    "SKYPILOT_HOOK_EVENT": event})
 
     def wait(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -264,7 +279,7 @@ def test_run_section_trains_through_a_node_kill(reference, tmp_path):
     assert worlds[0] == 2 and worlds[-1] == 1, "the survivor finished alone, in a smaller world"
 
 
-def test_run_resumes_from_a_copy_in_another_cloud_on_a_new_cluster(reference, tmp_path):
+def test_preempted_run_resumes_from_a_copy_in_another_cloud_on_a_new_cluster(reference, tmp_path):
     run_a, run_b = tmp_path / "a" / "run", tmp_path / "b" / "run"
     with contextlib.ExitStack() as gcs_stack:
         gcs, gcs_env = gcs_stack.enter_context(object_store("gcs"))
@@ -275,10 +290,17 @@ def test_run_resumes_from_a_copy_in_another_cloud_on_a_new_cluster(reference, tm
                     "TRAIN_ARGS": train_args(run_a, tmp_path / "a" / "cache")}
             with SkyNodes(TRAIN_YAML, 2, envs, s3_env, tmp_path / "a" / "nodes") as nodes:
                 tail_a = MetricsTail(run_a / "metrics.jsonl")
+                wait_for(tail_a, nodes, lambda rs: events(rs, "commit") and any(
+                    int(r["step"]) >= 12 for r in step_records(rs)), timeout_s=120)
+                # Node 1 gets a preemption notice through the YAML's own hook: it saves and
+                # leaves with the exit code that recover_on_exit_codes lists; node 0 goes on.
+                nodes.run_hook(1, "preemption")
+                wait_for(tail_a, nodes, lambda rs: nodes.exit_codes()[1] is not None, 60)
+                left_with = nodes.exit_codes()[1]
                 wait_for(tail_a, nodes, lambda rs: any(int(r["step"]) >= 20
                                                        for r in events(rs, "commit")), 120)
-                for rank in range(2):  # the whole cluster is gone: no notice, no final save
-                    nodes.kill_node(rank)
+                nodes.kill_node(0)  # then the whole cluster is gone: no notice, no final save
+                logs_a = nodes.logs()
             survivors = nodes.tagged()
             tail_a.poll()
             copy = subprocess.run(
@@ -300,6 +322,12 @@ def test_run_resumes_from_a_copy_in_another_cloud_on_a_new_cluster(reference, tm
         # The run's history across both clusters: the lineage rolls back at B's `start`.
         records = tail_a.records + tail_b.records
         checks = check_invariants(records, run_b, dst, gcs_env, reference, survivors)
+    assert left_with == exit_codes.PREEMPTED, f"node 1 exited {left_with}\n{logs_a}"
+    notices = events(tail_a.records, "notice")
+    assert notices, "the hook's notice reached the trainer"
+    noticed_at = int(notices[0]["step"])
+    assert any(int(r["step"]) == noticed_at for r in events(tail_a.records, "commit")), \
+        "the noticed step was committed before the node left: nothing lost"
     assert_all_ok(checks, logs)
     start_b = events(tail_b.records, "start")[0]
     assert start_b["restored_step"] >= 20 and start_b["world_size"] == 1
