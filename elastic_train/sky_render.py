@@ -89,10 +89,18 @@ def render(args: argparse.Namespace, template: Path = TEMPLATE) -> dict[str, Any
     return task
 
 
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (setup, run, hooks) as `|` blocks, as a person would write them."""
+
+
+_Dumper.add_representer(str, lambda dumper, s: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
+
+
 def to_yaml(task: dict[str, Any]) -> str:
     header = ("# Rendered by `elastic-train sky render` from sky/train.yaml "
               "(its comments explain each field).\n")
-    return header + yaml.safe_dump(task, sort_keys=False, default_flow_style=False, width=100)
+    return header + yaml.dump(task, Dumper=_Dumper, sort_keys=False, width=100)
 
 
 PLACEHOLDER = "s3://placeholder/required"
