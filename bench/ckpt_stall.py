@@ -69,6 +69,7 @@ def main() -> None:
          ("blocking", "async", "blocking"))}
     copies, syncs, steps = [], [], []
     stalls: dict[str, list[float]] = {"deferred": [], "blocking": []}
+    after: dict[str, list[float]] = {"deferred": [], "blocking": []}  # step right after save
     commits: list[float] = []
     step = 0
     for _ in range(args.repeats):
@@ -89,7 +90,8 @@ def main() -> None:
             t0 = time.perf_counter()
             manager.save(step, state)
             returned = time.perf_counter() - t0
-            train_step(model, opt, batch)  # its optimizer.step() may wait for the copy
+            # Its optimizer.step() may wait for the copy, and the copy competes for the CPU.
+            after[name].append(train_step(model, opt, batch))
             fence = manager.metrics["last_fence_wait_s"] \
                 if manager.metrics["fence_waits"] > fences else 0.0
             stalls[name].append(returned + fence)
@@ -114,6 +116,8 @@ def main() -> None:
         "async_stall_first_s": round(stalls["deferred"][0], 4),
         "async_blocking_stall_s": round(steady(stalls["blocking"]), 4),
         "async_commit_s": round(statistics.median(commits), 4),
+        "train_step_after_deferred_save_s": round(steady(after["deferred"]), 4),
+        "train_step_after_blocking_save_s": round(steady(after["blocking"]), 4),
         "stall_over_sync": round(stall / statistics.median(syncs), 4),
         "stall_over_plain_copy": round(stall / statistics.median(copies), 3),
         "blocking_stall_over_sync": round(steady(stalls["blocking"]) / statistics.median(syncs),
