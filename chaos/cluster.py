@@ -84,6 +84,8 @@ class Node:
     """time.time() when the harness killed it (None while it lives or after it exited itself)."""
     pids: set[int] = field(default_factory=set)
     """Every descendant pid seen (for the orphan check)."""
+    watchdog: subprocess.Popen[str] | None = None
+    """The node's hang watchdog; dies with the node."""
 
     @property
     def running(self) -> bool:
@@ -197,6 +199,8 @@ class LocalCluster:
             notice = self.workdir / f"notice-node{index}"
             notice.unlink(missing_ok=True)
             log_path = self.workdir / f"node{index}.log"
+            timer_file = str(self.workdir / f"timer-node{index}")
+            watchdog = self._start_watchdog(index, timer_file, log_path)
             env = {
                 **os.environ,
                 **self.extra_env,
@@ -206,10 +210,11 @@ class LocalCluster:
                 # Without this, workers share the agent's rendezvous store, and a node joining a
                 # running job deadlocks (then the job dies after 60 s). Measured on torch 2.13.
                 "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-                # The agent runs a FileTimerServer that SIGKILLs a worker whose step timer
-                # expired: how a hung (SIGSTOPped) rank is detected (--parallel.hang_timeout_s).
-                "TORCHELASTIC_ENABLE_FILE_TIMER": "1",
-                "TORCHELASTIC_TIMER_FILE": str(self.workdir / f"timer-node{index}"),
+                # Workers arm their step timers (--parallel.hang_timeout_s) on this FIFO, served
+                # by the node's watchdog, which SIGKILLs a hung worker and nothing else. Not
+                # TORCHELASTIC_ENABLE_FILE_TIMER: the agent's own timer server kills the agent
+                # too (see chaos/watchdog.py).
+                "TORCHELASTIC_TIMER_FILE": timer_file,
                 "PYTHONUNBUFFERED": "1",
                 # torchrun logs rendezvous rounds and worker exits at INFO: the node logs then
                 # show where a recovery spent its time.
@@ -237,8 +242,27 @@ class LocalCluster:
                                          stdin=subprocess.DEVNULL, start_new_session=True)
             finally:
                 log.close()
-            self.nodes.append(Node(index, agent, notice, log_path, time.time()))
+            self.nodes.append(Node(index, agent, notice, log_path, time.time(),
+                                   watchdog=watchdog))
             return index
+
+    def _start_watchdog(self, index: int, timer_file: str, log_path: Path
+                        ) -> subprocess.Popen[str]:
+        """The node's hang watchdog (chaos/watchdog.py), ready before the agent starts.
+        Raises ClusterError when it does not come up in 30 s."""
+        Path(timer_file).unlink(missing_ok=True)
+        env = {**os.environ, TAG_ENV: self.tag, NODE_ENV: str(index)}
+        with open(log_path, "a") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "chaos.watchdog", "--file", timer_file,
+                 "--run-id", self.run_id],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                start_new_session=True)
+        if _readline_within(proc, 30.0) != "READY":
+            proc.kill()
+            proc.wait()
+            raise ClusterError(f"node {index}: hang watchdog did not start (see {log_path})")
+        return proc
 
     def node(self, index: int) -> Node:
         try:
@@ -371,6 +395,9 @@ class LocalCluster:
         _signal(node.agent.pid, signal.SIGKILL)
         _kill_all(descendants)
         node.agent.wait()
+        if node.watchdog is not None:
+            node.watchdog.kill()
+            node.watchdog.wait()
         stray = [p for p in self.tagged_processes() if _node_of(p) == str(node.index)]
         _kill_all(stray)
 

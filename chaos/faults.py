@@ -56,9 +56,9 @@ def draw_faults(scenario: Scenario, k: int, seed: int) -> list[Fault]:
     created = scenario.nodes
     faults: list[Fault] = []
     for at in at_steps:
-        kinds = ["kill_worker"]
+        kinds = ["kill_worker", "hang_worker"]
         if len(alive) > max(1, scenario.min_nodes):
-            kinds += ["kill_node", "preempt_node", "hang_worker"]
+            kinds += ["kill_node", "preempt_node"]
         if len(alive) < scenario.max_nodes:
             kinds.append("add_node")
         if scenario.storage != "file":

@@ -36,17 +36,16 @@ from chaos.metrics import MetricsTail, Record, events, is_step, step_records
 from chaos.scenario import Scenario
 
 HARNESS_TRAIN_DEFAULTS: dict[str, Any] = {
-    # A SIGSTOPped rank must cost seconds, not minutes: the agent's file timer kills a worker
+    # A SIGSTOPped rank must cost seconds, not minutes: the node's watchdog SIGKILLs a worker
     # whose step (forward, backward, optimizer, all-reduce) takes longer than this. Steps of the
-    # tiny model take ~0.1-0.5 s here, even on a busy CPU. The timer server then kills its own
-    # agent too (torch 2.13), so the hung rank's node leaves the job.
-    "parallel.hang_timeout_s": 8,
-    # Must be shorter than hang_timeout_s: the healthy ranks wait for the hung one inside a
-    # collective, and if their step timers expired first their agents would kill themselves as
-    # well and the whole job would die. With a shorter gloo timeout they fail the collective,
-    # release their timers and exit; their agents re-form the world without the hung node.
-    # Long enough for ranks that start a few seconds apart on a busy machine.
-    "parallel.collective_timeout_s": 5,
+    # tiny model take ~0.1-0.5 s here, even on a busy CPU.
+    "parallel.hang_timeout_s": 5,
+    # Longer than hang_timeout_s, on purpose: the healthy ranks block in a collective with the
+    # hung one, and must still be there when its timer fires (their own timers fire too, or the
+    # hung rank's death closes their sockets; either way every worker restarts at once). If they
+    # timed out first, their agents would re-form the world, and the hung node's agent would
+    # stop its group through torchrun's hard-coded 30 s wait for a stopped process.
+    "parallel.collective_timeout_s": 15,
     # One torch thread per worker: several workers share two cores.
     "run.threads": 1,
     # Node logs stay short; the harness prints its own progress.

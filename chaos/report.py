@@ -1,9 +1,10 @@
 """report.json (contracts/report.schema.json) and timeline.png of a chaos run.
 
 What each fault cost is read from the metrics after the run. For a fault at time T (a
-preempt_node: T is when its node was killed after the notice, or the notice itself if the node
-left first) the restart it caused is the first `start` event after T that comes before the next
-fault fired later than T + 0.5 s; with none, the fault caused no restart:
+preempt_node: when the notice was given) the restart it caused is the first `start` event after T
+that comes before the next fault fired later than T + 0.5 s (add_node: the first start after T
+with a larger world, whenever it comes; preempt_node: the first with a smaller one); with none,
+the fault caused no restart:
 
 - recovery_s: T -> the first step line after that start (the first step completed in the new
   world); null without a restart.
@@ -33,12 +34,20 @@ def summarize_faults(fired: list[Fired], records: list[Record], t0: float) -> li
     entries = []
     times = sorted(f.time for f in fired)
     for f in fired:
-        cause = f.removed_at if f.removed_at is not None else f.time
+        cause = f.time
         later = [t for t in times if t > f.time + SAME_MOMENT_S]
-        window_end = later[0] if later else float("inf")
-        start_i = next((i for i, r in enumerate(records)
-                        if r.get("event") == "start" and cause < float(r["time"]) < window_end),
-                       None)
+        if f.fault.kind in ("add_node", "preempt_node"):
+            # A node joins when it is ready, and a noticed node leaves when its save is done,
+            # maybe after later faults fired: the restart is the first larger (smaller) world.
+            grow = f.fault.kind == "add_node"
+            start_i = next((i for i, r in enumerate(records)
+                            if r.get("event") == "start" and cause < float(r["time"])
+                            and (int(r.get("world_size", 0)) > f.world_before) == grow
+                            and int(r.get("world_size", 0)) != f.world_before), None)
+        else:
+            window_end = later[0] if later else float("inf")
+            start_i = next((i for i, r in enumerate(records) if r.get("event") == "start"
+                            and cause < float(r["time"]) < window_end), None)
         recovery_s: float | None = None
         world_after = f.world_before
         lost = 0

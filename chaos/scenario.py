@@ -26,11 +26,8 @@ FaultKind = Literal[
 ]
 Storage = Literal["s3", "gcs", "file"]
 
-REMOVES_NODE: frozenset[str] = frozenset({"kill_node", "preempt_node", "hang_worker"})
-"""Fault kinds after which the targeted node is gone for good. hang_worker too: torch elastic's
-FileTimerServer (torch 2.13), after SIGKILLing a worker whose timer expired, SIGKILLs its own
-agent ("Terminating the server process ... because of expired timers"), so a hung rank costs its
-whole node; the other nodes go on without it."""
+REMOVES_NODE: frozenset[str] = frozenset({"kill_node", "preempt_node"})
+"""Fault kinds after which the targeted node is gone for good."""
 TARGETS_NODE: frozenset[str] = frozenset(
     {"kill_node", "preempt_node", "kill_worker", "hang_worker"})
 """Fault kinds that act on one node (when `node` is absent: the newest live node)."""

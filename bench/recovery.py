@@ -1,0 +1,134 @@
+"""Recovery time of the elastic job: node lost, node added, worker hung.
+
+Ours (the harness's fast rendezvous settings, see chaos/cluster.py) against torchrun's default
+rendezvous settings, measured in the same run on the real trainer (tiny model, file storage).
+Recovery = fault -> the first step completed in the new world (metrics.jsonl). Each setting runs
+one long job on 2 nodes and repeats, per trial: kill a node (lost), add one (added), SIGSTOP a rank
+(hung; its node leaves, see chaos/scenario.py), add one back (added again).
+
+    .venv/bin/python bench/recovery.py [--trials 3] [--out runs/bench-recovery]
+
+Prints one line per measurement, then a final JSON line with the medians. Targets: node lost
+<= 3 s, node added <= 4 s, hang <= 15 s (ours).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from chaos.backends import prepared_data
+from chaos.cluster import LocalCluster, RendezvousSettings
+from chaos.harness import HARNESS_TRAIN_DEFAULTS, default_cache
+from chaos.metrics import MetricsTail, is_step
+
+TARGETS_S = {"node_lost": 3.0, "node_added": 4.0, "worker_hung": 15.0}
+WAIT_S = 240.0
+"""Longest a single recovery may take before the trial counts as failed (None)."""
+
+
+class Job:
+    """One long training job on a LocalCluster, with helpers to wait for world sizes."""
+
+    def __init__(self, cluster: LocalCluster, metrics: Path) -> None:
+        self.cluster = cluster
+        self.tail = MetricsTail(metrics)
+
+    def _steps_since(self, t: float) -> list[dict]:
+        self.tail.poll()
+        return [r for r in self.tail.records if is_step(r) and float(r["time"]) > t]
+
+    def wait_world(self, size: int, since: float, steps: int = 1) -> float | None:
+        """Time of the `steps`-th step line at world `size` after `since`; None on timeout."""
+        deadline = time.time() + WAIT_S
+        while time.time() < deadline:
+            hits = [r for r in self._steps_since(since) if int(r["world_size"]) == size]
+            if len(hits) >= steps:
+                return float(hits[steps - 1]["time"])
+            time.sleep(0.05)
+        return None
+
+    def newest_live(self) -> int:
+        return max(self.cluster.live_nodes())
+
+
+def measure(label: str, settings: RendezvousSettings, trials: int, out: Path,
+            cache: Path) -> dict[str, list[float | None]]:
+    overrides = {**HARNESS_TRAIN_DEFAULTS, "model": "tiny", "steps": 1_000_000,
+                 "checkpoint.every": 20, "run.dir": str(out / label / "run"),
+                 "data.uri": prepared_data(cache),
+                 "checkpoint.uri": "file://" + str((out / label / "checkpoints").resolve())}
+    args = [f"--{k}={v}" for k, v in overrides.items()]
+    results: dict[str, list[float | None]] = {"node_lost": [], "node_added": [],
+                                              "worker_hung": []}
+
+    def record(kind: str, t_fault: float, t_done: float | None) -> None:
+        value = round(t_done - t_fault, 2) if t_done is not None else None
+        results[kind].append(value)
+        print(f"{label:>13} {kind:<12} {value if value is not None else 'TIMEOUT'} s",
+              flush=True)
+
+    with LocalCluster(out / label / "nodes", ["-m", "elastic_train.train", *args], min_nodes=1,
+                      max_nodes=3, rdzv=settings) as cluster:
+        job = Job(cluster, out / label / "run" / "metrics.jsonl")
+        for _ in range(2):
+            cluster.add_node()
+        if job.wait_world(2, 0.0, steps=3) is None:
+            raise RuntimeError(f"{label}: the job never formed a world of 2 "
+                               f"(logs in {out / label / 'nodes'})")
+        for _ in range(trials):
+            t = cluster.kill_node(job.newest_live())
+            record("node_lost", t, job.wait_world(1, t))
+            job.wait_world(1, time.time(), steps=3)
+            t = time.time()
+            cluster.add_node()
+            record("node_added", t, job.wait_world(2, t))
+            job.wait_world(2, time.time(), steps=3)
+            t = time.time()
+            cluster.hang_worker(job.newest_live())
+            record("worker_hung", t, job.wait_world(1, t))
+            job.wait_world(1, time.time(), steps=3)
+            t = time.time()
+            cluster.add_node()
+            record("node_added", t, job.wait_world(2, t))
+            job.wait_world(2, time.time(), steps=3)
+    return results
+
+
+def median(values: list[float | None]) -> float | None:
+    ok = [v for v in values if v is not None]
+    return round(statistics.median(ok), 2) if ok else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--out", default="runs/bench-recovery")
+    parser.add_argument("--cache", default=None)
+    args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    cache = Path(args.cache) if args.cache else default_cache()
+    runs = {
+        "ours": measure("ours", RendezvousSettings.fast(), args.trials, out, cache),
+        "torch_default": measure("torch_default", RendezvousSettings.torch_default(),
+                                 args.trials, out, cache),
+    }
+    summary: dict[str, object] = {"trials": args.trials}
+    for kind, target in TARGETS_S.items():
+        ours, default = median(runs["ours"][kind]), median(runs["torch_default"][kind])
+        summary[kind] = {
+            "ours_median_s": ours, "torch_default_median_s": default,
+            "speedup": round(default / ours, 2) if ours and default else None,
+            "target_s": target, "meets_target": ours is not None and ours <= target,
+            "ours_s": runs["ours"][kind], "torch_default_s": runs["torch_default"][kind],
+        }
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

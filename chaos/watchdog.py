@@ -1,0 +1,67 @@
+"""A node's hang watchdog: `python -m chaos.watchdog --file FIFO`.
+
+The trainer arms torch elastic's file timer around every step (`--parallel.hang_timeout_s`, a
+`FileTimerClient` on `TORCHELASTIC_TIMER_FILE`). Normally the torchrun agent serves that FIFO
+(`TORCHELASTIC_ENABLE_FILE_TIMER=1`), but measured on torch 2.13 its FileTimerServer, after
+SIGKILLing a worker whose timer expired, SIGKILLs the process it runs in ("Terminating the server
+process ... because of expired timers"): the agent. A hung rank then costs its node, and since
+the healthy ranks block in a collective with the hung one, their timers expire too and every
+agent of the job kills itself. Shortening the collective timeout instead lets the healthy nodes
+re-form first, but then the hung node's agent stops its timer server and waits a hard-coded 30 s
+for the stopped worker to honour SIGTERM.
+
+This process serves the FIFO for one node instead: it SIGKILLs the expired worker and nothing
+else, so the worker's agent sees a failed worker and restarts it at once, like any crash. It
+exits on SIGTERM/SIGINT or when its parent closes stdin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+from torch.distributed.elastic.timer import FileTimerServer
+
+log = logging.getLogger("chaos.watchdog")
+
+
+class WorkerOnlyTimerServer(FileTimerServer):
+    """A FileTimerServer that never signals its own process."""
+
+    def _reap_worker(self, worker_pid: int, signal: int) -> bool:  # noqa: A002 - torch's name
+        if worker_pid == os.getpid():
+            return True  # torch's server ends itself after a reap; this one keeps watching
+        log.warning("hang: SIGKILL worker %d (step timer expired)", worker_pid)
+        return super()._reap_worker(worker_pid, signal)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m chaos.watchdog")
+    parser.add_argument("--file", required=True, help="the FIFO workers write their timers to")
+    parser.add_argument("--run-id", default="")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s watchdog %(message)s")
+
+    server = WorkerOnlyTimerServer(args.file, args.run_id, max_interval=0.1, daemon=True)
+    server.start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def watch_stdin() -> None:
+        sys.stdin.read()  # EOF: whoever started us is gone
+        stop.set()
+
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    print("READY", flush=True)
+    stop.wait()
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Chaos runs of the real trainer on a local elastic cluster: every fault kind, plus seeded random
+faults. Each run must keep every invariant (a failing seed is a bug to fix, not to skip).
+
+All scenarios share one trainer config and starting world size (2 nodes, tiny model, 40 steps),
+so the fault-free reference runs once per session. Budget: about 5-6 minutes on 2 idle cores.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chaos import report
+from chaos.harness import Options, run_scenario
+from chaos.scenario import load
+
+SCENARIOS = Path(__file__).resolve().parent.parent / "chaos" / "scenarios"
+RUN_TIMEOUT_S = 300.0
+
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="session")
+def chaos_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Prepared data and the reference run, shared by every chaos test of the session."""
+    return tmp_path_factory.mktemp("chaos-cache")
+
+
+def run(name: str, out: Path, cache: Path, **options) -> dict:
+    rep = run_scenario(load(SCENARIOS / f"{name}.yaml"),
+                       Options(out=out, cache=cache, timeout_s=RUN_TIMEOUT_S, **options))
+    report.validate(json.loads((out / "report.json").read_text()))
+    assert (out / "timeline.png").stat().st_size > 1000
+    failed = {k: v["detail"] for k, v in rep["invariants"].items() if not v["ok"]}
+    assert not failed, f"invariants failed: {failed}; logs in {out / 'nodes'}"
+    assert rep["faults_not_fired"] == [], "every injected fault must fire"
+    assert rep["completed"] and rep["final_step"] == rep["scenario"]["train"]["steps"]
+    return rep
+
+
+def test_nodes_lost_added_crashed_and_preempted(tmp_path: Path, chaos_cache: Path) -> None:
+    rep = run("ci-nodes", tmp_path, chaos_cache)
+    kinds = [f["kind"] for f in rep["faults"]]
+    assert kinds == ["kill_node", "add_node", "kill_worker", "preempt_node"]
+    lost, added = rep["faults"][0], rep["faults"][1]
+    assert (lost["world_before"], lost["world_after"]) == (2, 1)
+    assert added["world_after"] == 2 and added["node"] == 2
+    assert lost["recovery_s"] is not None and lost["lost_steps"] <= 5
+    # storage: file keeps the checkpoints under --out, where they can be resumed from
+    assert rep["run_uri"] == "file://" + str((tmp_path / "checkpoints").resolve())
+    assert any((tmp_path / "checkpoints").glob("step_*/COMMIT.json"))
+
+
+def test_a_hung_rank_is_detected_and_the_job_goes_on(tmp_path: Path, chaos_cache: Path) -> None:
+    rep = run("ci-hang", tmp_path, chaos_cache)
+    (hang,) = rep["faults"]
+    assert hang["kind"] == "hang_worker"
+    # the watchdog kills the stopped worker only; its node restarts it and rejoins
+    assert hang["recovery_s"] is not None and hang["world_after"] == 2
+
+
+def test_storage_outage_and_a_kill_during_upload_on_s3(tmp_path: Path, chaos_cache: Path) -> None:
+    rep = run("ci-storage", tmp_path, chaos_cache)
+    outage, kill = rep["faults"]
+    assert outage["kind"] == "storage_outage" and outage["world_after"] == 2
+    assert kill["kind"] == "kill_node" and kill["during"] == "checkpoint_upload"
+    assert kill["upload_step"] is not None and kill["upload_step"] % 5 == 0
+    assert rep["run_uri"].startswith("s3://")
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_seeded_random_faults(tmp_path: Path, chaos_cache: Path, seed: int) -> None:
+    rep = run("ci-random", tmp_path, chaos_cache, seed=seed, random_faults=2)
+    assert rep["seed"] == seed and len(rep["faults"]) == 2
+
+
+def test_the_cli_runs_a_scenario_and_exits_zero(tmp_path: Path, chaos_cache: Path) -> None:
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(
+        "name: cli\nnodes: 2\nmax_nodes: 2\nstorage: file\n"
+        "train: {model: tiny, steps: 40, checkpoint.every: 5}\n"
+        "faults: [{at_step: 10, kind: kill_worker, node: 1}]\n")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from elastic_train.cli import main; "
+         "sys.exit(main(sys.argv[1:]))", "chaos", "run", str(scenario), "--out", str(out),
+         "--cache", str(chaos_cache), "--timeout", str(RUN_TIMEOUT_S)],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT_S + 120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "exactly_once" in proc.stdout and "report:" in proc.stdout
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["faults"][0]["world_after"] == 2
+    assert rep["invariants"]["weights_match_reference"]["detail"].startswith("bit-identical")
