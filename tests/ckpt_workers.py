@@ -236,8 +236,37 @@ def role_kill_writer(args: dict[str, Any]) -> None:
     time.sleep(60)
 
 
+def role_fail_save(args: dict[str, Any]) -> None:
+    """Commit step 1, then save step 2 while storage refuses rank 1's files for good: every rank
+    must see the failure (SaveFailed with on_failure="stop"), none may hang, step 1 stays newest.
+    Each rank writes `fail_save_{rank}.json`."""
+    import torch.distributed as dist
+
+    from checkpointing import CheckpointManager, CheckpointSettings, ModelOptimizerState, SaveFailed
+
+    model, opt, rank, world = _fsdp_setup(seed=0)
+    events: list[dict[str, Any]] = []
+    settings = CheckpointSettings(on_failure="stop", retry_timeout_s=1.0)
+    manager = CheckpointManager(args["uri"], settings, on_event=events.append)
+    state = {"app": ModelOptimizerState(model, opt), "trainer": Trainer(1)}
+    manager.save(1, state)
+    manager.wait()
+    train_steps(model, opt, 2, 1, rank)
+    manager.save(2, state)
+    raised = ""
+    try:
+        manager.wait()
+    except SaveFailed as e:
+        raised = str(e)
+    result = {"raised": raised, "metrics": manager.metrics, "events": events,
+              "latest": manager.latest_step()}
+    manager.close()
+    Path(args["out"], f"fail_save_{rank}.json").write_text(json.dumps(result, default=str))
+    dist.destroy_process_group()
+
+
 ROLES = {"train_save": role_train_save, "load_check": role_load_check,
-         "kill_writer": role_kill_writer}
+         "kill_writer": role_kill_writer, "fail_save": role_fail_save}
 
 if __name__ == "__main__":
     ROLES[sys.argv[1]](json.loads(sys.argv[2]))

@@ -25,6 +25,12 @@ from chaos.proxy import FaultProxy  # noqa: E402
 from chaos.services import GcsEmulator, MotoS3Server  # noqa: E402
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # DCP warns on every single-process save/load; a world of one is a supported mode here.
+    config.addinivalue_line("filterwarnings",
+                            "ignore:torch.distributed is disabled, unavailable or uninitialized")
+
+
 @dataclass
 class ObjectStore:
     """A clean bucket on a loopback server, maybe behind a proxy."""

@@ -12,7 +12,7 @@ import logging
 
 import pytest
 import torch
-from ckpt_workers import Trainer, assert_same, build_model, full_state, train_steps
+from ckpt_workers import Trainer, assert_same, build_model, full_state, run_ranks, train_steps
 
 from checkpointing import CheckpointManager, CheckpointSettings, ModelOptimizerState, SaveFailed
 from checkpointing.storage import Storage, redact
@@ -114,3 +114,37 @@ def test_credentials_never_reach_logs_events_metrics_or_commit(s3_proxy, caplog)
     assert events[-1]["event"] == "save_failed"
     assert key not in seen and secret not in seen
     assert redact(f"endpoint said {secret} and {key}", options) == "endpoint said *** and ***"
+
+
+def test_transient_faults_on_gcs_are_retried(gcs_proxy):
+    proxy, uri = gcs_proxy.proxy, gcs_proxy.url("run")
+    settings = CheckpointSettings(storage_options=gcs_proxy.storage_options, retry_timeout_s=30)
+    # gcsfs names small objects in a multipart body, not the URL: fail the first two uploads.
+    proxy.inject("error", status=503, match=r"POST /upload/")
+    proxy.inject("reset", match=r"POST /upload/")
+    model, opt = trained()
+    expected = full_state(model, opt)
+    with CheckpointManager(uri, settings) as manager:
+        manager.save(1, {"app": ModelOptimizerState(model, opt)})
+        manager.wait()
+        assert manager.metrics["committed"] == 1, manager.metrics
+        proxy.inject("error", status=500, match=r"GET .*__0_1\.distcp")
+        proxy.inject("truncate", match=r"GET .*__0_0\.distcp")
+        model2, opt2 = trained(seed=1)
+        assert manager.load({"app": ModelOptimizerState(model2, opt2)}) == 1
+    proxy.assert_all_fired()
+    assert_same(expected, full_state(model2, opt2))
+
+
+def test_one_ranks_failed_upload_fails_the_save_on_every_rank(s3_proxy, tmp_path):
+    s3_proxy.proxy.inject("error", status=503, count=None, match=r"PUT .*step_00000002/__1_")
+    run_ranks(2, "fail_save", {"uri": s3_proxy.url("run"), "out": str(tmp_path)},
+              env=s3_proxy.env, timeout=150)
+    results = [json.loads((tmp_path / f"fail_save_{r}.json").read_text()) for r in (0, 1)]
+    for rank, result in enumerate(results):
+        assert "step 2" in result["raised"], (rank, result)
+        assert result["metrics"]["committed"] == 1 and result["metrics"]["failed"] == 1
+        assert result["latest"] == 1
+    assert [e["event"] for e in results[0]["events"]] == ["commit", "save_failed"]
+    assert results[1]["events"] == []  # on_event runs on rank 0 only
+    assert "rank 1" in results[0]["events"][-1]["error"]
