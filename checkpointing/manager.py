@@ -304,8 +304,18 @@ class CheckpointManager:
             job.staging_done.wait()
 
     def _run(self, job: _SaveJob) -> None:
-        """The writer thread. Every rank runs the same collectives whatever fails, so no rank
-        waits on a collective its peers skipped."""
+        """The writer thread's body: whatever happens, the job ends committed or failed."""
+        try:
+            self._run_phases(job)
+        except BaseException as e:  # noqa: BLE001 - e.g. a collective timed out: a peer died
+            job.staging_done.set()
+            if not job.done.is_set():
+                self._finish(job, redact(describe_error(e), self.settings.storage_options))
+
+    def _run_phases(self, job: _SaveJob) -> None:
+        """Every rank runs the same collectives whatever fails in its own phases, so no rank
+        waits on a collective its peers skipped. A collective that itself fails (a dead peer)
+        raises out of here and fails the save on this rank."""
         step_storage = self.storage.child(step_dir(job.step))
         error = ""
         # Phase 0: copy deferred state to host memory; the optimizer fence waits for this.
