@@ -450,7 +450,8 @@ class CheckpointManager:
 
         Returns the step loaded, or None if nothing is committed (state untouched). Reshards onto
         the current world. Raises NoSuchCheckpoint if `step` is not committed, StorageError if
-        storage fails for good; a checkpoint that does not match the state raises from DCP.
+        storage fails for good, CheckpointError if DCP fails (e.g. the checkpoint does not match
+        the state: a missing key or another shape).
         """
         self._check_open()
         self._wait_job()
@@ -461,7 +462,7 @@ class CheckpointManager:
                 decision = ("", self._choose(step))
             except CheckpointError as e:
                 decision = (f"{type(e).__name__}: {e}", "")
-        error, commit_json = self._broadcast_obj(decision)
+        error, commit_json = self._broadcast(decision, group=self._ctl_group)
         if error:
             if error.startswith("NoSuchCheckpoint"):
                 raise NoSuchCheckpoint(error.split(": ", 1)[1])
@@ -474,8 +475,14 @@ class CheckpointManager:
                                 threads=self.settings.read_threads)
         state_dicts = {key: value.state_dict() if isinstance(value, Stateful) else value
                        for key, value in state.items()}
-        dcp.load(state_dicts, storage_reader=reader, process_group=self._ctl_group,
-                 no_dist=not self._distributed)
+        try:
+            dcp.load(state_dicts, storage_reader=reader, process_group=self._ctl_group,
+                     no_dist=not self._distributed)
+        except CheckpointException as e:
+            # DCP's exception derives from BaseException: callers' `except Exception` would miss it.
+            raise CheckpointError(f"loading step {info.step} from {self.uri} failed: "
+                                  f"{redact(describe_error(e), self.settings.storage_options)}"
+                                  ) from e
         for key, value in state.items():
             if isinstance(value, Stateful):
                 value.load_state_dict(state_dicts[key])
@@ -565,20 +572,12 @@ class CheckpointManager:
         dist.all_gather_object(out, obj, group=self._save_group)
         return out
 
-    def _broadcast(self, obj: Any) -> Any:
-        """Rank 0's obj on every rank (writer thread, save group)."""
+    def _broadcast(self, obj: Any, group: Any = None) -> Any:
+        """Rank 0's obj on every rank; on the save group (writer thread) unless `group`."""
         if not self._distributed:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self._save_group)
-        return box[0]
-
-    def _broadcast_obj(self, obj: Any) -> Any:
-        """Rank 0's obj on every rank (caller's thread, control group)."""
-        if not self._distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self._ctl_group)
+        dist.broadcast_object_list(box, src=0, group=group or self._save_group)
         return box[0]
 
     def _emit(self, event: Event) -> None:

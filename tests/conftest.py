@@ -59,58 +59,49 @@ def gcs_emulator() -> Iterator[GcsEmulator]:
         yield server
 
 
-def _s3_store(server: MotoS3Server, monkeypatch: pytest.MonkeyPatch,
-              proxy: FaultProxy | None) -> ObjectStore:
+BUCKET = "ckpt-test"
+
+
+def _store(server: MotoS3Server | GcsEmulator, monkeypatch: pytest.MonkeyPatch,
+           proxy: FaultProxy | None) -> ObjectStore:
+    """Reset the server, point the environment at it (or at the proxy), make the bucket."""
+    import fsspec
     import fsspec.config
-    import s3fs
 
     server.reset()
     endpoint = proxy.endpoint_url if proxy else server.endpoint_url
     env = server.env(endpoint)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    # fsspec read FSSPEC_S3_* into its config at import; keep it in step for in-process clients.
-    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint,
-                                                   "key": env["FSSPEC_S3_KEY"],
-                                                   "secret": env["FSSPEC_S3_SECRET"]})
-    s3fs.S3FileSystem.clear_instance_cache()
-    bucket = "ckpt-test"
-    s3fs.S3FileSystem(**server.storage_options()).mkdir(bucket)
-    return ObjectStore("s3", bucket, server.storage_options(endpoint), env, proxy, server)
-
-
-def _gcs_store(server: GcsEmulator, monkeypatch: pytest.MonkeyPatch,
-               proxy: FaultProxy | None) -> ObjectStore:
-    import gcsfs
-
-    server.reset()
-    endpoint = proxy.endpoint_url if proxy else server.endpoint_url
-    env = server.env(endpoint)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    gcsfs.GCSFileSystem.clear_instance_cache()
-    bucket = "ckpt-test"
-    gcsfs.GCSFileSystem(**server.storage_options()).mkdir(bucket)
-    return ObjectStore("gs", bucket, server.storage_options(endpoint), env, proxy, server)
+    protocol = "s3" if isinstance(server, MotoS3Server) else "gs"
+    if protocol == "s3":
+        # fsspec read FSSPEC_S3_* into its config at import; keep it in step for this process.
+        monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint,
+                                                       "key": env["FSSPEC_S3_KEY"],
+                                                       "secret": env["FSSPEC_S3_SECRET"]})
+    fs_class = fsspec.get_filesystem_class(protocol)
+    fs_class.clear_instance_cache()
+    fs_class(**server.storage_options()).mkdir(BUCKET)
+    return ObjectStore(protocol, BUCKET, server.storage_options(endpoint), env, proxy, server)
 
 
 @pytest.fixture
 def s3(moto_server: MotoS3Server, monkeypatch: pytest.MonkeyPatch) -> ObjectStore:
-    return _s3_store(moto_server, monkeypatch, None)
+    return _store(moto_server, monkeypatch, None)
 
 
 @pytest.fixture
 def gcs(gcs_emulator: GcsEmulator, monkeypatch: pytest.MonkeyPatch) -> ObjectStore:
-    return _gcs_store(gcs_emulator, monkeypatch, None)
+    return _store(gcs_emulator, monkeypatch, None)
 
 
 @pytest.fixture
 def s3_proxy(moto_server: MotoS3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[ObjectStore]:
     with FaultProxy(moto_server.endpoint_url, flavor="s3") as proxy:
-        yield _s3_store(moto_server, monkeypatch, proxy)
+        yield _store(moto_server, monkeypatch, proxy)
 
 
 @pytest.fixture
 def gcs_proxy(gcs_emulator: GcsEmulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[ObjectStore]:
     with FaultProxy(gcs_emulator.endpoint_url, flavor="gcs") as proxy:
-        yield _gcs_store(gcs_emulator, monkeypatch, proxy)
+        yield _store(gcs_emulator, monkeypatch, proxy)

@@ -158,3 +158,14 @@ def test_deferred_staging_fences_the_next_optimizer_step(tmp_path):
     for key, value in fresh.state_dict().items():
         assert torch.equal(value, before[key]), key
         assert not torch.equal(value, model.state_dict()[key]), key
+
+
+def test_loading_into_a_different_model_raises_a_checkpoint_error(tmp_path):
+    from checkpointing import CheckpointError
+
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(1, state())
+        manager.wait()
+        other = torch.nn.Sequential(torch.nn.Linear(3, 3))
+        with pytest.raises(CheckpointError, match="loading step 1"):
+            manager.load({"app": ModelOptimizerState(other, torch.optim.AdamW(other.parameters()))})
