@@ -47,12 +47,13 @@ DEFAULT_MAX_RESTARTS = 100
 """A restart re-forms the world in seconds; giving up makes SkyPilot relaunch the cluster (minutes).
 Each peer lost costs every surviving node one restart, and torchrun never refunds them."""
 NOTICE_FILE = "~/.elastic-train/preemption-notice"
-"""Touched by `sky/train.yaml`'s preemption hook; the trainer polls ELASTIC_TRAIN_NOTICE_FILE."""
+"""Written by `sky/train.yaml`'s preemption hook; the trainer polls ELASTIC_TRAIN_NOTICE_FILE."""
 
-# Measured on torch 2.13 (shared/FACTS.md), the same settings as the chaos harness:
+# Measured on torch 2.13 (shared/FACTS.md) and proved by the chaos harness:
 # - the store is standalone (is_host=false), so any agent may die;
-# - last_call_timeout=1 and keep-alive 1 s x 5 re-form the world in ~3-5 s instead of ~35 s;
-#   keep_alive_max_attempt=2 once split one job into two worlds, so stay well above it.
+# - last_call_timeout=1 and keep-alive 1 s x 3..5 re-form the world in ~3-5 s instead of ~35 s;
+#   keep_alive_max_attempt=2 once split one job into two worlds. The harness uses 3 on loopback;
+#   5 leaves room for a real network. join_timeout stays torch's 600 s: nodes finish setup apart.
 RDZV_CONF = "is_host=false,last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=5"
 
 SHUTDOWN_TIMEOUT_S = 5
