@@ -359,20 +359,41 @@ class LedgerWriter:
             self._lock.release()
 
 
-def restore_interval(interval: Any, ledger: Mapping[str, Any] | None) -> None:
-    """Give a fresh `checkpointing.interval.AdaptiveInterval` what a kept ledger knows: the
-    state saved under extra["interval"] and the run's interruption times (duplicates are
-    ignored by the interval). A missing or odd ledger changes nothing."""
-    if not ledger:
-        return
-    state = (ledger.get("extra") or {}).get("interval")
-    if isinstance(state, dict):
-        interval.load_state_dict(state)
-    for t in ledger.get("interruptions") or []:
-        if isinstance(t, (int, float)):
+def restore_interval(interval: Any, ledger: Mapping[str, Any] | None,
+                     metrics_path: str | None = None) -> None:
+    """Give a fresh `checkpointing.interval.AdaptiveInterval` what the run's history knows.
+
+    From a kept `ledger`: the state under extra["interval"] and its interruption times. From
+    `metrics_path` when it is readable (call this before the new `start` line is written): its
+    interruption times, and the restart now under way, when the file's last line is not `done`,
+    at the time of that last line. That is the time the ledger gives the same interruption once
+    it is rewritten, so the interval's deduplication keeps every interruption once. The ledger
+    alone misses the restart under way (it was written at a commit before the failure). A
+    missing or odd ledger or file changes nothing."""
+    if ledger:
+        state = (ledger.get("extra") or {}).get("interval")
+        if isinstance(state, dict):
+            interval.load_state_dict(state)
+        for t in ledger.get("interruptions") or []:
+            if isinstance(t, (int, float)):
+                interval.observe_interruption(t)
+        if isinstance(ledger.get("first_time"), (int, float)):
+            interval.start_at(ledger["first_time"])
+    if metrics_path:
+        try:
+            records = read_lines(metrics_path)
+        except OSError:
+            return
+        if not records:
+            return
+        led = compute_ledger(records)
+        for t in led["interruptions"]:
             interval.observe_interruption(t)
-    if isinstance(ledger.get("first_time"), (int, float)):
-        interval.start_at(ledger["first_time"])
+        last = max(records, key=lambda r: r["time"])
+        if last.get("event") != "done":
+            interval.observe_interruption(last["time"])
+        if led["first_time"] is not None:
+            interval.start_at(led["first_time"])
 
 
 def read_ledger(run_uri: str, storage_options: Mapping[str, Any] | None = None

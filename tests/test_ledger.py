@@ -244,3 +244,29 @@ def test_elastic_train_report_is_registered(tmp_path, capsys):
     three_incarnations().write(str(tmp_path / "metrics.jsonl"))
     assert main(["report", str(tmp_path), "--no-plot"]) == 0
     assert "where the time went" in capsys.readouterr().out
+
+
+def test_restore_interval_counts_the_restart_under_way_once(tmp_path):
+    from checkpointing.interval import AdaptiveInterval
+
+    run = FakeRun()
+    run.start(2, None, 0)
+    run.steps(1, 30, 0.5, every=10)
+    metrics = run.write(str(tmp_path / "metrics.jsonl"))
+    kept = L.compute_ledger(run.lines)  # as written at the last commit: no interruption yet
+    first = AdaptiveInterval(5, 500)
+    L.restore_interval(first, kept, metrics)  # the process restarting after the kill
+    assert first.interruptions == 1
+    run.start(2, 30, 1, gap_s=8.0)  # the restarted process writes its start, trains, commits
+    run.steps(31, 40, 0.5, every=10)
+    run.write(metrics)
+    kept = L.compute_ledger(run.lines)
+    kept["extra"] = {"interval": first.state_dict()}
+    second = AdaptiveInterval(5, 500)
+    L.restore_interval(second, kept, metrics)  # a second kill after step 40
+    assert second.interruptions == 2
+    done = AdaptiveInterval(5, 500)
+    run.finish(40, 0.1)
+    L.restore_interval(done, None, run.write(metrics))
+    assert done.interruptions == 1, "a finished run is not being restarted"
+    L.restore_interval(done, None, str(tmp_path / "missing.jsonl"))
