@@ -32,7 +32,14 @@ from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as _Fsspe
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    SavePlan,
+    SavePlanner,
+)
+from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from checkpointing.commit import FileRecord, crc32_of
@@ -66,12 +73,20 @@ class _UploadingFileSystem(_FsspecFileSystem):
         self.storage = storage
         self.tee = tee
         self.records: dict[str, FileRecord] = {}
+        self.errors: list[BaseException] = []
         self._lock = threading.Lock()
 
     def upload(self, name: str, data: bytes) -> None:
         """Write one whole file (retried), remember its size and CRC, copy it to the cache."""
         crc = crc32_of(data)
-        self.storage.write_bytes(name, data)
+        try:
+            self.storage.write_bytes(name, data)
+        except BaseException as e:
+            # DCP's extra writer threads die on an exception without reporting it (their files
+            # just go missing from the results); remember it so write_data can raise.
+            with self._lock:
+                self.errors.append(e)
+            raise
         with self._lock:
             self.records[name] = FileRecord(len(data), crc)
         if self.tee is not None:
@@ -113,6 +128,18 @@ class RecordingWriter(FsspecWriter):
     @property
     def records(self) -> dict[str, FileRecord]:
         return dict(cast(_UploadingFileSystem, self.fs).records)
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        """DCP's threaded write, then a check that every item was written: an upload that failed
+        in one of DCP's helper threads would otherwise leave a silently incomplete checkpoint."""
+        future = super().write_data(plan, planner)
+        results = future.wait()
+        errors = cast(_UploadingFileSystem, self.fs).errors
+        if errors:
+            raise errors[0]
+        if len(results) != len(plan.items):
+            raise RuntimeError(f"DCP wrote {len(results)} of {len(plan.items)} items")
+        return future
 
     def finish(self, metadata: Metadata, results: list[list[Any]]) -> None:
         # As DCP's, but written once to the final name (see the module docstring).

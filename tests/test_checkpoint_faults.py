@@ -148,3 +148,17 @@ def test_one_ranks_failed_upload_fails_the_save_on_every_rank(s3_proxy, tmp_path
     assert [e["event"] for e in results[0]["events"]] == ["commit", "save_failed"]
     assert results[1]["events"] == []  # on_event runs on rank 0 only
     assert "rank 1" in results[0]["events"][-1]["error"]
+
+
+@pytest.mark.parametrize("victim", ["__0_0", "__0_1"])
+def test_losing_any_one_file_fails_the_save(s3_proxy, victim):
+    # DCP writes a rank's files from several threads, and its helper threads drop exceptions:
+    # whichever thread loses its file, the save must fail rather than commit without it.
+    s3_proxy.proxy.inject("error", status=400, count=None, match=rf"PUT .*/{victim}\.distcp")
+    settings = CheckpointSettings(storage_options=s3_proxy.storage_options, retry_timeout_s=0.5)
+    model, opt = trained()
+    with CheckpointManager(s3_proxy.url("run"), settings) as manager:
+        manager.save(1, {"app": ModelOptimizerState(model, opt)})
+        manager.wait()
+        assert manager.metrics["failed"] == 1 and manager.latest_step() is None
+    s3_proxy.proxy.assert_all_fired()
