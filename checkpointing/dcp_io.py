@@ -83,7 +83,7 @@ class _UploadingFileSystem(_FsspecFileSystem):
             self.storage.write_bytes(name, data)
         except BaseException as e:
             # DCP's extra writer threads die on an exception without reporting it (their files
-            # just go missing from the results); remember it so write_data can raise.
+            # just go missing from the results); remember it so write_data raises it.
             with self._lock:
                 self.errors.append(e)
             raise
@@ -104,8 +104,12 @@ class _UploadingFileSystem(_FsspecFileSystem):
         buffer = _KeepOpenBuffer()
         yield buffer
         # Only reached when DCP finished writing the file without an error.
-        self.upload(posixpath.basename(os.fspath(path)), buffer.getvalue())
-        buffer.release()
+        try:
+            self.upload(posixpath.basename(os.fspath(path)), buffer.getvalue())
+        except Exception:  # noqa: BLE001 - recorded in self.errors; RecordingWriter.write_data
+            pass  # raises it, from the thread DCP reports errors for (its helpers drop them)
+        finally:
+            buffer.release()
 
     def mkdir(self, path: str | os.PathLike) -> None:
         if self.storage.is_local:
