@@ -4,7 +4,7 @@ Ours (the harness's fast rendezvous settings, see chaos/cluster.py) against torc
 rendezvous settings, measured in the same run on the real trainer (tiny model, file storage).
 Recovery = fault -> the first step completed in the new world (metrics.jsonl). Each setting runs
 one long job on 2 nodes and repeats, per trial: kill a node (lost), add one (added), SIGSTOP a rank
-(hung; its node leaves, see chaos/scenario.py), add one back (added again).
+(hung: the node's watchdog kills it, see chaos/watchdog.py, and the world re-forms at 2).
 
     .venv/bin/python bench/recovery.py [--trials 3] [--out runs/bench-recovery]
 
@@ -19,6 +19,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from chaos.backends import prepared_data
@@ -38,17 +39,24 @@ class Job:
         self.cluster = cluster
         self.tail = MetricsTail(metrics)
 
-    def _steps_since(self, t: float) -> list[dict]:
-        self.tail.poll()
-        return [r for r in self.tail.records if is_step(r) and float(r["time"]) > t]
-
-    def wait_world(self, size: int, since: float, steps: int = 1) -> float | None:
-        """Time of the `steps`-th step line at world `size` after `since`; None on timeout."""
+    def recovered(self, size: int, since: float, steps: int = 1) -> float | None:
+        """Time of the `steps`-th step line of the first world of `size` that started after
+        `since` (a `start` event, then its steps); None on timeout."""
         deadline = time.time() + WAIT_S
         while time.time() < deadline:
-            hits = [r for r in self._steps_since(since) if int(r["world_size"]) == size]
-            if len(hits) >= steps:
-                return float(hits[steps - 1]["time"])
+            self.tail.poll()
+            started = False
+            hits = []
+            for r in self.tail.records:
+                if float(r.get("time", 0)) <= since:
+                    continue
+                if r.get("event") == "start":
+                    started = int(r.get("world_size", 0)) == size
+                    hits = []
+                elif started and is_step(r):
+                    hits.append(float(r["time"]))
+                    if len(hits) >= steps:
+                        return hits[steps - 1]
             time.sleep(0.05)
         return None
 
@@ -77,25 +85,21 @@ def measure(label: str, settings: RendezvousSettings, trials: int, out: Path,
         job = Job(cluster, out / label / "run" / "metrics.jsonl")
         for _ in range(2):
             cluster.add_node()
-        if job.wait_world(2, 0.0, steps=3) is None:
+        if job.recovered(2, 0.0, steps=3) is None:
             raise RuntimeError(f"{label}: the job never formed a world of 2 "
                                f"(logs in {out / label / 'nodes'})")
+
+        def fault(kind: str, act: Callable[[], object], world_after: int) -> None:
+            t = time.time()
+            act()
+            record(kind, t, job.recovered(world_after, t))
+            job.recovered(world_after, t, steps=3)  # settle before the next fault
+
         for _ in range(trials):
-            t = cluster.kill_node(job.newest_live())
-            record("node_lost", t, job.wait_world(1, t))
-            job.wait_world(1, time.time(), steps=3)
-            t = time.time()
-            cluster.add_node()
-            record("node_added", t, job.wait_world(2, t))
-            job.wait_world(2, time.time(), steps=3)
-            t = time.time()
-            cluster.hang_worker(job.newest_live())
-            record("worker_hung", t, job.wait_world(1, t))
-            job.wait_world(1, time.time(), steps=3)
-            t = time.time()
-            cluster.add_node()
-            record("node_added", t, job.wait_world(2, t))
-            job.wait_world(2, time.time(), steps=3)
+            fault("node_lost", lambda: cluster.kill_node(job.newest_live()), 1)
+            fault("node_added", cluster.add_node, 2)
+            # the watchdog kills the stopped worker; its node restarts it: same world size
+            fault("worker_hung", lambda: cluster.hang_worker(job.newest_live()), 2)
     return results
 
 

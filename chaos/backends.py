@@ -89,7 +89,7 @@ def _object_store(storage: str, stack: contextlib.ExitStack) -> Backend:
     backend.pids = [server.pid] if server.pid else []
     # The harness reads checkpoints straight from the server, never through the proxy.
     backend.storage_options = server.storage_options()
-    with _environ(env):
+    with environ(env):
         import fsspec
 
         fs = fsspec.filesystem(scheme, skip_instance_cache=True, **server.storage_options())
@@ -103,7 +103,8 @@ def _object_store(storage: str, stack: contextlib.ExitStack) -> Backend:
 
 
 @contextlib.contextmanager
-def _environ(env: dict[str, str]) -> Iterator[None]:
+def environ(env: dict[str, str]) -> Iterator[None]:
+    """Set `env` in os.environ for the block, then restore what was there."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -137,7 +137,7 @@ class LocalCluster:
         self._timers: list[threading.Timer] = []
         self._lock = threading.RLock()
         self._closed = False
-        self.on_node_removed: list = []
+        self.on_node_removed: list[Callable[[int, float], None]] = []
         """Callbacks `f(node_index, t)` run when a scheduled kill (after a notice) happens."""
 
     # ----------------------------------------------------------------------------- lifecycle

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from chaos import invariants, report
-from chaos.backends import Backend, open_backend, prepared_data
+from chaos.backends import Backend, environ, open_backend, prepared_data
 from chaos.cluster import LocalCluster
 from chaos.faults import Injector, draw_faults
 from chaos.metrics import MetricsTail, Record, events, is_step, step_records
@@ -221,7 +220,7 @@ def _clean_out(out: Path) -> None:
 def _verifier(backend: Backend) -> tuple[list[int], Callable[[int], tuple[bool, str]]]:
     from checkpointing import CheckpointManager, CheckpointSettings
 
-    with _env(backend.env):
+    with environ(backend.env):
         settings = CheckpointSettings(storage_options=backend.storage_options)
         manager = CheckpointManager(backend.checkpoint_uri, settings)
         try:
@@ -233,20 +232,6 @@ def _verifier(backend: Backend) -> tuple[list[int], Callable[[int], tuple[bool, 
         finally:
             manager.close()
     return steps, lambda step: results[step]
-
-
-@contextlib.contextmanager
-def _env(env: dict[str, str]):
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
@@ -274,12 +259,11 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
             min_nodes=scenario.min_nodes, max_nodes=scenario.max_nodes,
             procs_per_node=scenario.procs_per_node, env=backend.env))
         tail = MetricsTail(run_dir / "metrics.jsonl")
-        injector = Injector(scenario.faults, cluster, checkpoint_every=scenario.checkpoint_every,
-                            steps=scenario.steps, outage=backend.outage,
-                            log=lambda m: progress.say(m))
-        cluster.on_node_removed.append(injector.node_removed)
         t0 = time.time()
         progress = _Progress(log, t0, scenario.steps)
+        injector = Injector(scenario.faults, cluster, checkpoint_every=scenario.checkpoint_every,
+                            steps=scenario.steps, outage=backend.outage, log=progress.say)
+        cluster.on_node_removed.append(injector.node_removed)
         progress.say(f"scenario {scenario.name}: {scenario.nodes} node(s) x "
                      f"{scenario.procs_per_node}, storage {scenario.storage}, "
                      f"{len(scenario.faults)} fault(s), {scenario.steps} steps")
@@ -373,6 +357,3 @@ def _alive(pid: int) -> bool:
     except psutil.NoSuchProcess:
         return False
 
-
-def main_log(message: str) -> None:
-    print(message, flush=True, file=sys.stdout)
