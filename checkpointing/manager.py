@@ -8,6 +8,8 @@ At most one save is in flight; every rank learns the outcome before the save cou
 
 Construct it on every rank after `init_process_group` (if any), in the same order on every rank:
 it creates two process groups. Call `save`, `save_within` and `load` at the same step on every rank.
+Call `close()` (or `wait()`) before the process exits: the writer thread is a daemon, and one
+killed at interpreter exit while inside C++ aborts the process.
 """
 
 from __future__ import annotations
