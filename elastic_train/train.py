@@ -4,6 +4,7 @@ or `elastic-train train ...` (a world of one without torchrun)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from elastic_train import config as config_lib
@@ -32,8 +33,10 @@ def run(config_path: str | None, overrides: list[str]) -> int:
     except dist.DistError as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"elastic-train: collective failed ({first_line}); exiting for torchrun to "
-              "re-form the world", file=sys.stderr)
-        return exit_codes.COLLECTIVE_TIMEOUT
+              "re-form the world", file=sys.stderr, flush=True)
+        # Exit now, without closing: a save in flight may wait on the dead peer in its own
+        # collective for minutes, and it was never committed, so abandoning it loses nothing.
+        os._exit(exit_codes.COLLECTIVE_TIMEOUT)
     except SaveFailed as e:
         print(f"elastic-train: checkpoint failed for good: {e}", file=sys.stderr)
         return exit_codes.CHECKPOINT_FAILED
