@@ -16,6 +16,7 @@ It raises `HarnessError` only when it cannot run at all (e.g. the reference run 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -54,8 +55,9 @@ HARNESS_TRAIN_DEFAULTS: dict[str, Any] = {
 }
 """Trainer overrides the harness sets unless the scenario's `train` sets them."""
 
-DONE_GRACE_S = 60.0
-"""After the `done` event: how long agents may take to exit (torchrun's exit barrier)."""
+DONE_GRACE_S = 20.0
+"""After the `done` event: how long agents may take to exit (torchrun's exit barrier). A node
+added too late to join the final world would wait in the rendezvous; it is killed after this."""
 
 
 class HarnessError(RuntimeError):
@@ -240,7 +242,7 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
     out = options.out.resolve()
     _clean_out(out)
     if options.seed is not None:
-        scenario = Scenario(**{**scenario.__dict__, "seed": options.seed})
+        scenario = dataclasses.replace(scenario, seed=options.seed)
     if options.random_faults is not None:
         faults = draw_faults(scenario, options.random_faults, scenario.seed)
         scenario = scenario.with_faults(faults)
