@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/elastic-train demo
+	$(VENV)/bin/elastic-train chaos run chaos/scenarios/demo.yaml --out runs/demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -43,7 +43,9 @@ def _run(args: argparse.Namespace) -> int:
     print()
     print(f"report:   {out / 'report.json'}")
     print(f"timeline: {out / 'timeline.png'}")
-    print(f"checkpoints: {rep['run_uri']}")
+    kept = "" if rep["run_uri"].startswith("file://") else \
+        " (gone: the loopback server stopped with the run; use storage: file to keep them)"
+    print(f"checkpoints: {rep['run_uri']}{kept}")
     ok = all(v["ok"] for v in rep["invariants"].values())
     return 0 if ok else 1
 
