@@ -4,7 +4,7 @@ Ours (the harness's fast rendezvous settings, see chaos/cluster.py) against torc
 rendezvous settings, measured in the same run on the real trainer (tiny model, file storage).
 Recovery = fault -> the first step completed in the new world (metrics.jsonl). Each setting runs
 one long job on 2 nodes and repeats, per trial: kill a node (lost), add one (added), SIGSTOP a rank
-(hung: the node's watchdog kills it, see chaos/watchdog.py, and the world re-forms at 2).
+(hung: the node's watchdog kills it, see elastic_train/watchdog.py, and the world re-forms at 2).
 
     .venv/bin/python bench/recovery.py [--trials 3] [--out runs/bench-recovery]
 

@@ -213,7 +213,7 @@ class LocalCluster:
                 # Workers arm their step timers (--parallel.hang_timeout_s) on this FIFO, served
                 # by the node's watchdog, which SIGKILLs a hung worker and nothing else. Not
                 # TORCHELASTIC_ENABLE_FILE_TIMER: the agent's own timer server kills the agent
-                # too (see chaos/watchdog.py).
+                # too (see elastic_train/watchdog.py).
                 "TORCHELASTIC_TIMER_FILE": timer_file,
                 "PYTHONUNBUFFERED": "1",
                 # torchrun logs rendezvous rounds and worker exits at INFO: the node logs then
@@ -248,13 +248,13 @@ class LocalCluster:
 
     def _start_watchdog(self, index: int, timer_file: str, log_path: Path
                         ) -> subprocess.Popen[str]:
-        """The node's hang watchdog (chaos/watchdog.py), ready before the agent starts.
+        """The node's hang watchdog (elastic_train/watchdog.py), ready before the agent starts.
         Raises ClusterError when it does not come up in 30 s."""
         Path(timer_file).unlink(missing_ok=True)
         env = {**os.environ, TAG_ENV: self.tag, NODE_ENV: str(index)}
         with open(log_path, "a") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "chaos.watchdog", "--file", timer_file,
+                [sys.executable, "-m", "elastic_train.watchdog", "--file", timer_file,
                  "--run-id", self.run_id],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
                 start_new_session=True)

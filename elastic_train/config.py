@@ -99,6 +99,9 @@ class CheckpointConfig:
     """Adaptive interval: never save more often than this many steps."""
     max_every: int = 500
     """Adaptive interval: never go longer than this many steps without a save."""
+    prior_mtbi_s: float = 0.0
+    """Adaptive interval: expected seconds between interruptions before any is seen (e.g. 3600
+    for spot capacity). 0: no prior; until the first interruption the interval is max_every."""
 
 
 @dataclass
@@ -267,6 +270,8 @@ def validate(config: Config, world_size: int | None = None) -> None:
         (1 <= config.checkpoint.min_every <= config.checkpoint.max_every,
          f"checkpoint.min_every={config.checkpoint.min_every} and checkpoint.max_every="
          f"{config.checkpoint.max_every} must satisfy 1 <= min_every <= max_every"),
+        (config.checkpoint.prior_mtbi_s >= 0,
+         f"checkpoint.prior_mtbi_s={config.checkpoint.prior_mtbi_s} must be >= 0"),
         (config.run.log_every >= 1, f"run.log_every={config.run.log_every} must be >= 1"),
         (config.run.threads >= 1, f"run.threads={config.run.threads} must be >= 1"),
     ]

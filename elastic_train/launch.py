@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from elastic_train import exit_codes
+from elastic_train.watchdog import start_watchdog
 
 DEFAULT_RDZV_PORT = 29400
 DEFAULT_AGENT_RESTARTS = 3
@@ -72,9 +73,10 @@ def agent_env(timer_file: str) -> dict[str, str]:
     return {
         # Sharing the rendezvous store with the workers deadlocks the job when a node joins.
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-        # The agent's file-timer server SIGKILLs a worker whose step overran its timer: how a
-        # hung rank is detected (`--parallel.hang_timeout_s`).
-        "TORCHELASTIC_ENABLE_FILE_TIMER": "1",
+        # Workers arm a step timer on this FIFO (`--parallel.hang_timeout_s`); this process's
+        # watchdog (elastic_train/watchdog.py) SIGKILLs a worker whose step overran it. Not
+        # TORCHELASTIC_ENABLE_FILE_TIMER: torch 2.13's timer server in the agent then kills the
+        # agent too, and with it every node whose healthy ranks waited on the hung one.
         "TORCHELASTIC_TIMER_FILE": timer_file,
         "PYTHONUNBUFFERED": "1",
     }
@@ -207,21 +209,24 @@ def run_node(env: Mapping[str, str] | None = None) -> int:
 
         port = _int(env, "RDZV_PORT", default=DEFAULT_RDZV_PORT)
         store = TCPStore(node.head, port, is_master=True, wait_for_workers=False)
+    watchdog = start_watchdog(timer_file, node.task_id)
     try:
         cmd = [sys.executable, "-m", "elastic_train.launch", "--agent", *args]
         return supervise(cmd, agent_environ, _int(env, "AGENT_RESTARTS",
                                                   default=DEFAULT_AGENT_RESTARTS))
     finally:
+        watchdog.stop()
         del store
 
 
 def supervise(cmd: list[str], env: Mapping[str, str], restarts: int) -> int:
     """Run the agent `cmd` until it ends by itself; return its exit code.
 
-    torchrun's file-timer server SIGKILLs a hung worker and then its own agent (torch 2.13), so a
-    hang would take this node out of the job for good, and on the head the rendezvous store with
-    it. The agent therefore runs in a child process: when it dies by a signal this process starts
-    a fresh one (up to `restarts` times), which rejoins like a node coming back. Then it gives up
+    An agent that dies by a signal (the OOM killer, or torch's own timer server, which kills its
+    agent after reaping a hung worker) would take this node out of the job for good, and on the
+    head the rendezvous store with it. The agent therefore runs in a child process: when it dies
+    by a signal this process starts a fresh one (up to `restarts` times), which rejoins like a
+    node coming back. Then it gives up
     with COLLECTIVE_TIMEOUT, which SkyPilot recovers from. SIGTERM and SIGINT to this process are
     passed on to the agent (its workers get them from it)."""
     attempt = 0

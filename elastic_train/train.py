@@ -30,7 +30,9 @@ def run(config_path: str | None, overrides: list[str]) -> int:
     except config_lib.ConfigError as e:
         print(f"elastic-train: error: {e}", file=sys.stderr)
         return exit_codes.BAD_CONFIG
-    except dist.DistError as e:
+    except (dist.DistError, RuntimeError) as e:
+        if not _is_collective_failure(e):
+            raise
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"elastic-train: collective failed ({first_line}); exiting for torchrun to "
               "re-form the world", file=sys.stderr, flush=True)
@@ -43,6 +45,18 @@ def run(config_path: str | None, overrides: list[str]) -> int:
     finally:
         if trainer is not None:
             trainer.close()
+
+
+def _is_collective_failure(error: BaseException) -> bool:
+    """NCCL errors and timeouts arrive as DistError; gloo reports a vanished peer as a plain
+    RuntimeError from its transport ("[gloo/transport/tcp/pair.cc] Connection closed by peer")."""
+    import torch.distributed as dist
+
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    return any(m in text for m in ("gloo", "Gloo", "Connection closed by peer",
+                                   "Connection reset by peer", "Timed out"))
 
 
 def _train_command(args: argparse.Namespace) -> int:

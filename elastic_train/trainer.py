@@ -104,13 +104,17 @@ class Trainer:
         run_uri = self.checkpoint_uri(config)
         # Rank 0 alone decides when to save (and tells the others in the step's all-reduce), so
         # only rank 0 keeps the adaptive interval and the ledger.
-        self.interval = (AdaptiveInterval(ckpt.min_every, ckpt.max_every)
+        self.interval = (AdaptiveInterval(ckpt.min_every, ckpt.max_every,
+                                          prior_mtbi_s=ckpt.prior_mtbi_s or None)
                          if ckpt.interval == "adaptive" and self.world.is_main else None)
         self.ledger = (ledger.LedgerWriter(run_uri, self.metrics.path, extra=self._ledger_extra)
                        if self.world.is_main else None)
         if self.interval is not None:
             try:
-                ledger.restore_interval(self.interval, ledger.read_ledger(run_uri))
+                # The metrics say what the ledger (written at the last commit) cannot: that
+                # this start is itself a restart after an interruption.
+                ledger.restore_interval(self.interval, ledger.read_ledger(run_uri),
+                                        self.metrics.path)
             except (OSError, ValueError) as e:
                 say(f"warning: ledger at {run_uri} unreadable ({e}); adaptive interval starts "
                     "without history")
@@ -202,6 +206,7 @@ class Trainer:
         cfg, world = self.config, self.world
         restored = self.checkpoints.load(self.state)
         start = self.progress.step if restored is not None else 0
+        self.last_save_step = start
         self.metrics.event("start", world_size=world.size, restored_step=restored,
                            restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
         if world.is_main:

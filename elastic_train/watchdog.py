@@ -1,4 +1,5 @@
-"""A node's hang watchdog: `python -m chaos.watchdog --file FIFO`.
+"""A node's hang watchdog: `python -m elastic_train.watchdog --file FIFO`, or in-process with
+`start_watchdog(path)` (what `elastic_train.launch` does on every SkyPilot node).
 
 The trainer arms torch elastic's file timer around every step (`--parallel.hang_timeout_s`, a
 `FileTimerClient` on `TORCHELASTIC_TIMER_FILE`). Normally the torchrun agent serves that FIFO
@@ -26,7 +27,7 @@ import threading
 
 from torch.distributed.elastic.timer import FileTimerServer
 
-log = logging.getLogger("chaos.watchdog")
+log = logging.getLogger("elastic_train.watchdog")
 
 
 class WorkerOnlyTimerServer(FileTimerServer):
@@ -39,15 +40,21 @@ class WorkerOnlyTimerServer(FileTimerServer):
         return super()._reap_worker(worker_pid, signal)
 
 
+def start_watchdog(path: str, run_id: str = "") -> WorkerOnlyTimerServer:
+    """Serve the timer FIFO at `path` from a daemon thread of this process; `stop()` it."""
+    server = WorkerOnlyTimerServer(path, run_id, max_interval=0.1, daemon=True)
+    server.start()
+    return server
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m chaos.watchdog")
+    parser = argparse.ArgumentParser(prog="python -m elastic_train.watchdog")
     parser.add_argument("--file", required=True, help="the FIFO workers write their timers to")
     parser.add_argument("--run-id", default="")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s watchdog %(message)s")
 
-    server = WorkerOnlyTimerServer(args.file, args.run_id, max_interval=0.1, daemon=True)
-    server.start()
+    server = start_watchdog(args.file, args.run_id)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
