@@ -3,7 +3,8 @@
 The injector is fed the trainer's metrics records as they arrive and fires each fault when it is
 due: an `at_step` fault when the run first reports a step >= at_step; a `during:
 checkpoint_upload` fault, once every fault listed before it has fired, at the first checkpoint
-step whose step line has arrived but whose commit has not (the upload is in flight). It records
+upload in flight (its step line has arrived, its commit has not) that began after the fault
+before it was over (an outage lasts its seconds). It records
 what fired, where and when (`Fired`); what each fault cost is worked out afterwards from the
 metrics (`report.summarize_faults`).
 """
@@ -128,6 +129,10 @@ class Injector:
         self.world = 0
         self._committed: set[int] = set()
         self._uploading: int | None = None
+        # In the run's own clock (the records' "time"), so that replays are deterministic.
+        self._run_time = 0.0
+        self._upload_began = 0.0
+        self._quiet_until = 0.0
 
     @property
     def armed_during(self) -> bool:
@@ -137,11 +142,13 @@ class Injector:
     def observe(self, records: list[Record]) -> list[Fired]:
         """Take new metrics records and fire every fault now due; returns what fired."""
         for r in records:
+            self._run_time = float(r.get("time", self._run_time))
             if is_step(r):
                 self.step = int(r["step"])
                 self.world = int(r.get("world_size", self.world))
                 if self.every and self.step % self.every == 0 and self.step < self.steps:
                     self._uploading = self.step
+                    self._upload_began = self._run_time
             elif r.get("event") == "start":
                 self.world = int(r.get("world_size", self.world))
                 self._uploading = None
@@ -172,7 +179,10 @@ class Injector:
         if at:
             return min(at, key=lambda p: (p[1].at_step, p[0]))
         during = self._next_during()
-        if during and self._uploading is not None and self._uploading not in self._committed:
+        # An upload that began after the last fault was over: one under way during an outage is
+        # the outage's to disturb, not this fault's.
+        if (during and self._uploading is not None and self._uploading not in self._committed
+                and self._upload_began > self._quiet_until):
             return during
         return None
 
@@ -188,6 +198,8 @@ class Injector:
         node = self._pick_node(f)
         rec = Fired(index=index, fault=f, node=node, at_step=self.step, time=time.time(),
                     world_before=self.world)
+        self._quiet_until = self._run_time + (
+            (f.seconds or DEFAULT_OUTAGE_S) if f.kind == "storage_outage" else 0.0)
         if f.during is not None:
             rec.detail["upload_step"] = self._uploading
         try:
