@@ -22,7 +22,8 @@ import math
 import os
 import signal
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -65,10 +66,10 @@ def _exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda *_: os._exit(128 + signal.SIGTERM))
 
 
-def _hang_timer(seconds: float):
-    """A context that has torchrun's file-timer server SIGKILL this worker if the step takes
-    longer than `seconds` (a hung peer or a stopped process). A no-op outside torchrun or when
-    the agent runs no timer server (TORCHELASTIC_ENABLE_FILE_TIMER unset)."""
+def _hang_timer(seconds: float) -> Callable[[], AbstractContextManager[object]]:
+    """A context factory: the node's watchdog (elastic_train/watchdog.py, serving the FIFO at
+    TORCHELASTIC_TIMER_FILE) SIGKILLs this worker if a step takes longer than `seconds` (a hung
+    peer, or this process stopped). A no-op when `seconds` is 0 or no watchdog serves a FIFO."""
     path = os.environ.get("TORCHELASTIC_TIMER_FILE")
     if seconds <= 0 or not path:
         return lambda: nullcontext()
