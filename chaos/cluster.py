@@ -28,49 +28,14 @@ from types import TracebackType
 
 import psutil
 
+from elastic_train.rendezvous import RendezvousSettings, agent_env
+
 TAG_ENV = "CHAOS_RUN_TAG"
 """Set on every agent; inherited by its workers and their helpers. Value: the cluster's tag."""
 NODE_ENV = "CHAOS_NODE"
 """The node number of an agent and of everything it starts."""
 NOTICE_ENV = "ELASTIC_TRAIN_NOTICE_FILE"
 """Per node: the trainer treats this file's existence as a preemption notice (internals.md)."""
-
-
-@dataclass(frozen=True)
-class RendezvousSettings:
-    """torchrun rendezvous settings. `fast()` is what the harness uses; `torch_default()` leaves
-    torch's defaults (measured on this machine: ~35 s to re-form after a node is lost or added)."""
-
-    last_call_timeout: int | None = 1
-    """Seconds the rendezvous waits for more nodes once min_nodes have joined. Default 30: every
-    re-form after a membership change waited that long. Whole seconds only."""
-    keep_alive_interval: int | None = 1
-    """Seconds between an agent's heartbeats in the store. Default 5."""
-    keep_alive_max_attempt: int | None = 3
-    """Missed heartbeats before a node counts as dead. 1 s x 3 detects a lost node in ~3 s.
-    Do not use 2: measured here, it split one job into two worlds."""
-    join_timeout: int | None = 120
-    """Seconds a node waits for a rendezvous to complete before its agent gives up (default 600):
-    bounds how long a node outlives a job that finished without it."""
-
-    @classmethod
-    def fast(cls) -> RendezvousSettings:
-        return cls()
-
-    @classmethod
-    def torch_default(cls) -> RendezvousSettings:
-        return cls(None, None, None, None)
-
-    def conf(self) -> str:
-        # is_host=false: no agent hosts the c10d store; our standalone store process does, so any
-        # agent may die without taking the rendezvous (and the job) down with it.
-        parts = ["is_host=false"]
-        for key in ("last_call_timeout", "keep_alive_interval", "keep_alive_max_attempt",
-                    "join_timeout"):
-            value = getattr(self, key)
-            if value is not None:
-                parts.append(f"{key}={value}")
-        return ",".join(parts)
 
 
 @dataclass
@@ -207,15 +172,8 @@ class LocalCluster:
                 TAG_ENV: self.tag,
                 NODE_ENV: str(index),
                 NOTICE_ENV: str(notice),
-                # Without this, workers share the agent's rendezvous store, and a node joining a
-                # running job deadlocks (then the job dies after 60 s). Measured on torch 2.13.
-                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-                # Workers arm their step timers (--parallel.hang_timeout_s) on this FIFO, served
-                # by the node's watchdog, which SIGKILLs a hung worker and nothing else. Not
-                # TORCHELASTIC_ENABLE_FILE_TIMER: the agent's own timer server kills the agent
-                # too (see elastic_train/watchdog.py).
-                "TORCHELASTIC_TIMER_FILE": timer_file,
-                "PYTHONUNBUFFERED": "1",
+                # The settings every elastic node needs (the same as on SkyPilot nodes).
+                **agent_env(timer_file),
                 # torchrun logs rendezvous rounds and worker exits at INFO: the node logs then
                 # show where a recovery spent its time.
                 "LOGLEVEL": "INFO",

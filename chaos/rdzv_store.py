@@ -20,10 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0: any free port")
     args = parser.parse_args(argv)
 
-    import torch.distributed as dist
+    from elastic_train.rendezvous import host_store
 
-    # wait_for_workers=False: the store must not block for a number of clients; nodes come and go.
-    store = dist.TCPStore(args.host, args.port, is_master=True, wait_for_workers=False)
+    store = host_store(args.host, args.port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from elastic_train import exit_codes
+from elastic_train.rendezvous import RendezvousSettings, agent_env, host_store
 from elastic_train.watchdog import start_watchdog
 
 DEFAULT_RDZV_PORT = 29400
@@ -50,12 +51,9 @@ Each peer lost costs every surviving node one restart, and torchrun never refund
 NOTICE_FILE = "~/.elastic-train/preemption-notice"
 """Written by `sky/train.yaml`'s preemption hook; the trainer polls ELASTIC_TRAIN_NOTICE_FILE."""
 
-# Measured on torch 2.13 (shared/FACTS.md) and proved by the chaos harness:
-# - the store is standalone (is_host=false), so any agent may die;
-# - last_call_timeout=1 and keep-alive 1 s x 3..5 re-form the world in ~3-5 s instead of ~35 s;
-#   keep_alive_max_attempt=2 once split one job into two worlds. The harness uses 3 on loopback;
-#   5 leaves room for a real network. join_timeout stays torch's 600 s: nodes finish setup apart.
-RDZV_CONF = "is_host=false,last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=5"
+# The harness uses keep_alive_max_attempt=3 on loopback; 5 leaves room for a real network.
+# join_timeout stays torch's 600 s: real nodes finish their setup minutes apart.
+RDZV_CONF = RendezvousSettings(keep_alive_max_attempt=5, join_timeout=None).conf()
 
 SHUTDOWN_TIMEOUT_S = 5
 """Seconds the agent waits for SIGTERMed workers before SIGKILL (default 30). The trainer exits at
@@ -66,20 +64,6 @@ AGENT_TAG_ENV = "ELASTIC_TRAIN_AGENT_TAG"
 
 TASK_ENVS = ("BUCKET", "RUN_NAME", "DATA_URI", "CONFIG", "TRAIN_ARGS", "MIN_NODES")
 """The task `envs` this module reads; `sky/train.yaml` declares each."""
-
-
-def agent_env(timer_file: str) -> dict[str, str]:
-    """Environment of this node's torchrun agent (inherited by its workers)."""
-    return {
-        # Sharing the rendezvous store with the workers deadlocks the job when a node joins.
-        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-        # Workers arm a step timer on this FIFO (`--parallel.hang_timeout_s`); this process's
-        # watchdog (elastic_train/watchdog.py) SIGKILLs a worker whose step overran it. Not
-        # TORCHELASTIC_ENABLE_FILE_TIMER: torch 2.13's timer server in the agent then kills the
-        # agent too, and with it every node whose healthy ranks waited on the hung one.
-        "TORCHELASTIC_TIMER_FILE": timer_file,
-        "PYTHONUNBUFFERED": "1",
-    }
 
 
 class LaunchError(ValueError):
@@ -205,10 +189,7 @@ def run_node(env: Mapping[str, str] | None = None) -> int:
     # Held until the agent is done: the store lives exactly as long as this head process.
     store = None
     if node.rank == 0:
-        from torch.distributed import TCPStore
-
-        port = _int(env, "RDZV_PORT", default=DEFAULT_RDZV_PORT)
-        store = TCPStore(node.head, port, is_master=True, wait_for_workers=False)
+        store = host_store(node.head, _int(env, "RDZV_PORT", default=DEFAULT_RDZV_PORT))
     watchdog = start_watchdog(timer_file, node.task_id)
     try:
         cmd = [sys.executable, "-m", "elastic_train.launch", "--agent", *args]
