@@ -14,7 +14,8 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class RendezvousSettings:
     """torchrun rendezvous settings. `fast()` is what the harness uses; `torch_default()` leaves
-    torch's defaults (measured on this machine: 36-41 s to re-form after a node is lost or added)."""
+    torch's defaults (measured on this machine: 36-41 s to re-form after a node is lost or
+    added)."""
 
     last_call_timeout: int | None = 1
     """Seconds the rendezvous waits for more nodes once min_nodes have joined. Default 30: every
