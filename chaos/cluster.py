@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -28,6 +29,7 @@ from types import TracebackType
 
 import psutil
 
+from elastic_train import prefork
 from elastic_train.rendezvous import RendezvousSettings, agent_env
 
 TAG_ENV = "CHAOS_RUN_TAG"
@@ -51,6 +53,9 @@ class Node:
     """Every descendant pid seen (for the orphan check)."""
     watchdog: subprocess.Popen[str] | None = None
     """The node's hang watchdog; dies with the node."""
+    prefork_socket: str = ""
+    """The socket of the agent's prefork server (elastic_train/prefork.py), whose children run
+    the ranks; empty when the entry is not the trainer."""
 
     @property
     def running(self) -> bool:
@@ -165,6 +170,8 @@ class LocalCluster:
             notice.unlink(missing_ok=True)
             log_path = self.workdir / f"node{index}.log"
             timer_file = str(self.workdir / f"timer-node{index}")
+            # Started side by side with the agent (both import torch, ~1.3 s): a worker that
+            # starts before the watchdog is ready runs its first steps untimed.
             watchdog = self._start_watchdog(index, timer_file, log_path)
             env = {
                 **os.environ,
@@ -178,14 +185,19 @@ class LocalCluster:
                 # show where a recovery spent its time.
                 "LOGLEVEL": "INFO",
             }
+            socket_path = ""
+            if self.entry[:2] == ["-m", "elastic_train.train"]:
+                # Trainers start as warm forks of the agent's prefork server, not as fresh
+                # interpreters. Socket paths are short (108 bytes): the temp dir, not workdir.
+                socket_path = os.path.join(tempfile.gettempdir(), f"et-{self.tag}-{index}.sock")
+                env[prefork.SOCKET_ENV] = socket_path
             cmd = [
-                sys.executable, "-m", "torch.distributed.run",
+                # torchrun's agent as on a SkyPilot node: in elastic_train.launch, which forks
+                # the node's prefork server before the agent starts.
+                sys.executable, "-m", "elastic_train.launch", "--agent",
                 f"--nnodes={self.min_nodes}:{self.max_nodes}",
                 f"--nproc-per-node={self.procs_per_node}",
-                "--rdzv-backend=c10d",
-                f"--rdzv-endpoint=127.0.0.1:{self.store_port}",
-                f"--rdzv-id={self.run_id}",
-                f"--rdzv-conf={self.rdzv.conf()}",
+                *self.rdzv.torchrun_args(f"127.0.0.1:{self.store_port}", self.run_id),
                 # Restarts are how an elastic job survives; a run ends by finishing, not by this.
                 f"--max-restarts={self.max_restarts}",
                 # How often the agent polls its workers: a dead worker is noticed within 0.1 s.
@@ -200,27 +212,26 @@ class LocalCluster:
                                          stdin=subprocess.DEVNULL, start_new_session=True)
             finally:
                 log.close()
-            self.nodes.append(Node(index, agent, notice, log_path, time.time(),
-                                   watchdog=watchdog))
+            node = Node(index, agent, notice, log_path, time.time(), watchdog=watchdog,
+                        prefork_socket=socket_path)
+            self.nodes.append(node)
+            if _readline_within(watchdog, 30.0) != "READY":
+                self._kill_tree(node)
+                raise ClusterError(f"node {index}: hang watchdog did not start (see {log_path})")
             return index
 
     def _start_watchdog(self, index: int, timer_file: str, log_path: Path
                         ) -> subprocess.Popen[str]:
-        """The node's hang watchdog (elastic_train/watchdog.py), ready before the agent starts.
-        Raises ClusterError when it does not come up in 30 s."""
+        """Start the node's hang watchdog (elastic_train/watchdog.py); it prints READY when it
+        serves `timer_file`."""
         Path(timer_file).unlink(missing_ok=True)
         env = {**os.environ, TAG_ENV: self.tag, NODE_ENV: str(index)}
         with open(log_path, "a") as log:
-            proc = subprocess.Popen(
+            return subprocess.Popen(
                 [sys.executable, "-m", "elastic_train.watchdog", "--file", timer_file,
                  "--run-id", self.run_id],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
                 start_new_session=True)
-        if _readline_within(proc, 30.0) != "READY":
-            proc.kill()
-            proc.wait()
-            raise ClusterError(f"node {index}: hang watchdog did not start (see {log_path})")
-        return proc
 
     def node(self, index: int) -> Node:
         try:
@@ -265,8 +276,8 @@ class LocalCluster:
         return t
 
     def workers(self, index: int) -> list[psutil.Process]:
-        """The node's live worker processes (the agent's children that torchrun started for
-        ranks), ordered by LOCAL_RANK."""
+        """The node's live trainer processes, ordered by LOCAL_RANK: the prefork children that
+        run the ranks torchrun started (or torchrun's own processes, when they started cold)."""
         node = self.node(index)
         found: list[tuple[int, psutil.Process]] = []
         try:
@@ -277,7 +288,11 @@ class LocalCluster:
             try:
                 env = child.environ()
                 if "LOCAL_RANK" in env and child.status() != psutil.STATUS_ZOMBIE:
-                    found.append((int(env["LOCAL_RANK"]), child))
+                    trainer = child.pid
+                    if node.prefork_socket:  # None while it waits for the server to fork it
+                        trainer = prefork.trainer_pid(node.prefork_socket, child.pid)
+                    if trainer is not None:
+                        found.append((int(env["LOCAL_RANK"]), psutil.Process(trainer)))
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         return [p for _, p in sorted(found, key=lambda x: x[0])]
@@ -356,6 +371,8 @@ class LocalCluster:
         if node.watchdog is not None:
             node.watchdog.kill()
             node.watchdog.wait()
+        if node.prefork_socket:
+            prefork.remove(node.prefork_socket)
         stray = [p for p in self.tagged_processes() if _node_of(p) == str(node.index)]
         _kill_all(stray)
 

@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from elastic_train import exit_codes
+from elastic_train import exit_codes, prefork
 from elastic_train.rendezvous import RendezvousSettings, agent_env, host_store
 from elastic_train.watchdog import start_watchdog
 
@@ -51,9 +51,10 @@ Each peer lost costs every surviving node one restart, and torchrun never refund
 NOTICE_FILE = "~/.elastic-train/preemption-notice"
 """Written by `sky/train.yaml`'s preemption hook; the trainer polls ELASTIC_TRAIN_NOTICE_FILE."""
 
-# The harness uses keep_alive_max_attempt=3 on loopback; 5 leaves room for a real network.
-# join_timeout stays torch's 600 s: real nodes finish their setup minutes apart.
-RDZV_CONF = RendezvousSettings(keep_alive_max_attempt=5, join_timeout=None).conf()
+# The harness's settings are for loopback; real networks get more room: heartbeats 1 s x 5 and a
+# 1 s last call. join_timeout stays torch's 600 s: real nodes finish their setup minutes apart.
+RDZV = RendezvousSettings(last_call_timeout=1, keep_alive_interval=1, keep_alive_max_attempt=5,
+                          join_timeout=None)
 
 SHUTDOWN_TIMEOUT_S = 5
 """Seconds the agent waits for SIGTERMed workers before SIGKILL (default 30). The trainer exits at
@@ -145,10 +146,7 @@ def torchrun_args(node: Node, env: Mapping[str, str]) -> list[str]:
     return [
         f"--nnodes={min_nodes}:{node.num_nodes}",
         f"--nproc-per-node={node.procs}",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint={node.head}:{port}",
-        f"--rdzv-id={node.task_id}",
-        f"--rdzv-conf={RDZV_CONF}",
+        *RDZV.torchrun_args(f"{node.head}:{port}", node.task_id),
         f"--local-addr={node.ip}",
         f"--max-restarts={_int(env, 'MAX_RESTARTS', default=DEFAULT_MAX_RESTARTS)}",
         "--monitor-interval=0.5",
@@ -182,7 +180,9 @@ def run_node(env: Mapping[str, str] | None = None) -> int:
     notice.parent.mkdir(parents=True, exist_ok=True)
     notice.unlink(missing_ok=True)  # a notice left by an earlier cluster on this disk is stale
     timer_file = os.path.join(tempfile.gettempdir(), f"elastic-train-timer-{os.getpid()}")
-    agent_environ = {**env, **agent_env(timer_file), "ELASTIC_TRAIN_NOTICE_FILE": str(notice)}
+    agent_environ = {**env, **agent_env(timer_file), "ELASTIC_TRAIN_NOTICE_FILE": str(notice),
+                     prefork.SOCKET_ENV: os.path.join(tempfile.gettempdir(),
+                                                      f"elastic-train-{os.getpid()}.sock")}
 
     print(f"elastic_train.launch: node {node.rank} of {node.num_nodes}, run "
           f"{run_uri(env, node.task_id)}\n  torchrun {shlex.join(args)}", flush=True)
@@ -258,6 +258,10 @@ def run_agent(args: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    if os.environ.get(prefork.SOCKET_ENV):
+        # Now, while this process has no threads: the workers then start as forks of a server
+        # that has imported torch and the trainer once, not as fresh interpreters (~2 s each).
+        prefork.fork_server(os.environ[prefork.SOCKET_ENV])
     try:
         run(parse_args(args))
     except ChildFailedError as e:

@@ -80,4 +80,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from elastic_train import prefork
+
+    # Under torchrun on a node with a prefork server: run in one of its warm children.
+    if os.environ.get(prefork.SOCKET_ENV):
+        code = prefork.run_through_server(os.environ[prefork.SOCKET_ENV],
+                                          ["-m", "elastic_train.train", *sys.argv[1:]])
+        if code is not None:
+            prefork.exit_like(code)
     sys.exit(main())

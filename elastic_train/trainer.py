@@ -22,8 +22,8 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from typing import Any
 
 import torch
@@ -40,6 +40,7 @@ from elastic_train.config import Config, validate
 from elastic_train.metrics import MetricsLog, progress_line, say
 from elastic_train.model import GPT, config_for, num_params
 from elastic_train.optim import build_optimizer, lr_at
+from elastic_train.prefork import AGENT_PID_ENV
 
 
 class TrainerProgress(Stateful):
@@ -69,21 +70,58 @@ def _exit_on_sigterm() -> None:
 def _hang_timer(seconds: float) -> Callable[[], AbstractContextManager[object]]:
     """A context factory: the node's watchdog (elastic_train/watchdog.py, serving the FIFO at
     TORCHELASTIC_TIMER_FILE) SIGKILLs this worker if a step takes longer than `seconds` (a hung
-    peer, or this process stopped). A no-op when `seconds` is 0 or no watchdog serves a FIFO."""
+    peer, or this process stopped). A no-op when `seconds` is 0 or no watchdog serves a FIFO.
+    A watchdog that is not (or no longer) there leaves steps untimed, with one warning, rather
+    than failing them: it starts alongside the node's agent, not before it."""
     path = os.environ.get("TORCHELASTIC_TIMER_FILE")
     if seconds <= 0 or not path:
         return lambda: nullcontext()
-    from torch.distributed.elastic.timer import FileTimerClient, configure, expires
+    from torch.distributed.elastic.timer import FileTimerClient
 
-    configure(FileTimerClient(path))
-    return lambda: expires(after=seconds, scope="step")
+    client = FileTimerClient(path)
+    warned = False
+
+    @contextmanager
+    def step_timer() -> Iterator[None]:
+        nonlocal warned
+        try:
+            client.acquire("step", time.time() + seconds)
+            armed = True
+        except BrokenPipeError:
+            armed = False
+            if not warned:
+                say(f"warning: no hang watchdog serves {path} yet; this step runs untimed")
+                warned = True
+        try:
+            yield
+        finally:
+            if armed:
+                with suppress(BrokenPipeError):
+                    client.release("step")
+
+    return step_timer
+
+
+def _process_age_s() -> float:
+    """Seconds since this process began (Linux: to the clock tick; elsewhere 0)."""
+    try:
+        with open("/proc/self/stat") as f:
+            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
 
 
 class Trainer:
     def __init__(self, config: Config) -> None:
         _exit_on_sigterm()
+        # Where a (re)start spends its time, for the "start" event: process birth (a fork of
+        # the node's prefork server, or a cold interpreter) -> process group -> model -> restore.
+        self.startup: dict[str, float] = {"process": time.time() - _process_age_s(),
+                                          "trainer": time.time()}
         self.config = config
         self.world = distributed.init(config.parallel)
+        self.startup["process_group"] = time.time()
         validate(config, self.world.size)
         if self.world.device.type == "cpu":
             torch.set_num_threads(config.run.threads)
@@ -130,6 +168,7 @@ class Trainer:
         self.last_save_step = 0
         self.notices = build_watcher_from_env()
         self.step_timer = _hang_timer(config.parallel.hang_timeout_s)
+        self.startup["model"] = time.time()
 
     def _on_checkpoint_event(self, event: dict[str, Any]) -> None:
         """Rank 0, any thread: log it, learn the checkpoint cost, keep the ledger current."""
@@ -208,8 +247,12 @@ class Trainer:
         restored = self.checkpoints.load(self.state)
         start = self.progress.step if restored is not None else 0
         self.last_save_step = start
+        self.startup["restore"] = time.time()
+        marks = list(self.startup.items())
         self.metrics.event("start", world_size=world.size, restored_step=restored,
-                           restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
+                           restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+                           startup_s={name: round(t - marks[i - 1][1], 3)
+                                      for i, (name, t) in enumerate(marks) if i > 0})
         if world.is_main:
             where = f"step {restored}" if restored is not None else "scratch"
             say(f"training {cfg.model} ({self.n_params / 1e6:.1f}M params) on {world.size} "
@@ -272,7 +315,8 @@ class Trainer:
         self.metrics.event("left", step=self.progress.step)
         self.metrics.close()
         if "TORCHELASTIC_RUN_ID" in os.environ:
-            os.kill(os.getppid(), signal.SIGTERM)
+            # A prefork worker's parent is the node's prefork server; it names its agent.
+            os.kill(int(os.environ.get(AGENT_PID_ENV) or os.getppid()), signal.SIGTERM)
         os._exit(exit_codes.PREEMPTED)
 
     def _finish(self) -> None:

@@ -69,8 +69,10 @@ def test_kill_node_takes_every_descendant_and_close_leaves_nothing(tmp_path: Pat
 def test_rendezvous_settings_say_why_and_default_is_torchs() -> None:
     fast = RendezvousSettings.fast().conf()
     assert fast.startswith("is_host=false,")
-    assert "last_call_timeout=1" in fast and "keep_alive_max_attempt=3" in fast
-    assert RendezvousSettings.torch_default().conf() == "is_host=false"
+    assert "last_call_timeout=0.5" in fast and "keep_alive_max_attempt=3" in fast
+    assert RendezvousSettings.fast().backend == "c10d-fast"
+    default = RendezvousSettings.torch_default()
+    assert default.conf() == "is_host=false" and default.backend == "c10d"
 
 
 def test_the_store_stops_when_its_owner_goes(tmp_path: Path) -> None:

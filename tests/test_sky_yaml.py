@@ -216,11 +216,12 @@ def test_launcher_builds_torchrun_from_skypilots_variables():
     args = launch.torchrun_args(launch.Node.from_env(env), env)
     task_id = env["SKYPILOT_TASK_ID"]
     assert args[:9] == [
-        "--nnodes=2:3", "--nproc-per-node=8", "--rdzv-backend=c10d",
-        "--rdzv-endpoint=10.0.0.1:29400", f"--rdzv-id={task_id}", f"--rdzv-conf={launch.RDZV_CONF}",
+        "--nnodes=2:3", "--nproc-per-node=8", "--rdzv-backend=c10d-fast",
+        "--rdzv-endpoint=10.0.0.1:29400", f"--rdzv-id={task_id}",
+        f"--rdzv-conf={launch.RDZV.conf()}",
         "--local-addr=10.0.0.2", f"--max-restarts={launch.DEFAULT_MAX_RESTARTS}",
         "--monitor-interval=0.5"]
-    assert "is_host=false" in launch.RDZV_CONF and "last_call_timeout=1" in launch.RDZV_CONF
+    assert "is_host=false" in launch.RDZV.conf() and "last_call_timeout=1," in launch.RDZV.conf()
     trainer = args[args.index("elastic_train.train") + 1:]
     assert trainer == ["--config", "configs/base.toml",
                        f"--checkpoint.uri=s3://bucket/et/runs/{task_id}",

@@ -1,0 +1,298 @@
+"""Warm workers: a per-node server that imports torch and the trainer once, then forks a ready
+worker for every rank torchrun starts. A re-formed world trains again a fraction of a second after
+its rendezvous instead of after ~2 s of imports (`import elastic_train.trainer` is 1.7 s here).
+
+    elastic_train.prefork.fork_server(PATH)    # in the node's agent, before it starts
+
+torchrun still starts `python -m elastic_train.train ...` for each rank. With ELASTIC_TRAIN_PREFORK
+set to the socket, that process (the *client*, which never imports torch) hands the server its
+argv, environment, working directory and stdio; the server forks a child that runs the trainer
+exactly as the client would have. For torchrun the client stays the worker: it passes SIGTERM,
+SIGINT, SIGHUP and SIGUSR1 on to the child and exits with the child's status (a death by signal
+is reproduced as one). The server stays single-threaded, so forking it is safe.
+
+What happens on failure:
+- no server, or it is gone: the client runs the trainer itself (a cold start; nothing else
+  differs).
+- the client dies (SIGKILLed by its agent, or with its node): the server SIGKILLs the child at
+  once, as a torchrun worker would die.
+- the server dies: each client SIGKILLs its child and exits 1, and torchrun restarts them (cold).
+- the server's parent dies: the server kills its children and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import runpy
+import select
+import shutil
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+SOCKET_ENV = "ELASTIC_TRAIN_PREFORK"
+"""Path of the node's prefork socket; unset = every worker starts cold."""
+AGENT_PID_ENV = "ELASTIC_TRAIN_AGENT_PID"
+"""Set in a forked worker: its agent's pid (the worker's parent is the server, not the agent)."""
+PRELOAD = ("elastic_train.trainer", "elastic_train.train", "torch._dynamo", "torch.profiler",
+           "fsspec.implementations.local", "s3fs", "gcsfs")
+"""Imported once by the server; only the first must import. torch._dynamo is imported lazily by
+FSDP2's first `fully_shard` (0.6 s here), so it is here too."""
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+_MAX_REQUEST = 1 << 20
+
+
+# ------------------------------------------------------------------------------------ client
+
+
+def run_through_server(path: str, command: Sequence[str]) -> int | None:
+    """Run `python COMMAND` (`-m module args...` or `script.py args...`) in a child of the
+    prefork server at `path`, with this process's stdio, environment and directory; return its
+    exit code (negative: killed by that signal), or None when there is no server to ask (the
+    caller then runs it itself)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    request = {"command": list(command), "env": dict(os.environ), "cwd": os.getcwd(),
+               "agent_pid": os.getppid()}
+    try:
+        sock.connect(path)
+        socket.send_fds(sock, [json.dumps(request).encode()], [0, 1, 2])
+        reply = sock.recv(4096)
+    except OSError:
+        reply = b""
+    pid_file = _pid_file(path, os.getpid())
+    if not reply:  # no server, or it went away before forking: the caller starts cold
+        sock.close()
+        with contextlib.suppress(OSError):
+            pid_file.write_text(str(os.getpid()))
+        return None
+    child = int(json.loads(reply)["pid"])
+    with contextlib.suppress(OSError):
+        pid_file.write_text(str(child))
+    for sig in FORWARDED:
+        signal.signal(sig, lambda s, _f: _signal(child, s))
+    try:
+        reply = sock.recv(4096)
+    finally:
+        pid_file.unlink(missing_ok=True)
+    if not reply:  # the server died, and the child's status with it
+        _signal(child, signal.SIGKILL)
+        return 1
+    return int(json.loads(reply)["exit"])
+
+
+def exit_like(code: int) -> None:
+    """Leave this process the way the child did: same exit code, or death by the same signal."""
+    if code < 0:
+        with contextlib.suppress(OSError, ValueError):  # SIGKILL has no handler to reset
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    sys.exit(code)
+
+
+def trainer_pid(path: str, client_pid: int) -> int | None:
+    """The pid of the process that runs the trainer for client `client_pid` (a torchrun worker)
+    of the server at `path`: its forked child, the client itself when it started cold, or None
+    while it waits for the server."""
+    try:
+        return int(_pid_file(path, client_pid).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def remove(path: str) -> None:
+    """Remove a (dead) server's socket and pid files."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    shutil.rmtree(f"{path}.pids", ignore_errors=True)
+
+
+def _pid_file(path: str, client_pid: int) -> Path:
+    return Path(f"{path}.pids") / str(client_pid)
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+# ------------------------------------------------------------------------------------ server
+
+
+class PreforkServer:
+    """Accepts clients on a unix socket and forks one trainer per client. See the module
+    docstring for what happens when a client, the server or its parent dies."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        Path(f"{path}.pids").mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        # Bound before the imports: a client that connects meanwhile waits in the backlog.
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.listener.bind(path)
+        self.listener.listen(64)
+        self.children: dict[int, socket.socket] = {}
+        self._stopping = False
+
+    def preload(self, modules: Sequence[str] = PRELOAD) -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                if name == modules[0]:
+                    raise
+
+    def serve(self) -> None:
+        """Until SIGTERM/SIGINT, or this process's parent dies. Kills its children on the way
+        out."""
+        parent = os.getppid()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: setattr(self, "_stopping", True))
+        try:
+            while not self._stopping and os.getppid() == parent:
+                clients = {conn: pid for pid, conn in self.children.items()}
+                ready, _, _ = select.select([self.listener, *clients], [], [], 0.05)
+                for sock in ready:
+                    if sock is self.listener:
+                        self._accept()
+                    elif not sock.recv(16):  # the client is gone: its worker goes too
+                        _signal(clients[sock], signal.SIGKILL)
+                self._reap()
+        finally:
+            for pid in self.children:
+                _signal(pid, signal.SIGKILL)
+            while self.children:
+                self._reap(block=True)
+            self.listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    def _accept(self) -> None:
+        conn, _ = self.listener.accept()
+        try:
+            message, fds, _, _ = socket.recv_fds(conn, _MAX_REQUEST, 3)
+            request = json.loads(message)
+        except (OSError, ValueError):
+            conn.close()
+            return
+        pid = os.fork()
+        if pid == 0:
+            self.listener.close()
+            for other in self.children.values():
+                other.close()
+            conn.close()
+            _become_worker(request, fds)  # never returns
+        for fd in fds:
+            os.close(fd)
+        try:
+            conn.send(json.dumps({"pid": pid}).encode())
+        except OSError:
+            _signal(pid, signal.SIGKILL)
+        self.children[pid] = conn
+
+    def _reap(self, block: bool = False) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                return
+            if pid == 0:
+                return
+            conn = self.children.pop(pid, None)
+            if conn is not None:
+                with contextlib.suppress(OSError):
+                    conn.send(json.dumps({"exit": os.waitstatus_to_exitcode(status)}).encode())
+                conn.close()
+            if block:
+                return
+
+
+def _become_worker(request: Mapping[str, Any], fds: Sequence[int]) -> None:
+    """In the forked child: take over the client's stdio, environment and directory, run its
+    command as `python` would, and exit with its code."""
+    code = 1
+    try:
+        os.setsid()  # as torchrun starts its workers: a session of its own
+        for sig in (*FORWARDED, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        for stream in (sys.stdout, sys.stderr):
+            stream.reconfigure(line_buffering=True)
+        os.chdir(str(request["cwd"]))
+        os.environ.clear()
+        os.environ.update({str(k): str(v) for k, v in request["env"].items()})
+        os.environ.pop(SOCKET_ENV, None)  # the command runs here; it must not ask again
+        os.environ[AGENT_PID_ENV] = str(request["agent_pid"])
+        threads = os.environ.get("OMP_NUM_THREADS", "")
+        if threads.isdigit() and "torch" in sys.modules:  # torch read it in the server
+            sys.modules["torch"].set_num_threads(int(threads))
+        command = [str(a) for a in request["command"]]
+        if command[0] == "-m":
+            sys.argv = [command[1], *command[2:]]
+            runpy.run_module(command[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = command
+            runpy.run_path(command[0], run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
+def fork_server(path: str, preload: Sequence[str] = PRELOAD) -> int:
+    """Bind `path` and fork the server from this process, which imports `preload` and serves;
+    return its pid. The node's agent calls this once it has imported torch and before it starts
+    any thread: the server shares that import, does the rest of its own while the agent
+    rendezvous, and dies with the agent (see `PreforkServer.serve`). A client that connects
+    before the imports are done waits for them."""
+    server = PreforkServer(path)
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            server.preload(preload)
+            server.serve()
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            os._exit(code)
+    server.listener.close()
+    return pid
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A server on its own (the agent normally forks it, see `fork_server`): it serves until
+    this process is stopped."""
+    parser = argparse.ArgumentParser(prog="python -m elastic_train.prefork",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--socket", required=True, help="unix socket path to serve on")
+    parser.add_argument("--preload", nargs="*", default=list(PRELOAD),
+                        help="modules to import once (the first one must import)")
+    args = parser.parse_args(argv)
+    server = fork_server(args.socket, args.preload)
+    print("LISTENING", flush=True)
+    _, status = os.waitpid(server, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The prefork server: a worker forked from it behaves, for whoever started the client, like the
+process it stands for (stdio, environment, directory, exit code, signals), and no child outlives
+its client or the server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from elastic_train import prefork
+
+TARGET = textwrap.dedent("""
+    import os, signal, sys, time
+    mode = sys.argv[1]
+    print("warm", "json" in sys.modules and "email.mime.text" in sys.modules, "cwd", os.getcwd(),
+          "mark", os.environ.get("MARK"), "socket", os.environ.get("ELASTIC_TRAIN_PREFORK"),
+          "agent", os.environ.get("ELASTIC_TRAIN_AGENT_PID"), flush=True)
+    print("to stderr", file=sys.stderr, flush=True)
+    if mode == "exit":
+        sys.exit(int(sys.argv[2]))
+    if mode == "sleep":
+        signal.signal(signal.SIGTERM, lambda *_: (print("got SIGTERM", flush=True), os._exit(43)))
+        print("ready", os.getpid(), flush=True)
+        time.sleep(600)
+    if mode == "raise":
+        raise ValueError("boom")
+""")
+CLIENT = ("import sys; from elastic_train import prefork; "
+          "code = prefork.run_through_server(sys.argv[1], sys.argv[2:]); "
+          "print('no server', flush=True) if code is None else prefork.exit_like(code)")
+
+
+def _start_server(path: str, preload: str) -> subprocess.Popen[str]:
+    """`python -m elastic_train.prefork`: it forks the server as an agent does, then waits."""
+    proc = subprocess.Popen([sys.executable, "-m", "elastic_train.prefork", "--socket", path,
+                             "--preload", preload], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "LISTENING"
+    return proc
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    # A short path: unix socket paths are limited to 108 bytes.
+    path = f"/tmp/et-test-{os.getpid()}-{time.monotonic_ns()}.sock"
+    # email.mime.text stands in for torch: imported once in the server, present in every child.
+    proc = _start_server(path, "email.mime.text")
+    yield path
+    proc.terminate()
+    proc.wait(10)
+    prefork.remove(path)
+
+
+def _client(path: str, tmp_path: Path, *args: str, **kw: object) -> subprocess.Popen[str]:
+    script = tmp_path / "target.py"
+    script.write_text(TARGET)
+    return subprocess.Popen([sys.executable, "-c", CLIENT, path, str(script), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MARK": "m1", prefork.SOCKET_ENV: path},
+                            cwd=tmp_path, **kw)
+
+
+def test_a_forked_worker_takes_the_clients_stdio_env_dir_and_exit_code(server: str,
+                                                                       tmp_path: Path) -> None:
+    client = _client(server, tmp_path, "exit", "7")
+    out, err = client.communicate(timeout=60)
+    assert client.returncode == 7, err
+    assert f"warm True cwd {tmp_path} mark m1 socket None agent {os.getpid()}" in out
+    assert "to stderr" in err
+
+
+def test_an_uncaught_exception_exits_1_with_its_traceback(server: str, tmp_path: Path) -> None:
+    client = _client(server, tmp_path, "raise")
+    _, err = client.communicate(timeout=60)
+    assert client.returncode == 1 and "ValueError: boom" in err
+
+
+def _ready_child(client: subprocess.Popen[str]) -> int:
+    assert client.stdout is not None
+    for line in client.stdout:
+        if line.startswith("ready"):
+            return int(line.split()[1])
+    raise AssertionError("the worker never started")
+
+
+def test_signals_reach_the_worker_and_its_death_is_the_clients(server: str,
+                                                               tmp_path: Path) -> None:
+    client = _client(server, tmp_path, "sleep")
+    child = _ready_child(client)
+    assert child != client.pid and prefork.trainer_pid(server, client.pid) == child
+    client.send_signal(signal.SIGTERM)
+    out, _ = client.communicate(timeout=30)
+    assert client.returncode == 43 and "got SIGTERM" in out
+
+    client = _client(server, tmp_path, "sleep")
+    child = _ready_child(client)
+    os.kill(child, signal.SIGKILL)  # e.g. the node's hang watchdog
+    client.wait(30)
+    assert client.returncode == -signal.SIGKILL
+
+
+def test_a_killed_client_takes_its_worker_along(server: str, tmp_path: Path) -> None:
+    client = _client(server, tmp_path, "sleep")
+    child = psutil.Process(_ready_child(client))
+    client.kill()  # what torchrun does to a worker that ignores SIGTERM
+    child.wait(10)
+
+
+def test_when_the_agent_dies_its_server_takes_its_workers_along(tmp_path: Path) -> None:
+    path = f"/tmp/et-test-{os.getpid()}-dead.sock"
+    proc = _start_server(path, "json")  # proc stands for the agent that forked the server
+    try:
+        client = _client(path, tmp_path, "sleep")
+        child = psutil.Process(_ready_child(client))
+        proc.kill()
+        child.wait(10)
+        client.wait(10)
+        assert client.returncode != 0
+    finally:
+        proc.kill()
+        proc.wait()
+        prefork.remove(path)
+
+
+def test_without_a_server_the_client_says_so_and_runs_cold(tmp_path: Path) -> None:
+    client = _client(str(tmp_path / "nobody.sock"), tmp_path, "exit", "0")
+    out, _ = client.communicate(timeout=60)
+    assert client.returncode == 0 and out.strip() == "no server"
