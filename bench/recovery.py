@@ -1,7 +1,9 @@
 """Recovery time of the elastic job: node lost, node added, worker hung.
 
-Ours (the harness's fast rendezvous settings, see chaos/cluster.py) against torchrun's default
-rendezvous settings, measured in the same run on the real trainer (tiny model, file storage).
+Ours (the `c10d-fast` rendezvous with the harness's settings, elastic_train/rendezvous.py, and
+workers forked warm from each node's prefork server, elastic_train/prefork.py) against torchrun as
+it comes (its c10d rendezvous defaults, workers started as fresh interpreters), measured in the
+same run on the real trainer (tiny model, file storage).
 Recovery = fault -> the first step completed in the new world (metrics.jsonl). Each setting runs
 one long job on 2 nodes and repeats, per trial: kill a node (lost), add one (added), SIGSTOP a rank
 (hung: the node's watchdog kills it, see elastic_train/watchdog.py, and the world re-forms at 2).
@@ -80,8 +82,9 @@ def measure(label: str, settings: RendezvousSettings, trials: int, out: Path,
         print(f"{label:>13} {kind:<12} {value if value is not None else 'TIMEOUT'} s",
               flush=True)
 
+    # The baseline is torchrun as it comes: its rendezvous defaults, and workers started cold.
     with LocalCluster(out / label / "nodes", ["-m", "elastic_train.train", *args], min_nodes=1,
-                      max_nodes=3, rdzv=settings) as cluster:
+                      max_nodes=3, rdzv=settings, prefork=label == "ours") as cluster:
         job = Job(cluster, out / label / "run" / "metrics.jsonl")
         for _ in range(2):
             cluster.add_node()
