@@ -139,6 +139,8 @@ def main() -> None:
     p.add_argument("--every", type=int, default=50, help="fixed interval in steps")
     p.add_argument("--min-every", type=int, default=5)
     p.add_argument("--max-every", type=int, default=500)
+    p.add_argument("--prior-mtbi", type=float, default=0.0,
+                   help="adaptive arm: checkpoint.prior_mtbi_s (0: none, learn from the run)")
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--arms", default="fixed,young_daly,adaptive",
@@ -172,7 +174,8 @@ def main() -> None:
             "young_daly": {"checkpoint.every": yd_every},
             "adaptive": {"checkpoint.every": a.every, "checkpoint.interval": "adaptive",
                          "checkpoint.min_every": a.min_every,
-                         "checkpoint.max_every": a.max_every},
+                         "checkpoint.max_every": a.max_every,
+                         "checkpoint.prior_mtbi_s": a.prior_mtbi},
         }
         order = arms[rnd % len(arms):] + arms[:rnd % len(arms)]
         for arm in order:

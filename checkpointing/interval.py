@@ -13,6 +13,7 @@ What it answers before it has seen enough:
 | interruptions seen | cost C known | answer                                             |
 | ------------------ | ------------ | -------------------------------------------------- |
 | none, no prior     | any          | max_steps                                          |
+| none, prior M0     | no           | min_steps (interruptions are expected: learn C)    |
 | none, prior M0     | yes          | sqrt(2*C*M0), bounded                              |
 | some               | no           | min_steps (save soon, and so learn C)              |
 | some               | yes          | sqrt(2*C*M), M = (exposure + M0) / (n + [M0 set])  |
@@ -147,11 +148,11 @@ class AdaptiveInterval:
         m = self.mtbi_s(now)
         if m is None:
             return self.max_steps
-        if self.checkpoint_cost_s is None:
-            return self.min_steps if self._interruptions else self.max_steps
         step = self.step_time_s
-        if step is None:
-            return self.min_steps if self._interruptions else self.max_steps
+        if self.checkpoint_cost_s is None or step is None:
+            # Interruptions are expected (seen, or a prior says so): save soon, and so learn C.
+            expected = self._interruptions or self.prior_mtbi_s is not None
+            return self.min_steps if expected else self.max_steps
         seconds = self.interval_s(now) or 0.0
         return max(self.min_steps, min(self.max_steps, round(seconds / step)))
 

@@ -9,7 +9,8 @@ set to the socket, that process (the *client*, which never imports torch) hands 
 argv, environment, working directory and stdio; the server forks a child that runs the trainer
 exactly as the client would have. For torchrun the client stays the worker: it passes SIGTERM,
 SIGINT, SIGHUP and SIGUSR1 on to the child and exits with the child's status (a death by signal
-is reproduced as one). The server stays single-threaded, so forking it is safe.
+is reproduced as one). The server stays single-threaded, so forking it is safe. In `ps` a forked
+worker shows its agent's command line; `trainer_pid` maps a torchrun worker to its trainer.
 
 What happens on failure:
 - no server, or it is gone: the client runs the trainer itself (a cold start; nothing else
@@ -132,12 +133,13 @@ class PreforkServer:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        Path(f"{path}.pids").mkdir(parents=True, exist_ok=True)
+        Path(f"{path}.pids").mkdir(mode=0o700, parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         # Bound before the imports: a client that connects meanwhile waits in the backlog.
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.listener.bind(path)
+        os.chmod(path, 0o600)  # clients send their environment, credentials included
         self.listener.listen(64)
         self.children: dict[int, socket.socket] = {}
         self._stopping = False

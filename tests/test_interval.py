@@ -88,6 +88,9 @@ def test_prior_is_used_until_interruptions_are_seen_and_then_blends():
     ai = make(clock, prior_mtbi_s=3600.0)
     ai.start_at(clock.t)
     ai.observe_step_time(1.0)
+    # Interruptions are expected and C is unknown: save soon to learn it (a fault-free first
+    # hour would otherwise run to max_steps unprotected).
+    assert ai.next_interval_steps() == 5
     ai.observe_checkpoint_cost(1.0, 1.0)
     assert ai.next_interval_steps() == round(math.sqrt(2 * 2.0 * 3600))  # 120
     clock.t += 600
