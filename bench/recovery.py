@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from chaos.backends import prepared_data
 from chaos.cluster import LocalCluster, RendezvousSettings
@@ -62,12 +63,23 @@ class Job:
             time.sleep(0.05)
         return None
 
+    def lost_steps(self, since: float) -> int | None:
+        """Steps done before the first re-form after `since` that the new world repeats: the
+        newest step reported before its `start`, minus the step it restored."""
+        last = 0
+        for r in self.tail.records:
+            if r.get("event") == "start" and float(r["time"]) > since:
+                return max(0, last - int(r.get("restored_step") or 0))
+            if is_step(r):
+                last = int(r["step"])
+        return None
+
     def newest_live(self) -> int:
         return max(self.cluster.live_nodes())
 
 
 def measure(label: str, settings: RendezvousSettings, trials: int, out: Path,
-            cache: Path) -> dict[str, list[float | None]]:
+            cache: Path) -> dict[str, list[Any]]:
     overrides = {**HARNESS_TRAIN_DEFAULTS, "model": "tiny", "steps": 1_000_000,
                  "checkpoint.every": 20, "run.dir": str(out / label / "run"),
                  "data.uri": prepared_data(cache),
@@ -75,16 +87,18 @@ def measure(label: str, settings: RendezvousSettings, trials: int, out: Path,
     args = [f"--{k}={v}" for k, v in overrides.items()]
     results: dict[str, list[float | None]] = {"node_lost": [], "node_added": [],
                                               "worker_hung": []}
+    lost: dict[str, list[int | None]] = {kind: [] for kind in results}
 
-    def record(kind: str, t_fault: float, t_done: float | None) -> None:
+    def record(kind: str, t_fault: float, t_done: float | None, lost_steps: int | None) -> None:
         value = round(t_done - t_fault, 2) if t_done is not None else None
         results[kind].append(value)
-        print(f"{label:>13} {kind:<12} {value if value is not None else 'TIMEOUT'} s",
-              flush=True)
+        lost[kind].append(lost_steps)
+        print(f"{label:>17} {kind:<12} {value if value is not None else 'TIMEOUT'} s, "
+              f"{lost_steps} steps lost", flush=True)
 
     # The baseline is torchrun as it comes: its rendezvous defaults, and workers started cold.
     with LocalCluster(out / label / "nodes", ["-m", "elastic_train.train", *args], min_nodes=1,
-                      max_nodes=3, rdzv=settings, prefork=label == "ours") as cluster:
+                      max_nodes=3, rdzv=settings, prefork=label != "torch_default") as cluster:
         job = Job(cluster, out / label / "run" / "metrics.jsonl")
         for _ in range(2):
             cluster.add_node()
@@ -95,7 +109,8 @@ def measure(label: str, settings: RendezvousSettings, trials: int, out: Path,
         def fault(kind: str, act: Callable[[], object], world_after: int) -> None:
             t = time.time()
             act()
-            record(kind, t, job.recovered(world_after, t))
+            done = job.recovered(world_after, t)
+            record(kind, t, done, job.lost_steps(t))
             job.recovered(world_after, t, steps=3)  # settle before the next fault
 
         for _ in range(trials):
@@ -103,7 +118,7 @@ def measure(label: str, settings: RendezvousSettings, trials: int, out: Path,
             fault("node_added", cluster.add_node, 2)
             # the watchdog kills the stopped worker; its node restarts it: same world size
             fault("worker_hung", lambda: cluster.hang_worker(job.newest_live()), 2)
-    return results
+    return {**results, **{f"{kind}_lost_steps": v for kind, v in lost.items()}}
 
 
 def median(values: list[float | None]) -> float | None:
@@ -123,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     cache = Path(args.cache) if args.cache else default_cache()
     runs = {
         "ours": measure("ours", RendezvousSettings.fast(), args.trials, out, cache),
+        # The same without saving before a node joins: the grown world starts sooner but
+        # resumes from the newest commit, losing the steps since.
+        "ours_no_join_save": measure("ours_no_join_save",
+                                     RendezvousSettings(save_before_join_s=0), args.trials,
+                                     out, cache),
     }
     if not args.ours_only:
         runs["torch_default"] = measure("torch_default", RendezvousSettings.torch_default(),
@@ -136,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             "speedup": round(default / ours, 2) if ours and default else None,
             "target_s": target, "meets_target": ours is not None and ours <= target,
             "ours_s": runs["ours"][kind], "torch_default_s": defaults,
+            "ours_lost_steps": runs["ours"][f"{kind}_lost_steps"],
+            "ours_no_join_save_median_s": median(runs["ours_no_join_save"][kind]),
+            "ours_no_join_save_lost_steps": runs["ours_no_join_save"][f"{kind}_lost_steps"],
         }
     print(json.dumps(summary), flush=True)
     return 0

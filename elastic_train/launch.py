@@ -5,9 +5,13 @@ runs torchrun's elastic agent in a child process (`supervise`: started again if 
 timer takes the agent down with it):
 
     torchrun --nnodes=MIN_NODES:SKYPILOT_NUM_NODES --nproc-per-node=SKYPILOT_NUM_GPUS_PER_NODE
-             --rdzv-backend=c10d --rdzv-endpoint=HEAD:RDZV_PORT --rdzv-id=SKYPILOT_TASK_ID
+             --rdzv-backend=c10d-fast --rdzv-endpoint=HEAD:RDZV_PORT --rdzv-id=SKYPILOT_TASK_ID
              --rdzv-conf=is_host=false,... -m elastic_train.train [--config CONFIG]
              --checkpoint.uri=BUCKET/runs/RUN_NAME [--data.uri=DATA_URI] TRAIN_ARGS...
+
+- `c10d-fast` is torch's c10d rendezvous polling every 0.1 s with fractional timeouts
+  (`elastic_train.rendezvous`). The agent first forks the node's prefork server
+  (`elastic_train.prefork`), so that workers start warm after every re-form.
 
 - The head (node rank 0) also hosts the rendezvous store: a standalone `TCPStore` in this process,
   so no agent owns it and any agent may die without taking the rendezvous with it. Losing the

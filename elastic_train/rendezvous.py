@@ -6,14 +6,24 @@ torchrun's c10d rendezvous polls its shared state once a second (`_delay(seconds
 loop, and a 1 s state cache) and takes its timeouts in whole seconds, so every re-form costs
 several one-second quanta on top of the time to notice a dead node. `--rdzv-backend=c10d-fast` is
 the same c10d rendezvous (same store, same state, same protocol) with a configurable poll interval
-and fractional timeouts; torchrun finds it through the `torchrun.handlers` entry point."""
+and fractional timeouts; torchrun finds it through the `torchrun.handlers` entry point.
+
+It also saves before a node joins. torchrun re-forms the world as soon as a node waits to join,
+and every worker resumes from the newest commit, so all work since that commit would be lost.
+Instead, an agent that sees a node waiting asks the current world's rank 0 (`JoinRequests`,
+through keys in the rendezvous store) to save, and lets the node in once that save has committed,
+or after `save_before_join_s` (default 10 s; 0 turns this off), or at once when no trainer
+listens."""
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from dataclasses import dataclass, fields
 from datetime import timedelta
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from torch.distributed import TCPStore
@@ -21,6 +31,10 @@ if TYPE_CHECKING:
 
 FAST_BACKEND = "c10d-fast"
 """The `--rdzv-backend` name of `create_fast_handler` (registered in pyproject.toml)."""
+JOIN_STORE_ENV = "ELASTIC_TRAIN_RDZV_STORE"
+"""Set by the agent for its workers: host:port of the rendezvous store."""
+JOIN_KEY_ENV = "ELASTIC_TRAIN_JOIN_KEY"
+"""Set by the agent for its workers: the store key prefix of this world's join requests."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +58,9 @@ class RendezvousSettings:
     join_timeout: int | None = 120
     """Seconds a node waits for a rendezvous to complete before its agent gives up (default 600):
     bounds how long a node outlives a job that finished without it."""
+    save_before_join_s: float | None = None
+    """Longest a joining node waits for rank 0's save (None: the handler's 10 s; 0: no save, the
+    grown world resumes from the newest commit)."""
 
     @classmethod
     def fast(cls) -> RendezvousSettings:
@@ -51,7 +68,7 @@ class RendezvousSettings:
 
     @classmethod
     def torch_default(cls) -> RendezvousSettings:
-        return cls("c10d", None, None, None, None, None)
+        return cls("c10d", None, None, None, None, None, None)
 
     def conf(self) -> str:
         # is_host=false: no agent hosts the c10d store; our standalone store process does, so any
@@ -90,11 +107,129 @@ def create_fast_handler(params: RendezvousParameters) -> RendezvousHandler:
         keep_alive_interval=timedelta(seconds=_seconds(params, "keep_alive_interval", 5)),
         keep_alive_max_attempt=int(_seconds(params, "keep_alive_max_attempt", 3, "a count")),
     )
+    save_before_join_s = float(params.get("save_before_join_s", 10))
     backend, store = c10d_rendezvous_backend.create_backend(params)
     state_holder = dyn._BackendRendezvousStateHolder(backend, settings, cache_duration=poll_s)
     _poll_every(dyn, poll_s)
     node = dyn.DynamicRendezvousHandler._node_desc_generator.generate(params.local_addr)
-    return dyn.DynamicRendezvousHandler(node, settings, FAST_BACKEND, store, state_holder)
+    handler = _handler_class()(node, settings, FAST_BACKEND, store, state_holder)
+    handler.endpoint, handler.save_before_join_s = params.endpoint, save_before_join_s
+    return handler
+
+
+def _handler_class() -> type[Any]:
+    """torch's handler, saving before a node joins (see the module docstring). Made on first
+    use so that importing this module does not import torch."""
+    global _HANDLER_CLASS
+    if _HANDLER_CLASS is not None:
+        return _HANDLER_CLASS
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
+
+    class SaveBeforeJoinHandler(DynamicRendezvousHandler):
+        endpoint = ""
+        save_before_join_s = 10.0
+        _asked: tuple[str, float] | None = None
+
+        def next_rendezvous(self) -> Any:
+            info = super().next_rendezvous()
+            # Inherited by the workers this agent starts next: where to hear join requests.
+            os.environ[JOIN_STORE_ENV] = self.endpoint
+            os.environ[JOIN_KEY_ENV] = _join_key(self._settings.run_id,
+                                                 self._state_holder.state.round)
+            return info
+
+        def num_nodes_waiting(self) -> int:
+            """What torchrun's agent polls to re-form for a joining node: 0 (hold it back)
+            while this world's rank 0 saves for it. A store error lets the node in."""
+            waiting = super().num_nodes_waiting()
+            key = os.environ.get(JOIN_KEY_ENV, "")
+            if waiting == 0 or self.save_before_join_s <= 0 or not key:
+                return waiting
+            try:
+                if not self._store.check([f"{key}/listening"]):
+                    return waiting
+                if self._asked is None or self._asked[0] != key:
+                    self._store.set(f"{key}/asked", "1")
+                    self._asked = (key, time.monotonic())
+                if self._store.check([f"{key}/saved"]):
+                    return waiting
+            except Exception:  # noqa: BLE001 - any store trouble: re-form as torch would
+                return waiting
+            return waiting if time.monotonic() - self._asked[1] >= self.save_before_join_s else 0
+
+    _HANDLER_CLASS = SaveBeforeJoinHandler
+    return _HANDLER_CLASS
+
+
+_HANDLER_CLASS: type[Any] | None = None
+
+
+def _join_key(run_id: str, round_: int) -> str:
+    return f"elastic_train/join/{run_id}/{round_}"
+
+
+class JoinRequests:
+    """Rank 0's side of saving before a node joins: says it listens, learns (from a polling
+    thread) that an agent asked, and tells the agents when the save has committed.
+
+    On failure it stays out of the way: if the store cannot be reached, `from_env` returns None
+    and the agents re-form at once; if the save never commits, they re-form after their
+    `save_before_join_s`."""
+
+    POLL_S = 0.1
+
+    def __init__(self, endpoint: str, key: str) -> None:
+        from torch.distributed import TCPStore
+
+        host, _, port = endpoint.rpartition(":")
+        self.key = key
+        self._store = TCPStore(host, int(port), is_master=False,
+                               timeout=timedelta(seconds=10), wait_for_workers=False)
+        self._asked = threading.Event()
+        self._stop = threading.Event()
+        self._save_step: int | None = None
+        self._store.set(f"{key}/listening", "1")
+        self._poller = threading.Thread(target=self._poll, name="join-requests", daemon=True)
+        self._poller.start()
+
+    @classmethod
+    def from_env(cls) -> JoinRequests | None:
+        endpoint, key = os.environ.get(JOIN_STORE_ENV, ""), os.environ.get(JOIN_KEY_ENV, "")
+        if not endpoint or not key:
+            return None
+        try:
+            return cls(endpoint, key)
+        except (RuntimeError, ValueError, OSError) as e:
+            print(f"elastic-train: warning: rendezvous store {endpoint} unreachable ({e}); a "
+                  "joining node will cost the steps since the last checkpoint", flush=True)
+            return None
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.POLL_S):
+            try:
+                if self._store.check([f"{self.key}/asked"]):
+                    self._asked.set()
+                    return
+            except RuntimeError:
+                return
+
+    def save_now(self, step: int) -> bool:
+        """True once, at the first step after a node asked to join: save this step."""
+        if self._save_step is None and self._asked.is_set():
+            self._save_step = step
+            return True
+        return False
+
+    def on_commit(self, step: int) -> None:
+        """A checkpoint of `step` committed: if it covers the requested save, let the node in."""
+        if self._save_step is not None and step >= self._save_step:
+            try:
+                self._store.set(f"{self.key}/saved", str(step))
+            except RuntimeError:
+                pass  # the agents re-form after their save_before_join_s anyway
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 def torchrun_handler() -> object:

@@ -41,6 +41,7 @@ from elastic_train.metrics import MetricsLog, progress_line, say
 from elastic_train.model import GPT, config_for, num_params
 from elastic_train.optim import build_optimizer, lr_at
 from elastic_train.prefork import AGENT_PID_ENV
+from elastic_train.rendezvous import JoinRequests
 
 
 class TrainerProgress(Stateful):
@@ -157,6 +158,9 @@ class Trainer:
             except (OSError, ValueError) as e:
                 say(f"warning: ledger at {run_uri} unreadable ({e}); adaptive interval starts "
                     "without history")
+        # A node waiting to join makes torchrun restart every worker from the newest commit:
+        # rank 0 saves first when the agents ask (elastic_train.rendezvous).
+        self.join_requests = JoinRequests.from_env() if self.world.is_main else None
         self.checkpoints = CheckpointManager(
             run_uri,
             CheckpointSettings(keep=ckpt.keep, mode=ckpt.mode, when_busy=ckpt.when_busy,
@@ -173,6 +177,8 @@ class Trainer:
     def _on_checkpoint_event(self, event: dict[str, Any]) -> None:
         """Rank 0, any thread: log it, learn the checkpoint cost, keep the ledger current."""
         self.metrics.write(event)
+        if event.get("event") == "commit" and self.join_requests is not None:
+            self.join_requests.on_commit(int(event["step"]))
         if event.get("event") == "commit" and self.interval is not None:
             self.interval.observe_checkpoint_cost(event.get("stall_s", 0.0),
                                                   event.get("commit_s", 0.0))
@@ -203,6 +209,8 @@ class Trainer:
         """Rank 0's view: should the state after `step` be saved (final step excluded)?"""
         if step >= self.config.steps:
             return False
+        if self.join_requests is not None and self.join_requests.save_now(step):
+            return True
         if self.interval is not None:
             return step - self.last_save_step >= self.interval.next_interval_steps()
         every = self.config.checkpoint.every
@@ -340,6 +348,8 @@ class Trainer:
 
     def close(self) -> None:
         self.notices.close()
+        if self.join_requests is not None:
+            self.join_requests.close()
         self.checkpoints.close()
         self.metrics.close()
         if dist.is_initialized():

@@ -1,16 +1,36 @@
 """The `c10d-fast` rendezvous backend: torchrun finds it, its settings take effect, nodes form a
-world with it, and a bad setting fails with one line."""
+world with it, a bad setting fails with one line, and a joining node is held back while rank 0
+saves (never longer than `save_before_join_s`)."""
 
 from __future__ import annotations
 
+import os
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
 
-from elastic_train.rendezvous import FAST_BACKEND, RendezvousSettings, host_store
+from elastic_train.rendezvous import (
+    FAST_BACKEND,
+    JOIN_KEY_ENV,
+    JOIN_STORE_ENV,
+    JoinRequests,
+    RendezvousSettings,
+    host_store,
+)
+
+
+@pytest.fixture(autouse=True)
+def _agent_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A handler sets its agent's environment for the workers; undo that after each test."""
+    for name in (JOIN_STORE_ENV, JOIN_KEY_ENV):
+        monkeypatch.delenv(name, raising=False)
 
 
 def _params(port: int, **conf: object) -> RendezvousParameters:
@@ -38,16 +58,19 @@ def test_nodes_form_one_world_on_the_fast_backend() -> None:
     store = host_store("127.0.0.1", 0)
     conf = _conf(RendezvousSettings(last_call_timeout=0.2))
     results: list[tuple[int, int]] = []
+    handlers = [get_rendezvous_handler(_params(store.port, **conf)) for _ in range(2)]
 
-    def node() -> None:
-        info = get_rendezvous_handler(_params(store.port, **conf)).next_rendezvous()
+    def node(handler) -> None:
+        info = handler.next_rendezvous()
         results.append((info.rank, info.world_size))
 
-    threads = [threading.Thread(target=node) for _ in range(2)]
+    threads = [threading.Thread(target=node, args=(h,)) for h in handlers]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
+    for handler in handlers:  # stop their heartbeats before the store goes
+        handler.shutdown()
     assert sorted(results) == [(0, 2), (1, 2)]
 
 
@@ -60,3 +83,68 @@ def test_a_bad_setting_fails_with_one_line_naming_it(key: str, value: str) -> No
         get_rendezvous_handler(_params(store.port, is_host="false", **{key: value}))
     message = str(err.value)
     assert f"{key}={value!r}" in message and "expected" in message and "\n" not in message
+
+
+@contextmanager
+def _one_node_world(port: int, **conf: object) -> Iterator[Any]:
+    """A handler that has formed a world of one (min 1, max 2), and a second node waiting to
+    join. On exit the rendezvous closes, so the waiting node gives up."""
+    params = RendezvousParameters(backend=FAST_BACKEND, endpoint=f"127.0.0.1:{port}",
+                                  run_id="test-join", min_nodes=1, max_nodes=2,
+                                  local_addr="127.0.0.1", is_host="false",
+                                  last_call_timeout="0.1", join_timeout="30", **conf)
+    first = get_rendezvous_handler(params)
+    first.next_rendezvous()
+    second = get_rendezvous_handler(params)
+    waiting = threading.Thread(target=lambda: _ignore_errors(second.next_rendezvous))
+    waiting.start()
+    try:
+        _wait_until(lambda: first.num_nodes_waiting() > 0 or first._asked is not None)
+        yield first
+    finally:
+        first.shutdown()  # closes the rendezvous: the waiting node stops waiting
+        waiting.join(30)
+        second.shutdown()
+
+
+def _ignore_errors(fn) -> None:
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - the waiting node times out after the test
+        pass
+
+
+def _wait_until(predicate, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def test_a_joining_node_waits_for_rank_0s_save_then_gets_in() -> None:
+    store = host_store("127.0.0.1", 0)
+    with _one_node_world(store.port) as first:
+        # The agent told its workers where to listen; rank 0 listens there.
+        assert os.environ[JOIN_STORE_ENV] == f"127.0.0.1:{store.port}"
+        requests = JoinRequests.from_env()
+        assert requests is not None
+        assert first.num_nodes_waiting() == 0  # held back: rank 0 is asked to save
+        _wait_until(lambda: requests.save_now(step=40))
+        assert not requests.save_now(step=41)  # one save per request
+        requests.on_commit(step=30)  # an older save committing does not count
+        assert first.num_nodes_waiting() == 0
+        requests.on_commit(step=40)
+        assert first.num_nodes_waiting() == 1
+        requests.close()
+
+
+def test_a_joining_node_gets_in_at_once_without_a_listener_or_after_the_wait() -> None:
+    store = host_store("127.0.0.1", 0)
+    with _one_node_world(store.port, save_before_join_s="0.3") as first:
+        assert first.num_nodes_waiting() == 1  # nobody listens (e.g. not our trainer)
+        requests = JoinRequests.from_env()
+        assert requests is not None
+        assert first.num_nodes_waiting() == 0
+        time.sleep(0.4)  # the save never commits
+        assert first.num_nodes_waiting() == 1
+        requests.close()
