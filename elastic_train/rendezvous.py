@@ -107,7 +107,7 @@ def create_fast_handler(params: RendezvousParameters) -> RendezvousHandler:
         keep_alive_interval=timedelta(seconds=_seconds(params, "keep_alive_interval", 5)),
         keep_alive_max_attempt=int(_seconds(params, "keep_alive_max_attempt", 3, "a count")),
     )
-    save_before_join_s = float(params.get("save_before_join_s", 10))
+    save_before_join_s = _seconds(params, "save_before_join_s", 10, zero_ok=True)
     backend, store = c10d_rendezvous_backend.create_backend(params)
     state_holder = dyn._BackendRendezvousStateHolder(backend, settings, cache_duration=poll_s)
     _poll_every(dyn, poll_s)
@@ -238,14 +238,14 @@ def torchrun_handler() -> object:
 
 
 def _seconds(params: RendezvousParameters, key: str, default: float,
-             what: str = "a number of seconds") -> float:
+             what: str = "a number of seconds", zero_ok: bool = False) -> float:
     raw = params.get(key, default)
     try:
         value = float(raw)
     except (TypeError, ValueError):
-        value = 0.0
-    if value <= 0:
-        raise ValueError(f"--rdzv-conf {key}={raw!r}: expected {what} > 0")
+        value = -1.0
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ValueError(f"--rdzv-conf {key}={raw!r}: expected {what} {'>=' if zero_ok else '>'} 0")
     return value
 
 

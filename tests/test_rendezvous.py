@@ -76,7 +76,8 @@ def test_nodes_form_one_world_on_the_fast_backend() -> None:
 
 @pytest.mark.parametrize(("key", "value"), [("poll_interval", "fast"),
                                             ("keep_alive_interval", "0"),
-                                            ("last_call_timeout", "-1")])
+                                            ("last_call_timeout", "-1"),
+                                            ("save_before_join_s", "-2")])
 def test_a_bad_setting_fails_with_one_line_naming_it(key: str, value: str) -> None:
     store = host_store("127.0.0.1", 0)
     with pytest.raises(ValueError) as err:
