@@ -79,7 +79,7 @@ class Job:
 
 
 def measure(label: str, settings: RendezvousSettings, trials: int, out: Path,
-            cache: Path) -> dict[str, list[Any]]:
+            cache: Path, prefork: bool = True) -> dict[str, list[Any]]:
     overrides = {**HARNESS_TRAIN_DEFAULTS, "model": "tiny", "steps": 1_000_000,
                  "checkpoint.every": 20, "run.dir": str(out / label / "run"),
                  "data.uri": prepared_data(cache),
@@ -96,9 +96,8 @@ def measure(label: str, settings: RendezvousSettings, trials: int, out: Path,
         print(f"{label:>17} {kind:<12} {value if value is not None else 'TIMEOUT'} s, "
               f"{lost_steps} steps lost", flush=True)
 
-    # The baseline is torchrun as it comes: its rendezvous defaults, and workers started cold.
     with LocalCluster(out / label / "nodes", ["-m", "elastic_train.train", *args], min_nodes=1,
-                      max_nodes=3, rdzv=settings, prefork=label != "torch_default") as cluster:
+                      max_nodes=3, rdzv=settings, prefork=prefork) as cluster:
         job = Job(cluster, out / label / "run" / "metrics.jsonl")
         for _ in range(2):
             cluster.add_node()
@@ -145,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                                      out, cache),
     }
     if not args.ours_only:
+        # The baseline is torchrun as it comes: its rendezvous defaults, workers started cold.
         runs["torch_default"] = measure("torch_default", RendezvousSettings.torch_default(),
-                                        args.trials, out, cache)
+                                        args.trials, out, cache, prefork=False)
     summary: dict[str, object] = {"trials": args.trials}
     for kind, target in TARGETS_S.items():
         defaults = runs.get("torch_default", {}).get(kind, [])
