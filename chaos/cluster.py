@@ -51,8 +51,6 @@ class Node:
     """time.time() when the harness killed it (None while it lives or after it exited itself)."""
     pids: set[int] = field(default_factory=set)
     """Every descendant pid seen (for the orphan check)."""
-    watchdog: subprocess.Popen[str] | None = None
-    """The node's hang watchdog; dies with the node."""
     prefork_socket: str = ""
     """The socket of the agent's prefork server (elastic_train/prefork.py), whose children run
     the ranks; empty when the entry is not the trainer."""
@@ -173,10 +171,8 @@ class LocalCluster:
             notice = self.workdir / f"notice-node{index}"
             notice.unlink(missing_ok=True)
             log_path = self.workdir / f"node{index}.log"
+            # The agent serves it (elastic_train/watchdog.py) as on a SkyPilot node.
             timer_file = str(self.workdir / f"timer-node{index}")
-            # Started side by side with the agent (both import torch, ~1.3 s): a worker that
-            # starts before the watchdog is ready runs its first steps untimed.
-            watchdog = self._start_watchdog(index, timer_file, log_path)
             env = {
                 **os.environ,
                 **self.extra_env,
@@ -216,26 +212,9 @@ class LocalCluster:
                                          stdin=subprocess.DEVNULL, start_new_session=True)
             finally:
                 log.close()
-            node = Node(index, agent, notice, log_path, time.time(), watchdog=watchdog,
-                        prefork_socket=socket_path)
-            self.nodes.append(node)
-            if _readline_within(watchdog, 30.0) != "READY":
-                self._kill_tree(node)
-                raise ClusterError(f"node {index}: hang watchdog did not start (see {log_path})")
+            self.nodes.append(Node(index, agent, notice, log_path, time.time(),
+                                   prefork_socket=socket_path))
             return index
-
-    def _start_watchdog(self, index: int, timer_file: str, log_path: Path
-                        ) -> subprocess.Popen[str]:
-        """Start the node's hang watchdog (elastic_train/watchdog.py); it prints READY when it
-        serves `timer_file`."""
-        Path(timer_file).unlink(missing_ok=True)
-        env = {**os.environ, TAG_ENV: self.tag, NODE_ENV: str(index)}
-        with open(log_path, "a") as log:
-            return subprocess.Popen(
-                [sys.executable, "-m", "elastic_train.watchdog", "--file", timer_file,
-                 "--run-id", self.run_id],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
-                start_new_session=True)
 
     def node(self, index: int) -> Node:
         try:
@@ -372,9 +351,6 @@ class LocalCluster:
         _signal(node.agent.pid, signal.SIGKILL)
         _kill_all(descendants)
         node.agent.wait()
-        if node.watchdog is not None:
-            node.watchdog.kill()
-            node.watchdog.wait()
         if node.prefork_socket:
             prefork.remove(node.prefork_socket)
         stray = [p for p in self.tagged_processes() if _node_of(p) == str(node.index)]

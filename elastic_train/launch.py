@@ -43,8 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from elastic_train import exit_codes, prefork
-from elastic_train.rendezvous import RendezvousSettings, agent_env, host_store
-from elastic_train.watchdog import start_watchdog
+from elastic_train.rendezvous import TIMER_FILE_ENV, RendezvousSettings, agent_env, host_store
 
 DEFAULT_RDZV_PORT = 29400
 DEFAULT_AGENT_RESTARTS = 3
@@ -194,13 +193,11 @@ def run_node(env: Mapping[str, str] | None = None) -> int:
     store = None
     if node.rank == 0:
         store = host_store(node.head, _int(env, "RDZV_PORT", default=DEFAULT_RDZV_PORT))
-    watchdog = start_watchdog(timer_file, node.task_id)
     try:
         cmd = [sys.executable, "-m", "elastic_train.launch", "--agent", *args]
         return supervise(cmd, agent_environ, _int(env, "AGENT_RESTARTS",
                                                   default=DEFAULT_AGENT_RESTARTS))
     finally:
-        watchdog.stop()
         del store
 
 
@@ -262,10 +259,19 @@ def run_agent(args: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    from elastic_train.watchdog import start_watchdog
+
     if os.environ.get(prefork.SOCKET_ENV):
         # Now, while this process has no threads: the workers then start as forks of a server
         # that has imported torch and the trainer once, not as fresh interpreters (~2 s each).
-        prefork.fork_server(os.environ[prefork.SOCKET_ENV])
+        # (Forking before `import torch`, so that both import it side by side, measured slower
+        # here: on a busy node the two imports only take turns on the same cores.)
+        prefork.fork_server(os.environ[prefork.SOCKET_ENV], prefork.preload_for(args))
+    # The node's hang watchdog, in a thread of the agent (started after the fork: the prefork
+    # server must begin with one thread). Not a process of its own: a node that comes back would
+    # import torch twice at once, which on a busy node delays its joining by a second.
+    timer_file = os.environ.get(TIMER_FILE_ENV, "")
+    watchdog = start_watchdog(timer_file) if timer_file else None
     try:
         run(parse_args(args))
     except ChildFailedError as e:
@@ -277,6 +283,9 @@ def run_agent(args: list[str]) -> int:
         if notice and os.path.exists(notice):
             return exit_codes.PREEMPTED
         return 128 + int(e.sigval)
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
     return exit_codes.OK
 
 

@@ -13,7 +13,13 @@ and every worker resumes from the newest commit, so all work since that commit w
 Instead, an agent that sees a node waiting asks the current world's rank 0 (`JoinRequests`,
 through keys in the rendezvous store) to save, and lets the node in once that save has committed,
 or after `save_before_join_s` (default 10 s; 0 turns this off), or at once when no trainer
-listens."""
+listens.
+
+A round re-formed for a joining node completes as soon as every node it expects has joined,
+not a last call later: the agents that let the node in write how many nodes the next round
+expects (the world plus the waiting nodes) into the store, and the node whose joining makes the
+count complete marks the round complete. Any other re-form (a node lost, a worker failed) waits
+out the last call as torch does: nobody knows yet how many nodes are still alive."""
 
 from __future__ import annotations
 
@@ -33,6 +39,8 @@ FAST_BACKEND = "c10d-fast"
 """The `--rdzv-backend` name of `create_fast_handler` (registered in pyproject.toml)."""
 JOIN_STORE_ENV = "ELASTIC_TRAIN_RDZV_STORE"
 """Set by the agent for its workers: host:port of the rendezvous store."""
+TIMER_FILE_ENV = "TORCHELASTIC_TIMER_FILE"
+"""The FIFO of a node's step timers: workers arm them, the agent's hang watchdog serves them."""
 JOIN_KEY_ENV = "ELASTIC_TRAIN_JOIN_KEY"
 """Set by the agent for its workers: the store key prefix of this world's join requests."""
 
@@ -89,9 +97,10 @@ def create_fast_handler(params: RendezvousParameters) -> RendezvousHandler:
     """torch's c10d rendezvous handler with `poll_interval` and fractional timeouts (see the
     module docstring). A bad value fails torchrun at start with a one-line ValueError.
 
-    It reaches two private names of torch 2.13's dynamic rendezvous: the state holder (to pass
-    its cache duration) and the join loop's `_delay` (to shorten its one-second poll);
-    tests/test_rendezvous.py fails if a torch upgrade moves either."""
+    It reaches private names of torch 2.13's dynamic rendezvous: the state holder (to pass its
+    cache duration), the join loop's `_delay` (to shorten its one-second poll) and the operation
+    executor (to complete a round early); tests/test_rendezvous.py fails if a torch upgrade
+    moves any of them."""
     from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend
     from torch.distributed.elastic.rendezvous import dynamic_rendezvous as dyn
 
@@ -114,6 +123,7 @@ def create_fast_handler(params: RendezvousParameters) -> RendezvousHandler:
     node = dyn.DynamicRendezvousHandler._node_desc_generator.generate(params.local_addr)
     handler = _handler_class()(node, settings, FAST_BACKEND, store, state_holder)
     handler.endpoint, handler.save_before_join_s = params.endpoint, save_before_join_s
+    handler._op_executor = _executor_class()(node, state_holder, settings, store)
     return handler
 
 
@@ -142,20 +152,33 @@ def _handler_class() -> type[Any]:
             """What torchrun's agent polls to re-form for a joining node: 0 (hold it back)
             while this world's rank 0 saves for it. A store error lets the node in."""
             waiting = super().num_nodes_waiting()
+            if waiting == 0 or self._holds_back():
+                return 0
+            state = self._state_holder.state
+            if state.complete:  # this agent re-forms now: tell the next round whom to expect
+                expected = min(len(state.participants) + waiting, self._settings.max_nodes)
+                try:
+                    self._store.set(_expect_key(self._settings.run_id, state.round + 1),
+                                    str(expected))
+                except Exception:  # noqa: BLE001 - the round then waits out its last call
+                    pass
+            return waiting
+
+        def _holds_back(self) -> bool:
             key = os.environ.get(JOIN_KEY_ENV, "")
-            if waiting == 0 or self.save_before_join_s <= 0 or not key:
-                return waiting
+            if self.save_before_join_s <= 0 or not key:
+                return False
             try:
                 if not self._store.check([f"{key}/listening"]):
-                    return waiting
+                    return False
                 if self._asked is None or self._asked[0] != key:
                     self._store.set(f"{key}/asked", "1")
                     self._asked = (key, time.monotonic())
                 if self._store.check([f"{key}/saved"]):
-                    return waiting
+                    return False
             except Exception:  # noqa: BLE001 - any store trouble: re-form as torch would
-                return waiting
-            return waiting if time.monotonic() - self._asked[1] >= self.save_before_join_s else 0
+                return False
+            return time.monotonic() - self._asked[1] < self.save_before_join_s
 
     _HANDLER_CLASS = SaveBeforeJoinHandler
     return _HANDLER_CLASS
@@ -164,8 +187,51 @@ def _handler_class() -> type[Any]:
 _HANDLER_CLASS: type[Any] | None = None
 
 
+def _executor_class() -> type[Any]:
+    """torch's rendezvous operations, completing a round once every expected node has joined
+    (see the module docstring). Made on first use, like the handler."""
+    global _EXECUTOR_CLASS
+    if _EXECUTOR_CLASS is not None:
+        return _EXECUTOR_CLASS
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous as dyn
+
+    class CompleteWhenExpectedExecutor(dyn._DistributedRendezvousOpExecutor):
+        def __init__(self, node: Any, state_holder: Any, settings: Any, store: Any) -> None:
+            super().__init__(node, state_holder, settings)
+            self._store = store
+
+        def _add_to_participants(self) -> None:
+            super()._add_to_participants()
+            state = self._state
+            if state.complete:
+                return
+            joined = len(state.participants)
+            if joined >= max(self._settings.min_nodes, self._expected(state.round)):
+                self._mark_rendezvous_complete()
+
+        def _expected(self, round_: int) -> int:
+            """Nodes round `round_` expects; more than can join when nobody said."""
+            key = _expect_key(self._settings.run_id, round_)
+            try:
+                if self._store.check([key]):
+                    return int(self._store.get(key))
+            except Exception:  # noqa: BLE001 - store trouble: wait out the last call
+                pass
+            return self._settings.max_nodes + 1
+
+    _EXECUTOR_CLASS = CompleteWhenExpectedExecutor
+    return _EXECUTOR_CLASS
+
+
+_EXECUTOR_CLASS: type[Any] | None = None
+
+
 def _join_key(run_id: str, round_: int) -> str:
     return f"elastic_train/join/{run_id}/{round_}"
+
+
+def _expect_key(run_id: str, round_: int) -> str:
+    return f"elastic_train/expect/{run_id}/{round_}"
 
 
 class JoinRequests:
@@ -267,11 +333,11 @@ def agent_env(timer_file: str) -> dict[str, str]:
         # Without this, workers share the agent's rendezvous store, and a node joining a running
         # job deadlocks (then the job dies after 60 s).
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-        # Workers arm a step timer on this FIFO (`--parallel.hang_timeout_s`); the node's
+        # Workers arm a step timer on this FIFO (`--parallel.hang_timeout_s`); the agent's
         # watchdog (elastic_train/watchdog.py) SIGKILLs a worker whose step overran it. Not
         # TORCHELASTIC_ENABLE_FILE_TIMER: torch 2.13's timer server in the agent then kills the
         # agent too, and with it every node whose healthy ranks waited on the hung one.
-        "TORCHELASTIC_TIMER_FILE": timer_file,
+        TIMER_FILE_ENV: timer_file,
         "PYTHONUNBUFFERED": "1",
     }
 

@@ -1,5 +1,5 @@
-"""A node's hang watchdog: `python -m elastic_train.watchdog --file FIFO`, or in-process with
-`start_watchdog(path)` (what `elastic_train.launch` does on every SkyPilot node).
+"""A node's hang watchdog: in-process with `start_watchdog(path)` (what every node's agent,
+`python -m elastic_train.launch --agent`, does), or `python -m elastic_train.watchdog --file FIFO`.
 
 The trainer arms torch elastic's file timer around every step (`--parallel.hang_timeout_s`, a
 `FileTimerClient` on `TORCHELASTIC_TIMER_FILE`). Normally the torchrun agent serves that FIFO
@@ -42,6 +42,11 @@ class WorkerOnlyTimerServer(FileTimerServer):
 
 def start_watchdog(path: str, run_id: str = "") -> WorkerOnlyTimerServer:
     """Serve the timer FIFO at `path` from a daemon thread of this process; `stop()` it."""
+    if not log.handlers:  # reaps go to the node's log with a time, whoever configured logging
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s watchdog %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
     server = WorkerOnlyTimerServer(path, run_id, max_interval=0.1, daemon=True)
     server.start()
     return server
@@ -52,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--file", required=True, help="the FIFO workers write their timers to")
     parser.add_argument("--run-id", default="")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s watchdog %(message)s")
 
     server = start_watchdog(args.file, args.run_id)
     stop = threading.Event()

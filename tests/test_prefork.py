@@ -134,3 +134,11 @@ def test_without_a_server_the_client_says_so_and_runs_cold(tmp_path: Path) -> No
     client = _client(str(tmp_path / "nobody.sock"), tmp_path, "exit", "0")
     out, _ = client.communicate(timeout=60)
     assert client.returncode == 0 and out.strip() == "no server"
+
+
+def test_the_server_preloads_the_storage_the_command_names_and_no_other() -> None:
+    train = ["-m", "elastic_train.train"]
+    assert "s3fs" in prefork.preload_for([*train, "--checkpoint.uri=s3://bucket/runs/a"])
+    assert "gcsfs" in prefork.preload_for([*train, "--data.uri=gs://bucket/corpus"])
+    local = prefork.preload_for([*train, "--checkpoint.uri=file:///tmp/runs/a"])
+    assert local[0] == "elastic_train.trainer" and not {"s3fs", "gcsfs"} & set(local)

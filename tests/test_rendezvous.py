@@ -31,6 +31,8 @@ def _agent_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """A handler sets its agent's environment for the workers; undo that after each test."""
     for name in (JOIN_STORE_ENV, JOIN_KEY_ENV):
         monkeypatch.delenv(name, raising=False)
+    # As on every agent (rendezvous.agent_env): else a node joining a world deadlocks.
+    monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
 
 
 def _params(port: int, **conf: object) -> RendezvousParameters:
@@ -87,13 +89,14 @@ def test_a_bad_setting_fails_with_one_line_naming_it(key: str, value: str) -> No
 
 
 @contextmanager
-def _one_node_world(port: int, **conf: object) -> Iterator[Any]:
-    """A handler that has formed a world of one (min 1, max 2), and a second node waiting to
-    join. On exit the rendezvous closes, so the waiting node gives up."""
+def _one_node_world(port: int, max_nodes: int = 2, **conf: object) -> Iterator[Any]:
+    """A handler that has formed a world of one (min 1), and a second node waiting to join.
+    On exit the rendezvous closes, so the waiting node gives up."""
+    conf = {"last_call_timeout": "0.1", **conf}
     params = RendezvousParameters(backend=FAST_BACKEND, endpoint=f"127.0.0.1:{port}",
-                                  run_id="test-join", min_nodes=1, max_nodes=2,
-                                  local_addr="127.0.0.1", is_host="false",
-                                  last_call_timeout="0.1", join_timeout="30", **conf)
+                                  run_id="test-join", min_nodes=1, max_nodes=max_nodes,
+                                  local_addr="127.0.0.1", is_host="false", join_timeout="30",
+                                  **conf)
     first = get_rendezvous_handler(params)
     first.next_rendezvous()
     second = get_rendezvous_handler(params)
@@ -149,3 +152,15 @@ def test_a_joining_node_gets_in_at_once_without_a_listener_or_after_the_wait() -
         time.sleep(0.4)  # the save never commits
         assert first.num_nodes_waiting() == 1
         requests.close()
+
+
+def test_a_round_re_formed_for_a_joining_node_completes_once_that_node_is_in() -> None:
+    """Room for a third node: torch would wait out the whole last call for it. The round expects
+    the world plus the waiting node, and completes as soon as both have joined."""
+    store = host_store("127.0.0.1", 0)
+    with _one_node_world(store.port, max_nodes=3, last_call_timeout="3") as first:
+        assert first.num_nodes_waiting() == 1  # no trainer listens: re-form now
+        started = time.monotonic()
+        info = first.next_rendezvous()
+        assert info.world_size == 2
+        assert time.monotonic() - started < 1.5, "the round waited out its 3 s last call"
