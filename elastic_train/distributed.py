@@ -14,6 +14,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from elastic_train.config import ParallelConfig
 from elastic_train.model import GPT
+from elastic_train.rendezvous import JOIN_KEY_ENV, JOIN_STORE_ENV
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,28 @@ def init(cfg: ParallelConfig) -> World:
         torch.cuda.set_device(device)
     else:
         device, backend = torch.device("cpu"), "gloo"
+    timeout = timedelta(seconds=collective_timeout(cfg, backend))
+    store = _rendezvous_store(timeout)
     dist.init_process_group(
-        backend, timeout=timedelta(seconds=collective_timeout(cfg, backend)),
-        device_id=device if device.type == "cuda" else None,
+        backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
+        store=store, rank=int(os.environ["RANK"]) if store else -1,
+        world_size=int(os.environ["WORLD_SIZE"]) if store else -1,
     )
     return World(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
+
+
+def _rendezvous_store(timeout: timedelta) -> dist.Store | None:
+    """The world's store: under our `c10d-fast` rendezvous, a prefix of the rendezvous store,
+    which is listening already; else None (torchrun's MASTER_ADDR/PORT, where rank 0 opens a
+    store and a rank that comes first retries with a backoff: 0.3-0.7 s of each re-form, here).
+    The prefix is this world's round, the same on every rank and new at every re-form."""
+    endpoint, key = os.environ.get(JOIN_STORE_ENV, ""), os.environ.get(JOIN_KEY_ENV, "")
+    if not endpoint or not key:
+        return None
+    host, _, port = endpoint.rpartition(":")
+    store = dist.TCPStore(host, int(port), is_master=False, timeout=timeout,
+                          wait_for_workers=False)
+    return dist.PrefixStore(f"{key}/process_group", store)
 
 
 def mixed_precision(cfg: ParallelConfig, device: torch.device) -> MixedPrecisionPolicy:

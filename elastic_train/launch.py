@@ -255,11 +255,12 @@ def kill_tagged(tag: str) -> int:
 def run_agent(args: list[str]) -> int:
     """torchrun's elastic agent, in this process, so that the workers' own exit codes reach us
     (torchrun's command exits 1 for any worker failure). Must run in the main thread."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
+    with prefork.gc_paused():  # a node that comes back joins sooner (see gc_paused)
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        from torch.distributed.run import parse_args, run
 
-    from elastic_train.watchdog import start_watchdog
+        from elastic_train.watchdog import start_watchdog
 
     if os.environ.get(prefork.SOCKET_ENV):
         # Now, while this process has no threads: the workers then start as forks of a server

@@ -18,6 +18,7 @@ What happens on failure:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -224,10 +225,12 @@ class Trainer:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return max(1.0, float(t.item()))  # clouds are often late: a past deadline still tries
 
-    def _train_step(self, batch: data.Batch, lr: float, noticed: bool, save_due: bool
-                    ) -> tuple[float, bool, bool]:
+    def _train_step(self, batch: data.Batch, lr: float, noticed: bool,
+                    save_due: Callable[[], bool]) -> tuple[float, bool, bool]:
         """One optimizer step. Returns the global mean loss and what all ranks agreed on in the
-        same all-reduce: whether any rank has a notice, whether rank 0 wants a save."""
+        same all-reduce: whether any rank has a notice, whether rank 0 wants a save. Rank 0
+        asks `save_due` just before that all-reduce, so that a save asked for during the step
+        (a node waiting to join) is of this step, not of the next one."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         inputs = batch.inputs.to(self.world.device, non_blocking=True)
@@ -244,7 +247,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        flags = torch.tensor([float(noticed), float(save_due and self.world.is_main)],
+        flags = torch.tensor([float(noticed), float(self.world.is_main and save_due())],
                              device=self.world.device)
         stats = torch.cat([loss_sum.detach().float().view(1), flags])
         dist.all_reduce(stats)
@@ -278,8 +281,8 @@ class Trainer:
                 with self.step_timer():
                     batch = next(stream)
                     lr = lr_at(step - 1, cfg.steps, cfg.optim)
-                    loss, notice, save = self._train_step(
-                        batch, lr, local_notice is not None, self._save_due(step))
+                    loss, notice, save = self._train_step(batch, lr, local_notice is not None,
+                                                          functools.partial(self._save_due, step))
                 now = time.time()
                 step_time, t_last = now - t_last, now
                 self.progress.step = step
