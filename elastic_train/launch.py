@@ -56,8 +56,10 @@ NOTICE_FILE = "~/.elastic-train/preemption-notice"
 
 # The harness's settings are for loopback; real networks get more room: heartbeats 1 s x 5 and a
 # 1 s last call. join_timeout stays torch's 600 s: real nodes finish their setup minutes apart.
-RDZV = RendezvousSettings(last_call_timeout=1, keep_alive_interval=1, keep_alive_max_attempt=5,
-                          join_timeout=None)
+# The first round waits up to 30 s for every node SkyPilot started (it completes as soon as all
+# have joined), so that the job does not start on the nodes that were a second faster.
+RDZV = RendezvousSettings(last_call_timeout=1, first_call_timeout=30, keep_alive_interval=1,
+                          keep_alive_max_attempt=5, join_timeout=None)
 
 SHUTDOWN_TIMEOUT_S = 5
 """Seconds the agent waits for SIGTERMed workers before SIGKILL (default 30). The trainer exits at

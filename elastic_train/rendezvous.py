@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, fields
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +58,10 @@ class RendezvousSettings:
     """Seconds the rendezvous waits for more nodes once min_nodes have joined. Default 30: every
     re-form after a membership change waited that long. It must cover the spread between the
     survivors of a fault rejoining (they learn of it within the same collective)."""
+    first_call_timeout: float | None = None
+    """The last call of the job's first round (None: last_call_timeout). A cluster's nodes start
+    together, but not within a second: with a longer first call the job starts with all of them
+    (the round completes at once when max_nodes have joined) instead of growing soon after."""
     keep_alive_interval: float | None = 0.5
     """Seconds between an agent's heartbeats in the store. Default 5."""
     keep_alive_max_attempt: int | None = 3
@@ -76,7 +80,7 @@ class RendezvousSettings:
 
     @classmethod
     def torch_default(cls) -> RendezvousSettings:
-        return cls("c10d", None, None, None, None, None, None)
+        return cls("c10d", None, None, None, None, None, None, None)
 
     def conf(self) -> str:
         # is_host=false: no agent hosts the c10d store; our standalone store process does, so any
@@ -99,8 +103,8 @@ def create_fast_handler(params: RendezvousParameters) -> RendezvousHandler:
 
     It reaches private names of torch 2.13's dynamic rendezvous: the state holder (to pass its
     cache duration), the join loop's `_delay` (to shorten its one-second poll) and the operation
-    executor (to complete a round early); tests/test_rendezvous.py fails if a torch upgrade
-    moves any of them."""
+    executor (to complete a round early, or give the first one longer);
+    tests/test_rendezvous.py fails if a torch upgrade moves any of them."""
     from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend
     from torch.distributed.elastic.rendezvous import dynamic_rendezvous as dyn
 
@@ -117,13 +121,15 @@ def create_fast_handler(params: RendezvousParameters) -> RendezvousHandler:
         keep_alive_max_attempt=int(_seconds(params, "keep_alive_max_attempt", 3, "a count")),
     )
     save_before_join_s = _seconds(params, "save_before_join_s", 10, zero_ok=True)
+    first_call = timedelta(seconds=_seconds(params, "first_call_timeout",
+                                            timeout.last_call.total_seconds()))
     backend, store = c10d_rendezvous_backend.create_backend(params)
     state_holder = dyn._BackendRendezvousStateHolder(backend, settings, cache_duration=poll_s)
     _poll_every(dyn, poll_s)
     node = dyn.DynamicRendezvousHandler._node_desc_generator.generate(params.local_addr)
     handler = _handler_class()(node, settings, FAST_BACKEND, store, state_holder)
     handler.endpoint, handler.save_before_join_s = params.endpoint, save_before_join_s
-    handler._op_executor = _executor_class()(node, state_holder, settings, store)
+    handler._op_executor = _executor_class()(node, state_holder, settings, store, first_call)
     return handler
 
 
@@ -196,9 +202,11 @@ def _executor_class() -> type[Any]:
     from torch.distributed.elastic.rendezvous import dynamic_rendezvous as dyn
 
     class CompleteWhenExpectedExecutor(dyn._DistributedRendezvousOpExecutor):
-        def __init__(self, node: Any, state_holder: Any, settings: Any, store: Any) -> None:
+        def __init__(self, node: Any, state_holder: Any, settings: Any, store: Any,
+                     first_call: timedelta) -> None:
             super().__init__(node, state_holder, settings)
             self._store = store
+            self._first_call = first_call
 
         def _add_to_participants(self) -> None:
             super()._add_to_participants()
@@ -206,6 +214,8 @@ def _executor_class() -> type[Any]:
             if state.complete:
                 return
             joined = len(state.participants)
+            if state.round == 0 and joined == self._settings.min_nodes:
+                state.deadline = datetime.now(timezone.utc) + self._first_call
             if joined >= max(self._settings.min_nodes, self._expected(state.round)):
                 self._mark_rendezvous_complete()
 

@@ -79,7 +79,8 @@ def test_nodes_form_one_world_on_the_fast_backend() -> None:
 @pytest.mark.parametrize(("key", "value"), [("poll_interval", "fast"),
                                             ("keep_alive_interval", "0"),
                                             ("last_call_timeout", "-1"),
-                                            ("save_before_join_s", "-2")])
+                                            ("save_before_join_s", "-2"),
+                                            ("first_call_timeout", "soon")])
 def test_a_bad_setting_fails_with_one_line_naming_it(key: str, value: str) -> None:
     store = host_store("127.0.0.1", 0)
     with pytest.raises(ValueError) as err:
@@ -164,3 +165,30 @@ def test_a_round_re_formed_for_a_joining_node_completes_once_that_node_is_in() -
         info = first.next_rendezvous()
         assert info.world_size == 2
         assert time.monotonic() - started < 1.5, "the round waited out its 3 s last call"
+
+
+def test_the_first_round_waits_its_first_call_for_a_node_a_second_late() -> None:
+    """A cluster's nodes start together but not within the last call: the job starts with both."""
+    store = host_store("127.0.0.1", 0)
+    params = RendezvousParameters(backend=FAST_BACKEND, endpoint=f"127.0.0.1:{store.port}",
+                                  run_id="test-first", min_nodes=1, max_nodes=2,
+                                  local_addr="127.0.0.1", is_host="false", join_timeout="30",
+                                  last_call_timeout="0.1", first_call_timeout="10")
+    handlers = [get_rendezvous_handler(params) for _ in range(2)]
+    sizes: list[int] = []
+
+    def node(handler, delay_s: float) -> None:
+        time.sleep(delay_s)
+        sizes.append(handler.next_rendezvous().world_size)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=node, args=(h, d))
+               for h, d in zip(handlers, (0, 1.0), strict=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for handler in handlers:
+        handler.shutdown()
+    assert sizes == [2, 2], "the first node formed a world of its own"
+    assert time.monotonic() - started < 5, "a full round waited out the first call"
