@@ -236,8 +236,20 @@ def _executor_class() -> type[Any]:
 _EXECUTOR_CLASS: type[Any] | None = None
 
 
-def _join_key(run_id: str, round_: int) -> str:
+def _join_key(run_id: str, round_: int | str) -> str:
     return f"elastic_train/join/{run_id}/{round_}"
+
+
+def world_store_env() -> tuple[str, str] | None:
+    """In a worker: (host:port of the rendezvous store, this world's key prefix), as its agent
+    set them; None when the agent is not `c10d-fast`, or when the variables were left in the
+    environment by another run (their key names a run other than torchrun's
+    TORCHELASTIC_RUN_ID: e.g. a process that hosted a handler started this torchrun)."""
+    endpoint, key = os.environ.get(JOIN_STORE_ENV, ""), os.environ.get(JOIN_KEY_ENV, "")
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if not endpoint or not run_id or not key.startswith(_join_key(run_id, "")):
+        return None
+    return endpoint, key
 
 
 def _expect_key(run_id: str, round_: int) -> str:
@@ -270,9 +282,9 @@ class JoinRequests:
 
     @classmethod
     def from_env(cls) -> JoinRequests | None:
-        endpoint, key = os.environ.get(JOIN_STORE_ENV, ""), os.environ.get(JOIN_KEY_ENV, "")
-        if not endpoint or not key:
+        if (found := world_store_env()) is None:
             return None
+        endpoint, key = found
         try:
             return cls(endpoint, key)
         except (RuntimeError, ValueError, OSError) as e:

@@ -23,16 +23,20 @@ from elastic_train.rendezvous import (
     JoinRequests,
     RendezvousSettings,
     host_store,
+    world_store_env,
 )
 
 
 @pytest.fixture(autouse=True)
 def _agent_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A handler sets its agent's environment for the workers; undo that after each test."""
+    """A handler sets its agent's environment for the workers; undo that after each test (set
+    first, so that monkeypatch removes what the handler sets: later tests start torchrun)."""
     for name in (JOIN_STORE_ENV, JOIN_KEY_ENV):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")
     # As on every agent (rendezvous.agent_env): else a node joining a world deadlocks.
     monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # As torchrun sets for a worker: JoinRequests checks the agent's key against it.
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test-join")
 
 
 def _params(port: int, **conf: object) -> RendezvousParameters:
@@ -192,3 +196,14 @@ def test_the_first_round_waits_its_first_call_for_a_node_a_second_late() -> None
         handler.shutdown()
     assert sizes == [2, 2], "the first node formed a world of its own"
     assert time.monotonic() - started < 5, "a full round waited out the first call"
+
+
+def test_a_worker_ignores_join_variables_left_over_from_another_run(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torchrun started from a process that once hosted a handler inherits its variables; its
+    workers must not take a dead store for their world's."""
+    monkeypatch.setenv(JOIN_STORE_ENV, "127.0.0.1:9")
+    monkeypatch.setenv(JOIN_KEY_ENV, "elastic_train/join/an-old-run/3")
+    assert world_store_env() is None and JoinRequests.from_env() is None
+    monkeypatch.setenv(JOIN_KEY_ENV, "elastic_train/join/test-join/3")
+    assert world_store_env() == ("127.0.0.1:9", "elastic_train/join/test-join/3")
