@@ -24,11 +24,12 @@ import json
 import re
 import socket
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 FaultKind = Literal["error", "reset", "truncate", "delay", "error_after_success", "drop"]
@@ -106,7 +107,7 @@ class FaultProxy:
         if self._server is not None:
             return self
         handler = type("Handler", (_ProxyHandler,), {"proxy": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server = _QuietServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         kwargs={"poll_interval": 0.05}, name="fault-proxy",
@@ -211,6 +212,15 @@ class FaultProxy:
                f"<Error><Code>{code}</Code><Message>injected fault {status}</Message>"
                f"<Resource>{path}</Resource><RequestId>fault-proxy</RequestId></Error>")
         return xml.encode(), "application/xml"
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """Clients here are workers that chaos kills mid-request: a reset connection is expected and
+    must not print a traceback into the run's output. Anything else still does."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class _ProxyHandler(BaseHTTPRequestHandler):
