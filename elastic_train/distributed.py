@@ -60,8 +60,8 @@ def init(cfg: ParallelConfig) -> World:
     store = _rendezvous_store(timeout)
     dist.init_process_group(
         backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
-        store=store, rank=int(os.environ["RANK"]) if store else -1,
-        world_size=int(os.environ["WORLD_SIZE"]) if store else -1,
+        store=store, rank=int(os.environ["RANK"]) if store is not None else -1,
+        world_size=int(os.environ["WORLD_SIZE"]) if store is not None else -1,
     )
     return World(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
 

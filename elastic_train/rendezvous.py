@@ -39,10 +39,10 @@ FAST_BACKEND = "c10d-fast"
 """The `--rdzv-backend` name of `create_fast_handler` (registered in pyproject.toml)."""
 JOIN_STORE_ENV = "ELASTIC_TRAIN_RDZV_STORE"
 """Set by the agent for its workers: host:port of the rendezvous store."""
-TIMER_FILE_ENV = "TORCHELASTIC_TIMER_FILE"
-"""The FIFO of a node's step timers: workers arm them, the agent's hang watchdog serves them."""
 JOIN_KEY_ENV = "ELASTIC_TRAIN_JOIN_KEY"
 """Set by the agent for its workers: the store key prefix of this world's join requests."""
+TIMER_FILE_ENV = "TORCHELASTIC_TIMER_FILE"
+"""The FIFO of a node's step timers: workers arm them, the agent's hang watchdog serves them."""
 
 
 @dataclass(frozen=True)
