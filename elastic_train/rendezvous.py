@@ -23,6 +23,7 @@ out the last call as torch does: nobody knows yet how many nodes are still alive
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -133,12 +134,10 @@ def create_fast_handler(params: RendezvousParameters) -> RendezvousHandler:
     return handler
 
 
+@functools.cache
 def _handler_class() -> type[Any]:
     """torch's handler, saving before a node joins (see the module docstring). Made on first
     use so that importing this module does not import torch."""
-    global _HANDLER_CLASS
-    if _HANDLER_CLASS is not None:
-        return _HANDLER_CLASS
     from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
 
     class SaveBeforeJoinHandler(DynamicRendezvousHandler):
@@ -186,19 +185,13 @@ def _handler_class() -> type[Any]:
                 return False
             return time.monotonic() - self._asked[1] < self.save_before_join_s
 
-    _HANDLER_CLASS = SaveBeforeJoinHandler
-    return _HANDLER_CLASS
+    return SaveBeforeJoinHandler
 
 
-_HANDLER_CLASS: type[Any] | None = None
-
-
+@functools.cache
 def _executor_class() -> type[Any]:
     """torch's rendezvous operations, completing a round once every expected node has joined
     (see the module docstring). Made on first use, like the handler."""
-    global _EXECUTOR_CLASS
-    if _EXECUTOR_CLASS is not None:
-        return _EXECUTOR_CLASS
     from torch.distributed.elastic.rendezvous import dynamic_rendezvous as dyn
 
     class CompleteWhenExpectedExecutor(dyn._DistributedRendezvousOpExecutor):
@@ -229,11 +222,7 @@ def _executor_class() -> type[Any]:
                 pass
             return self._settings.max_nodes + 1
 
-    _EXECUTOR_CLASS = CompleteWhenExpectedExecutor
-    return _EXECUTOR_CLASS
-
-
-_EXECUTOR_CLASS: type[Any] | None = None
+    return CompleteWhenExpectedExecutor
 
 
 def _join_key(run_id: str, round_: int | str) -> str:
