@@ -163,7 +163,7 @@ def _handler_class() -> type[Any]:
             if state.complete:  # this agent re-forms now: tell the next round whom to expect
                 expected = min(len(state.participants) + waiting, self._settings.max_nodes)
                 try:
-                    self._store.set(_expect_key(self._settings.run_id, state.round + 1),
+                    self._store.set(_expected_key(self._settings.run_id, state.round + 1),
                                     str(expected))
                 except Exception:  # noqa: BLE001 - the round then waits out its last call
                     pass
@@ -214,7 +214,7 @@ def _executor_class() -> type[Any]:
 
         def _expected(self, round_: int) -> int:
             """Nodes round `round_` expects; more than can join when nobody said."""
-            key = _expect_key(self._settings.run_id, round_)
+            key = _expected_key(self._settings.run_id, round_)
             try:
                 if self._store.check([key]):
                     return int(self._store.get(key))
@@ -226,7 +226,13 @@ def _executor_class() -> type[Any]:
 
 
 def _join_key(run_id: str, round_: int | str) -> str:
+    """The store key prefix of one round: its join requests, the nodes it expects, and the
+    process group of the world it formed."""
     return f"elastic_train/join/{run_id}/{round_}"
+
+
+def _expected_key(run_id: str, round_: int) -> str:
+    return f"{_join_key(run_id, round_)}/expected"
 
 
 def world_store_env() -> tuple[str, str] | None:
@@ -239,10 +245,6 @@ def world_store_env() -> tuple[str, str] | None:
     if not endpoint or not run_id or not key.startswith(_join_key(run_id, "")):
         return None
     return endpoint, key
-
-
-def _expect_key(run_id: str, round_: int) -> str:
-    return f"elastic_train/expect/{run_id}/{round_}"
 
 
 class JoinRequests:

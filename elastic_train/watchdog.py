@@ -1,5 +1,5 @@
-"""A node's hang watchdog: in-process with `start_watchdog(path)` (what every node's agent,
-`python -m elastic_train.launch --agent`, does), or `python -m elastic_train.watchdog --file FIFO`.
+"""A node's hang watchdog: `start_watchdog(path)`, a thread of every node's agent
+(`python -m elastic_train.launch --agent`).
 
 The trainer arms torch elastic's file timer around every step (`--parallel.hang_timeout_s`, a
 `FileTimerClient` on `TORCHELASTIC_TIMER_FILE`). Normally the torchrun agent serves that FIFO
@@ -11,19 +11,14 @@ agent of the job kills itself. Shortening the collective timeout instead lets th
 re-form first, but then the hung node's agent stops its timer server and waits a hard-coded 30 s
 for the stopped worker to honour SIGTERM.
 
-This process serves the FIFO for one node instead: it SIGKILLs the expired worker and nothing
-else, so the worker's agent sees a failed worker and restarts it at once, like any crash. It
-exits on SIGTERM/SIGINT or when its parent closes stdin.
+This watchdog serves the FIFO for one node instead: it SIGKILLs the expired worker and nothing
+else, so the worker's agent sees a failed worker and restarts it at once, like any crash.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import signal
-import sys
-import threading
 
 from torch.distributed.elastic.timer import FileTimerServer
 
@@ -40,39 +35,14 @@ class WorkerOnlyTimerServer(FileTimerServer):
         return super()._reap_worker(worker_pid, signal)
 
 
-def start_watchdog(path: str, run_id: str = "") -> WorkerOnlyTimerServer:
+def start_watchdog(path: str) -> WorkerOnlyTimerServer:
     """Serve the timer FIFO at `path` from a daemon thread of this process; `stop()` it."""
     if not log.handlers:  # reaps go to the node's log with a time, whoever configured logging
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s watchdog %(message)s"))
         log.addHandler(handler)
         log.propagate = False
-    server = WorkerOnlyTimerServer(path, run_id, max_interval=0.1, daemon=True)
+    server = WorkerOnlyTimerServer(path, "", max_interval=0.1, daemon=True)
     server.start()
     return server
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m elastic_train.watchdog")
-    parser.add_argument("--file", required=True, help="the FIFO workers write their timers to")
-    parser.add_argument("--run-id", default="")
-    args = parser.parse_args(argv)
-
-    server = start_watchdog(args.file, args.run_id)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-
-    def watch_stdin() -> None:
-        sys.stdin.read()  # EOF: whoever started us is gone
-        stop.set()
-
-    threading.Thread(target=watch_stdin, daemon=True).start()
-    print("READY", flush=True)
-    stop.wait()
-    server.stop()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
