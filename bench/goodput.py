@@ -6,12 +6,12 @@
 Runs of the same job on a local elastic cluster (nodes are torchrun agents, checkpoints on local
 disk): a fault-free reference, then one faulty run per arm: `fixed` saves every `--every` steps;
 `young_daly` saves at the fixed interval the adaptive policy converges to (C and the step time
-measured in the reference run, M = `--period`, through `checkpointing.interval`); `adaptive` runs
+measured in the reference run, M = `--period`, through `elastic_train.interval`); `adaptive` runs
 the trainer with `checkpoint.interval=adaptive` (`--min-every`..`--max-every`). In each faulty
 run a seeded schedule SIGKILLs one live node (agent and workers) every `--period` seconds after
 the first step, `--kills` times, and starts a replacement node at once (capacity coming back).
 
-goodput = useful step time / wall time of the same run (elastic_train.ledger: steps that were
+goodput = useful step time / wall time of the same run (elastic_train.goodput.ledger: steps
 rolled back, restarts and checkpoint stalls are not useful). It is measured within one run
 because the machine is shared: its step time drifted by up to 2x between runs here, which makes
 `goodput_vs_reference_wall` (fault-free wall / faulty wall, also printed) mostly noise.
@@ -40,8 +40,8 @@ from chaos.backends import prepared_data  # noqa: E402
 from chaos.cluster import LocalCluster  # noqa: E402
 from chaos.harness import default_cache  # noqa: E402
 from chaos.metrics import MetricsTail  # noqa: E402
-from checkpointing.interval import AdaptiveInterval  # noqa: E402
-from elastic_train.ledger import compute_ledger  # noqa: E402
+from elastic_train.goodput.ledger import compute_ledger  # noqa: E402
+from elastic_train.interval import AdaptiveInterval  # noqa: E402
 
 TRAIN = {
     "model": "tiny",

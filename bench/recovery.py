@@ -1,12 +1,13 @@
 """Recovery time of the elastic job: node lost, node added, worker hung.
 
-Ours (the `c10d-fast` rendezvous with the harness's settings, elastic_train/rendezvous.py, and
-workers forked warm from each node's prefork server, elastic_train/prefork.py) against torchrun as
-it comes (its c10d rendezvous defaults, workers started as fresh interpreters), measured in the
-same run on the real trainer (tiny model, file storage).
+Ours (the `c10d-fast` rendezvous with the harness's settings, elastic_train/node/rendezvous.py,
+and workers forked warm from each node's prefork server, elastic_train/node/prefork.py) against
+torchrun as it comes (its c10d rendezvous defaults, workers started as fresh interpreters), measured
+in the same run on the real trainer (tiny model, file storage).
 Recovery = fault -> the first step completed in the new world (metrics.jsonl). Each setting runs
 one long job on 2 nodes and repeats, per trial: kill a node (lost), add one (added), SIGSTOP a rank
-(hung: the node's watchdog kills it, see elastic_train/watchdog.py, and the world re-forms at 2).
+(hung: the node's watchdog kills it, see elastic_train/node/watchdog.py, and the world re-forms
+at 2).
 
     .venv/bin/python bench/recovery.py [--trials 3] [--out runs/bench-recovery]
 

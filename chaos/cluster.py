@@ -29,14 +29,15 @@ from types import TracebackType
 
 import psutil
 
-from elastic_train import prefork
-from elastic_train.rendezvous import RendezvousSettings, agent_env
+from elastic_train.node import prefork
+from elastic_train.node.contract import NOTICE_FILE_ENV
+from elastic_train.node.rendezvous import RendezvousSettings, agent_env
 
 TAG_ENV = "CHAOS_RUN_TAG"
 """Set on every agent; inherited by its workers and their helpers. Value: the cluster's tag."""
 NODE_ENV = "CHAOS_NODE"
 """The node number of an agent and of everything it starts."""
-NOTICE_ENV = "ELASTIC_TRAIN_NOTICE_FILE"
+NOTICE_ENV = NOTICE_FILE_ENV
 """Per node: the trainer treats this file's existence as a preemption notice (internals.md)."""
 
 
@@ -52,7 +53,7 @@ class Node:
     pids: set[int] = field(default_factory=set)
     """Every descendant pid seen (for the orphan check)."""
     prefork_socket: str = ""
-    """The socket of the agent's prefork server (elastic_train/prefork.py), whose children run
+    """The socket of the agent's prefork server (elastic_train/node/prefork.py), whose children run
     the ranks; empty when the entry is not the trainer."""
 
     @property
@@ -171,7 +172,7 @@ class LocalCluster:
             notice = self.workdir / f"notice-node{index}"
             notice.unlink(missing_ok=True)
             log_path = self.workdir / f"node{index}.log"
-            # The agent serves it (elastic_train/watchdog.py) as on a SkyPilot node.
+            # The agent serves it (elastic_train/node/watchdog.py) as on a SkyPilot node.
             timer_file = str(self.workdir / f"timer-node{index}")
             env = {
                 **os.environ,
@@ -190,11 +191,11 @@ class LocalCluster:
                 # Trainers start as warm forks of the agent's prefork server, not as fresh
                 # interpreters. Socket paths are short (108 bytes): the temp dir, not workdir.
                 socket_path = os.path.join(tempfile.gettempdir(), f"et-{self.tag}-{index}.sock")
-                env[prefork.SOCKET_ENV] = socket_path
+                env[prefork.PREFORK_SOCKET_ENV] = socket_path
             cmd = [
-                # torchrun's agent as on a SkyPilot node: in elastic_train.launch, which forks
+                # torchrun's agent as on a SkyPilot node: in elastic_train.node.launch, which forks
                 # the node's prefork server before the agent starts.
-                sys.executable, "-m", "elastic_train.launch", "--agent",
+                sys.executable, "-m", "elastic_train.node.launch", "--agent",
                 f"--nnodes={self.min_nodes}:{self.max_nodes}",
                 f"--nproc-per-node={self.procs_per_node}",
                 *self.rdzv.torchrun_args(f"127.0.0.1:{self.store_port}", self.run_id),

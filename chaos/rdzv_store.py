@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0: any free port")
     args = parser.parse_args(argv)
 
-    from elastic_train.rendezvous import host_store
+    from elastic_train.node.rendezvous import host_store
 
     store = host_store(args.host, args.port)
     stop = threading.Event()

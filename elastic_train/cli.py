@@ -16,7 +16,9 @@ from elastic_train.config import ConfigError
 
 def build_parser() -> argparse.ArgumentParser:
     from checkpointing import cli as ckpt_cli
-    from elastic_train import data, ledger, sky_render, train
+    from elastic_train import data, train
+    from elastic_train.goodput import ledger
+    from elastic_train.node import sky_render
 
     parser = argparse.ArgumentParser(
         prog="elastic-train",

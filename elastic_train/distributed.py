@@ -14,7 +14,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from elastic_train.config import ParallelConfig
 from elastic_train.model import GPT
-from elastic_train.rendezvous import world_store_env
+from elastic_train.node import contract
 
 
 @dataclass(frozen=True)
@@ -71,13 +71,13 @@ def _rendezvous_store(timeout: timedelta) -> dist.Store | None:
     which is listening already; else None (torchrun's MASTER_ADDR/PORT, where rank 0 opens a
     store and a rank that comes first retries with a backoff: 0.3-0.7 s of each re-form, here).
     The prefix is this world's round, the same on every rank and new at every re-form."""
-    if (found := world_store_env()) is None:
+    if (found := contract.world_store()) is None:
         return None
     endpoint, key = found
     host, _, port = endpoint.rpartition(":")
     store = dist.TCPStore(host, int(port), is_master=False, timeout=timeout,
                           wait_for_workers=False)
-    return dist.PrefixStore(f"{key}/process_group", store)
+    return dist.PrefixStore(f"{key}/{contract.PROCESS_GROUP}", store)
 
 
 def mixed_precision(cfg: ParallelConfig, device: torch.device) -> MixedPrecisionPolicy:

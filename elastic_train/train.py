@@ -9,7 +9,7 @@ import sys
 
 from elastic_train import config as config_lib
 from elastic_train import exit_codes
-from elastic_train.prefork import gc_paused
+from elastic_train.node.prefork import gc_paused
 
 
 def run(config_path: str | None, overrides: list[str]) -> int:
@@ -82,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from elastic_train import prefork
+    from elastic_train.node import prefork
 
     # Under torchrun on a node with a prefork server: run in one of its warm children.
-    if os.environ.get(prefork.SOCKET_ENV):
-        code = prefork.run_through_server(os.environ[prefork.SOCKET_ENV],
+    if os.environ.get(prefork.PREFORK_SOCKET_ENV):
+        code = prefork.run_through_server(os.environ[prefork.PREFORK_SOCKET_ENV],
                                           ["-m", "elastic_train.train", *sys.argv[1:]])
         if code is not None:
             prefork.exit_like(code)

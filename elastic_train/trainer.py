@@ -34,15 +34,16 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.checkpoint.stateful import Stateful
 
 from checkpointing import CheckpointManager, CheckpointSettings, ModelOptimizerState
-from checkpointing.interval import AdaptiveInterval
-from checkpointing.notices import Notice, build_watcher_from_env
-from elastic_train import data, distributed, exit_codes, ledger
+from elastic_train import data, distributed, exit_codes
 from elastic_train.config import Config, validate
+from elastic_train.goodput import ledger
+from elastic_train.interval import AdaptiveInterval
+from elastic_train.join_requests import JoinRequests
 from elastic_train.metrics import MetricsLog, progress_line, say
 from elastic_train.model import GPT, config_for, num_params
+from elastic_train.node.contract import AGENT_PID_ENV
+from elastic_train.notices import Notice, build_watcher_from_env
 from elastic_train.optim import build_optimizer, lr_at
-from elastic_train.prefork import AGENT_PID_ENV
-from elastic_train.rendezvous import JoinRequests
 
 
 class TrainerProgress(Stateful):
@@ -70,7 +71,7 @@ def _exit_on_sigterm() -> None:
 
 
 def _hang_timer(seconds: float) -> Callable[[], AbstractContextManager[object]]:
-    """A context factory: the node's watchdog (elastic_train/watchdog.py, serving the FIFO at
+    """A context factory: the node's watchdog (elastic_train/node/watchdog.py, serving the FIFO at
     TORCHELASTIC_TIMER_FILE) SIGKILLs this worker if a step takes longer than `seconds` (a hung
     peer, or this process stopped). A no-op when `seconds` is 0 or no watchdog serves a FIFO.
     A watchdog that is not (or no longer) there leaves steps untimed, with one warning, rather
@@ -160,7 +161,7 @@ class Trainer:
                 say(f"warning: ledger at {run_uri} unreadable ({e}); adaptive interval starts "
                     "without history")
         # A node waiting to join makes torchrun restart every worker from the newest commit:
-        # rank 0 saves first when the agents ask (elastic_train.rendezvous).
+        # rank 0 saves first when the agents ask (elastic_train.node.rendezvous).
         self.join_requests = JoinRequests.from_env() if self.world.is_main else None
         self.checkpoints = CheckpointManager(
             run_uri,

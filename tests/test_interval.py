@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from checkpointing.interval import AdaptiveInterval
+from elastic_train.interval import AdaptiveInterval
 
 
 class Clock:

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from elastic_train import ledger as L
+from elastic_train.goodput import ledger as L
 
 T0 = 1_795_000_000.0
 
@@ -224,7 +224,7 @@ def test_ledger_writer_rewrites_on_commits_at_most_so_often(tmp_path):
 
 
 def test_restore_interval_from_a_kept_ledger():
-    from checkpointing.interval import AdaptiveInterval
+    from elastic_train.interval import AdaptiveInterval
 
     led = L.compute_ledger(three_incarnations().lines)
     before = AdaptiveInterval(5, 500)
@@ -247,7 +247,7 @@ def test_elastic_train_report_is_registered(tmp_path, capsys):
 
 
 def test_restore_interval_counts_the_restart_under_way_once(tmp_path):
-    from checkpointing.interval import AdaptiveInterval
+    from elastic_train.interval import AdaptiveInterval
 
     run = FakeRun()
     run.start(2, None, 0)

@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from checkpointing.notices import (
+from elastic_train.notices import (
     AwsSource,
     AzureSource,
     FileSource,

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from elastic_train import prefork
+from elastic_train.node import prefork
 
 TARGET = textwrap.dedent("""
     import os, signal, sys, time
@@ -34,14 +34,14 @@ TARGET = textwrap.dedent("""
     if mode == "raise":
         raise ValueError("boom")
 """)
-CLIENT = ("import sys; from elastic_train import prefork; "
+CLIENT = ("import sys; from elastic_train.node import prefork; "
           "code = prefork.run_through_server(sys.argv[1], sys.argv[2:]); "
           "print('no server', flush=True) if code is None else prefork.exit_like(code)")
 
 
 def _start_server(path: str, preload: str) -> subprocess.Popen[str]:
-    """`python -m elastic_train.prefork`: it forks the server as an agent does, then waits."""
-    proc = subprocess.Popen([sys.executable, "-m", "elastic_train.prefork", "--socket", path,
+    """`python -m elastic_train.node.prefork`: it forks the server as an agent does, then waits."""
+    proc = subprocess.Popen([sys.executable, "-m", "elastic_train.node.prefork", "--socket", path,
                              "--preload", preload], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "LISTENING"
     return proc
@@ -64,7 +64,7 @@ def _client(path: str, tmp_path: Path, *args: str, **kw: object) -> subprocess.P
     script.write_text(TARGET)
     return subprocess.Popen([sys.executable, "-c", CLIENT, path, str(script), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "MARK": "m1", prefork.SOCKET_ENV: path},
+                            env={**os.environ, "MARK": "m1", prefork.PREFORK_SOCKET_ENV: path},
                             cwd=tmp_path, **kw)
 
 

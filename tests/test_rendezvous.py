@@ -16,22 +16,16 @@ import pytest
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
 
-from elastic_train.rendezvous import (
-    FAST_BACKEND,
-    JOIN_KEY_ENV,
-    JOIN_STORE_ENV,
-    JoinRequests,
-    RendezvousSettings,
-    host_store,
-    world_store_env,
-)
+from elastic_train.join_requests import JoinRequests
+from elastic_train.node.contract import JOIN_KEY_ENV, RDZV_STORE_ENV, world_store
+from elastic_train.node.rendezvous import FAST_BACKEND, RendezvousSettings, host_store
 
 
 @pytest.fixture(autouse=True)
 def _agent_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """A handler sets its agent's environment for the workers; undo that after each test (set
     first, so that monkeypatch removes what the handler sets: later tests start torchrun)."""
-    for name in (JOIN_STORE_ENV, JOIN_KEY_ENV):
+    for name in (RDZV_STORE_ENV, JOIN_KEY_ENV):
         monkeypatch.setenv(name, "")
     # As on every agent (rendezvous.agent_env): else a node joining a world deadlocks.
     monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
@@ -134,7 +128,7 @@ def test_a_joining_node_waits_for_rank_0s_save_then_gets_in() -> None:
     store = host_store("127.0.0.1", 0)
     with _one_node_world(store.port) as first:
         # The agent told its workers where to listen; rank 0 listens there.
-        assert os.environ[JOIN_STORE_ENV] == f"127.0.0.1:{store.port}"
+        assert os.environ[RDZV_STORE_ENV] == f"127.0.0.1:{store.port}"
         requests = JoinRequests.from_env()
         assert requests is not None
         assert first.num_nodes_waiting() == 0  # held back: rank 0 is asked to save
@@ -202,8 +196,8 @@ def test_a_worker_ignores_join_variables_left_over_from_another_run(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A torchrun started from a process that once hosted a handler inherits its variables; its
     workers must not take a dead store for their world's."""
-    monkeypatch.setenv(JOIN_STORE_ENV, "127.0.0.1:9")
+    monkeypatch.setenv(RDZV_STORE_ENV, "127.0.0.1:9")
     monkeypatch.setenv(JOIN_KEY_ENV, "elastic_train/join/an-old-run/3")
-    assert world_store_env() is None and JoinRequests.from_env() is None
+    assert world_store() is None and JoinRequests.from_env() is None
     monkeypatch.setenv(JOIN_KEY_ENV, "elastic_train/join/test-join/3")
-    assert world_store_env() == ("127.0.0.1:9", "elastic_train/join/test-join/3")
+    assert world_store() == ("127.0.0.1:9", "elastic_train/join/test-join/3")

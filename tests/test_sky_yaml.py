@@ -19,7 +19,8 @@ import psutil
 import pytest
 import yaml
 
-from elastic_train import exit_codes, launch, sky_render
+from elastic_train import exit_codes
+from elastic_train.node import launch, sky_render
 
 ROOT = Path(__file__).resolve().parents[1]
 SKY_DIR = ROOT / "sky"
@@ -83,7 +84,7 @@ def checked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any
     home = tmp / "home"
     home.mkdir()
     env = {**os.environ, "HOME": str(home)}
-    code = ("import sys; from elastic_train.sky_render import main_check; "
+    code = ("import sys; from elastic_train.node.sky_render import main_check; "
             "sys.exit(main_check(sys.argv[1:]))")
     proc = subprocess.run([sys.executable, "-c", code, *files], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=120)
@@ -138,7 +139,7 @@ def test_train_yaml_declares_every_env_the_launcher_reads(checked):
     result = checked["train.yaml"]
     assert set(launch.TASK_ENVS) <= set(result["envs"])
     assert result["required_envs"] == ["BUCKET"]
-    assert result["run"].strip() == "exec python -m elastic_train.launch"
+    assert result["run"].strip() == "exec python -m elastic_train.node.launch"
 
 
 def test_prepare_data_yaml_requires_its_destination(checked):

@@ -6,7 +6,7 @@
 `render` prints `sky/train.yaml` with the given values filled in; the output parses with
 `sky.Task.from_yaml` without further `--env` flags. `check` runs SkyPilot's own parser and schema
 on task YAMLs plus what parsing misses (job_recovery keys and strategy). What every node of the
-cluster runs is `python -m elastic_train.launch`.
+cluster runs is `python -m elastic_train.node.launch`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import yaml
 
 from elastic_train import exit_codes
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "sky" / "train.yaml"
+TEMPLATE = Path(__file__).resolve().parents[2] / "sky" / "train.yaml"
 """The managed-job YAML `render` starts from (the source tree; `workdir: .` needs it anyway)."""
 
 BUCKET_SCHEMES = ("s3://", "gs://")

@@ -1,6 +1,6 @@
 """How elastic nodes rendezvous: the settings measured on torch 2.13 (../shared/FACTS.md) and
 proved by the chaos harness, in one place for the local cluster (`chaos.cluster`) and for real
-nodes (`elastic_train.launch`).
+nodes (`elastic_train.node.launch`).
 
 torchrun's c10d rendezvous polls its shared state once a second (`_delay(seconds=1)` in the join
 loop, and a 1 s state cache) and takes its timeouts in whole seconds, so every re-form costs
@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 import time
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
+
+from elastic_train.node import contract
 
 if TYPE_CHECKING:
     from torch.distributed import TCPStore
@@ -38,12 +39,6 @@ if TYPE_CHECKING:
 
 FAST_BACKEND = "c10d-fast"
 """The `--rdzv-backend` name of `create_fast_handler` (registered in pyproject.toml)."""
-JOIN_STORE_ENV = "ELASTIC_TRAIN_RDZV_STORE"
-"""Set by the agent for its workers: host:port of the rendezvous store."""
-JOIN_KEY_ENV = "ELASTIC_TRAIN_JOIN_KEY"
-"""Set by the agent for its workers: the store key prefix of this world's join requests."""
-TIMER_FILE_ENV = "TORCHELASTIC_TIMER_FILE"
-"""The FIFO of a node's step timers: workers arm them, the agent's hang watchdog serves them."""
 
 
 @dataclass(frozen=True)
@@ -148,8 +143,8 @@ def _handler_class() -> type[Any]:
         def next_rendezvous(self) -> Any:
             info = super().next_rendezvous()
             # Inherited by the workers this agent starts next: where to hear join requests.
-            os.environ[JOIN_STORE_ENV] = self.endpoint
-            os.environ[JOIN_KEY_ENV] = _join_key(self._settings.run_id,
+            os.environ[contract.RDZV_STORE_ENV] = self.endpoint
+            os.environ[contract.JOIN_KEY_ENV] = contract.round_key(self._settings.run_id,
                                                  self._state_holder.state.round)
             return info
 
@@ -170,16 +165,16 @@ def _handler_class() -> type[Any]:
             return waiting
 
         def _holds_back(self) -> bool:
-            key = os.environ.get(JOIN_KEY_ENV, "")
+            key = os.environ.get(contract.JOIN_KEY_ENV, "")
             if self.save_before_join_s <= 0 or not key:
                 return False
             try:
-                if not self._store.check([f"{key}/listening"]):
+                if not self._store.check([f"{key}/{contract.LISTENING}"]):
                     return False
                 if self._asked is None or self._asked[0] != key:
-                    self._store.set(f"{key}/asked", "1")
+                    self._store.set(f"{key}/{contract.ASKED}", "1")
                     self._asked = (key, time.monotonic())
-                if self._store.check([f"{key}/saved"]):
+                if self._store.check([f"{key}/{contract.SAVED}"]):
                     return False
             except Exception:  # noqa: BLE001 - any store trouble: re-form as torch would
                 return False
@@ -225,90 +220,8 @@ def _executor_class() -> type[Any]:
     return CompleteWhenExpectedExecutor
 
 
-def _join_key(run_id: str, round_: int | str) -> str:
-    """The store key prefix of one round: its join requests, the nodes it expects, and the
-    process group of the world it formed."""
-    return f"elastic_train/join/{run_id}/{round_}"
-
-
 def _expected_key(run_id: str, round_: int) -> str:
-    return f"{_join_key(run_id, round_)}/expected"
-
-
-def world_store_env() -> tuple[str, str] | None:
-    """In a worker: (host:port of the rendezvous store, this world's key prefix), as its agent
-    set them; None when the agent is not `c10d-fast`, or when the variables were left in the
-    environment by another run (their key names a run other than torchrun's
-    TORCHELASTIC_RUN_ID: e.g. a process that hosted a handler started this torchrun)."""
-    endpoint, key = os.environ.get(JOIN_STORE_ENV, ""), os.environ.get(JOIN_KEY_ENV, "")
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    if not endpoint or not run_id or not key.startswith(_join_key(run_id, "")):
-        return None
-    return endpoint, key
-
-
-class JoinRequests:
-    """Rank 0's side of saving before a node joins: says it listens, learns (from a polling
-    thread) that an agent asked, and tells the agents when the save has committed.
-
-    On failure it stays out of the way: if the store cannot be reached, `from_env` returns None
-    and the agents re-form at once; if the save never commits, they re-form after their
-    `save_before_join_s`."""
-
-    POLL_S = 0.1
-
-    def __init__(self, endpoint: str, key: str) -> None:
-        from torch.distributed import TCPStore
-
-        host, _, port = endpoint.rpartition(":")
-        self.key = key
-        self._store = TCPStore(host, int(port), is_master=False,
-                               timeout=timedelta(seconds=10), wait_for_workers=False)
-        self._asked = threading.Event()
-        self._stop = threading.Event()
-        self._save_step: int | None = None
-        self._store.set(f"{key}/listening", "1")
-        self._poller = threading.Thread(target=self._poll, name="join-requests", daemon=True)
-        self._poller.start()
-
-    @classmethod
-    def from_env(cls) -> JoinRequests | None:
-        if (found := world_store_env()) is None:
-            return None
-        endpoint, key = found
-        try:
-            return cls(endpoint, key)
-        except (RuntimeError, ValueError, OSError) as e:
-            print(f"elastic-train: warning: rendezvous store {endpoint} unreachable ({e}); a "
-                  "joining node will cost the steps since the last checkpoint", flush=True)
-            return None
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self.POLL_S):
-            try:
-                if self._store.check([f"{self.key}/asked"]):
-                    self._asked.set()
-                    return
-            except RuntimeError:
-                return
-
-    def save_now(self, step: int) -> bool:
-        """True once, at the first step after a node asked to join: save this step."""
-        if self._save_step is None and self._asked.is_set():
-            self._save_step = step
-            return True
-        return False
-
-    def on_commit(self, step: int) -> None:
-        """A checkpoint of `step` committed: if it covers the requested save, let the node in."""
-        if self._save_step is not None and step >= self._save_step:
-            try:
-                self._store.set(f"{self.key}/saved", str(step))
-            except RuntimeError:
-                pass  # the agents re-form after their save_before_join_s anyway
-
-    def close(self) -> None:
-        self._stop.set()
+    return f"{contract.round_key(run_id, round_)}/{contract.EXPECTED}"
 
 
 def torchrun_handler() -> object:
@@ -347,10 +260,10 @@ def agent_env(timer_file: str) -> dict[str, str]:
         # job deadlocks (then the job dies after 60 s).
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
         # Workers arm a step timer on this FIFO (`--parallel.hang_timeout_s`); the agent's
-        # watchdog (elastic_train/watchdog.py) SIGKILLs a worker whose step overran it. Not
+        # watchdog (elastic_train/node/watchdog.py) SIGKILLs a worker whose step overran it. Not
         # TORCHELASTIC_ENABLE_FILE_TIMER: torch 2.13's timer server in the agent then kills the
         # agent too, and with it every node whose healthy ranks waited on the hung one.
-        TIMER_FILE_ENV: timer_file,
+        contract.TIMER_FILE_ENV: timer_file,
         "PYTHONUNBUFFERED": "1",
     }
 

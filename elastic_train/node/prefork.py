@@ -2,7 +2,7 @@
 worker for every rank torchrun starts. A re-formed world trains again a fraction of a second after
 its rendezvous instead of after ~2 s of imports (`import elastic_train.trainer` is 1.7 s here).
 
-    elastic_train.prefork.fork_server(PATH)    # in the node's agent, before it starts
+    elastic_train.node.prefork.fork_server(PATH)    # in the node's agent, before it starts
 
 torchrun still starts `python -m elastic_train.train ...` for each rank. With ELASTIC_TRAIN_PREFORK
 set to the socket, that process (the *client*, which never imports torch) hands the server its
@@ -40,10 +40,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-SOCKET_ENV = "ELASTIC_TRAIN_PREFORK"
-"""Path of the node's prefork socket; unset = every worker starts cold."""
-AGENT_PID_ENV = "ELASTIC_TRAIN_AGENT_PID"
-"""Set in a forked worker: its agent's pid (the worker's parent is the server, not the agent)."""
+from elastic_train.node.contract import AGENT_PID_ENV, PREFORK_SOCKET_ENV
+
 PRELOAD = ("elastic_train.trainer", "torch._dynamo", "torch.profiler",
            "fsspec.implementations.local")
 """Imported once by the server; only the first must import. torch._dynamo is imported lazily by
@@ -256,7 +254,7 @@ def _become_worker(request: Mapping[str, Any], fds: Sequence[int]) -> None:
         os.chdir(str(request["cwd"]))
         os.environ.clear()
         os.environ.update({str(k): str(v) for k, v in request["env"].items()})
-        os.environ.pop(SOCKET_ENV, None)  # the command runs here; it must not ask again
+        os.environ.pop(PREFORK_SOCKET_ENV, None)  # the command runs here; it must not ask again
         os.environ[AGENT_PID_ENV] = str(request["agent_pid"])
         threads = os.environ.get("OMP_NUM_THREADS", "")
         if threads.isdigit() and "torch" in sys.modules:  # torch read it in the server
@@ -313,7 +311,7 @@ def fork_server(path: str, preload: Sequence[str] = PRELOAD) -> int:
 def main(argv: list[str] | None = None) -> int:
     """A server on its own (the agent normally forks it, see `fork_server`): it serves until
     this process is stopped."""
-    parser = argparse.ArgumentParser(prog="python -m elastic_train.prefork",
+    parser = argparse.ArgumentParser(prog="python -m elastic_train.node.prefork",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--socket", required=True, help="unix socket path to serve on")
     parser.add_argument("--preload", nargs="*", default=list(PRELOAD),

@@ -1,5 +1,5 @@
 """A node's hang watchdog: `start_watchdog(path)`, a thread of every node's agent
-(`python -m elastic_train.launch --agent`).
+(`python -m elastic_train.node.launch --agent`).
 
 The trainer arms torch elastic's file timer around every step (`--parallel.hang_timeout_s`, a
 `FileTimerClient` on `TORCHELASTIC_TIMER_FILE`). Normally the torchrun agent serves that FIFO
@@ -22,7 +22,7 @@ import os
 
 from torch.distributed.elastic.timer import FileTimerServer
 
-log = logging.getLogger("elastic_train.watchdog")
+log = logging.getLogger("elastic_train.node.watchdog")
 
 
 class WorkerOnlyTimerServer(FileTimerServer):

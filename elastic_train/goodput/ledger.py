@@ -275,7 +275,7 @@ def with_costs(ledger: dict[str, Any], prices: Prices) -> dict[str, Any]:
 
 def interruption_times(records: Iterable[dict[str, Any]]) -> list[float]:
     """Unix times of the run's interruptions (the last line before each restart), for
-    `checkpointing.interval.AdaptiveInterval.observe_interruption`."""
+    `elastic_train.interval.AdaptiveInterval.observe_interruption`."""
     return compute_ledger(records)["interruptions"]
 
 
@@ -361,7 +361,7 @@ class LedgerWriter:
 
 def restore_interval(interval: Any, ledger: Mapping[str, Any] | None,
                      metrics_path: str | None = None) -> None:
-    """Give a fresh `checkpointing.interval.AdaptiveInterval` what the run's history knows.
+    """Give a fresh `elastic_train.interval.AdaptiveInterval` what the run's history knows.
 
     From a kept `ledger`: the state under extra["interval"] and its interruption times. From
     `metrics_path` when it is readable (call this before the new `start` line is written): its

@@ -1,4 +1,4 @@
-"""One node of a SkyPilot cluster: `python -m elastic_train.launch`, the `run:` of `sky/train.yaml`.
+"""One node of a SkyPilot cluster: `python -m elastic_train.node.launch`, `sky/train.yaml`'s `run:`.
 
 Every node runs this once. It reads what SkyPilot sets on each node and the task's `envs`, and
 runs torchrun's elastic agent in a child process (`supervise`: started again if a hung worker's
@@ -10,8 +10,8 @@ timer takes the agent down with it):
              --checkpoint.uri=BUCKET/runs/RUN_NAME [--data.uri=DATA_URI] TRAIN_ARGS...
 
 - `c10d-fast` is torch's c10d rendezvous polling every 0.1 s with fractional timeouts
-  (`elastic_train.rendezvous`). The agent first forks the node's prefork server
-  (`elastic_train.prefork`), so that workers start warm after every re-form.
+  (`elastic_train.node.rendezvous`). The agent first forks the node's prefork server
+  (`elastic_train.node.prefork`), so that workers start warm after every re-form.
 
 - The head (node rank 0) also hosts the rendezvous store: a standalone `TCPStore` in this process,
   so no agent owns it and any agent may die without taking the rendezvous with it. Losing the
@@ -42,8 +42,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from elastic_train import exit_codes, prefork
-from elastic_train.rendezvous import TIMER_FILE_ENV, RendezvousSettings, agent_env, host_store
+from elastic_train import exit_codes
+from elastic_train.node import prefork
+from elastic_train.node.contract import AGENT_TAG_ENV, NOTICE_FILE_ENV, TIMER_FILE_ENV
+from elastic_train.node.rendezvous import RendezvousSettings, agent_env, host_store
 
 DEFAULT_RDZV_PORT = 29400
 DEFAULT_AGENT_RESTARTS = 3
@@ -64,9 +66,6 @@ RDZV = RendezvousSettings(last_call_timeout=1, first_call_timeout=30, keep_alive
 SHUTDOWN_TIMEOUT_S = 5
 """Seconds the agent waits for SIGTERMed workers before SIGKILL (default 30). The trainer exits at
 once on SIGTERM; only a wedged worker waits this long."""
-
-AGENT_TAG_ENV = "ELASTIC_TRAIN_AGENT_TAG"
-"""Set on each agent a node starts, inherited by its workers: finds them after the agent died."""
 
 TASK_ENVS = ("BUCKET", "RUN_NAME", "DATA_URI", "CONFIG", "TRAIN_ARGS", "MIN_NODES")
 """The task `envs` this module reads; `sky/train.yaml` declares each."""
@@ -178,25 +177,25 @@ def run_node(env: Mapping[str, str] | None = None) -> int:
         node = Node.from_env(env)
         args = torchrun_args(node, env)
     except LaunchError as e:
-        print(f"elastic_train.launch: error: {e}", file=sys.stderr)
+        print(f"elastic-train launch: error: {e}", file=sys.stderr)
         return exit_codes.BAD_CONFIG
 
-    notice = Path(os.path.expanduser(env.get("ELASTIC_TRAIN_NOTICE_FILE") or NOTICE_FILE))
+    notice = Path(os.path.expanduser(env.get(NOTICE_FILE_ENV) or NOTICE_FILE))
     notice.parent.mkdir(parents=True, exist_ok=True)
     notice.unlink(missing_ok=True)  # a notice left by an earlier cluster on this disk is stale
     timer_file = os.path.join(tempfile.gettempdir(), f"elastic-train-timer-{os.getpid()}")
-    agent_environ = {**env, **agent_env(timer_file), "ELASTIC_TRAIN_NOTICE_FILE": str(notice),
-                     prefork.SOCKET_ENV: os.path.join(tempfile.gettempdir(),
+    agent_environ = {**env, **agent_env(timer_file), NOTICE_FILE_ENV: str(notice),
+                     prefork.PREFORK_SOCKET_ENV: os.path.join(tempfile.gettempdir(),
                                                       f"elastic-train-{os.getpid()}.sock")}
 
-    print(f"elastic_train.launch: node {node.rank} of {node.num_nodes}, run "
+    print(f"elastic-train launch: node {node.rank} of {node.num_nodes}, run "
           f"{run_uri(env, node.task_id)}\n  torchrun {shlex.join(args)}", flush=True)
     # Held until the agent is done: the store lives exactly as long as this head process.
     store = None
     if node.rank == 0:
         store = host_store(node.head, _int(env, "RDZV_PORT", default=DEFAULT_RDZV_PORT))
     try:
-        cmd = [sys.executable, "-m", "elastic_train.launch", "--agent", *args]
+        cmd = [sys.executable, "-m", "elastic_train.node.launch", "--agent", *args]
         return supervise(cmd, agent_environ, _int(env, "AGENT_RESTARTS",
                                                   default=DEFAULT_AGENT_RESTARTS))
     finally:
@@ -230,11 +229,11 @@ def supervise(cmd: list[str], env: Mapping[str, str], restarts: int) -> int:
         if code >= 0 or code in (-signal.SIGTERM, -signal.SIGINT):
             return code if code >= 0 else 128 - code
         if attempt >= restarts:
-            print(f"elastic_train.launch: the agent died by signal {-code} {attempt + 1} times; "
+            print(f"elastic-train launch: the agent died by signal {-code} {attempt + 1} times; "
                   "giving up", file=sys.stderr, flush=True)
             return exit_codes.COLLECTIVE_TIMEOUT
         attempt += 1
-        print(f"elastic_train.launch: the agent died by signal {-code} (a hung worker's timer?); "
+        print(f"elastic-train launch: the agent died by signal {-code} (a hung worker's timer?); "
               f"starting it again ({attempt}/{restarts})", file=sys.stderr, flush=True)
 
 
@@ -262,14 +261,14 @@ def run_agent(args: list[str]) -> int:
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
         from torch.distributed.run import parse_args, run
 
-        from elastic_train.watchdog import start_watchdog
+        from elastic_train.node.watchdog import start_watchdog
 
-    if os.environ.get(prefork.SOCKET_ENV):
+    if os.environ.get(prefork.PREFORK_SOCKET_ENV):
         # Now, while this process has no threads: the workers then start as forks of a server
         # that has imported torch and the trainer once, not as fresh interpreters (~2 s each).
         # (Forking before `import torch`, so that both import it side by side, measured slower
         # here: on a busy node the two imports only take turns on the same cores.)
-        prefork.fork_server(os.environ[prefork.SOCKET_ENV], prefork.preload_for(args))
+        prefork.fork_server(os.environ[prefork.PREFORK_SOCKET_ENV], prefork.preload_for(args))
     # The node's hang watchdog, in a thread of the agent (started after the fork: the prefork
     # server must begin with one thread). Not a process of its own: a node that comes back would
     # import torch twice at once, which on a busy node delays its joining by a second.
@@ -282,7 +281,7 @@ def run_agent(args: list[str]) -> int:
     except SignalException as e:
         # A worker with a preemption notice saves, then SIGTERMs its agent (this process) so the
         # node leaves instead of rejoining; any other signal is SkyPilot stopping the job.
-        notice = os.environ.get("ELASTIC_TRAIN_NOTICE_FILE", "")
+        notice = os.environ.get(NOTICE_FILE_ENV, "")
         if notice and os.path.exists(notice):
             return exit_codes.PREEMPTED
         return 128 + int(e.sigval)
