@@ -4,17 +4,19 @@ A scenario says how many nodes start, how far the cluster may shrink and grow, w
 live, which trainer overrides to use and which faults to inject. `load()` raises `ScenarioError`
 with one line naming the first problem; nothing is started before a scenario has validated.
 
-The schema copies under `chaos/contracts/` are the shared contracts verbatim (a test keeps them
-equal); the harness validates against them so that it needs nothing outside the package.
+The schemas under `chaos/contracts/` say what any harness must accept (more keys and fault kinds
+are welcome there); this harness validates against them and then refuses, with one line each,
+what it cannot run: a fault kind it does not know, a key of a fault it would ignore.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import jsonschema
 import yaml
@@ -136,7 +138,9 @@ def from_dict(data: Any, source: str = "scenario") -> Scenario:
         else:
             msg = e.message
         raise ScenarioError(f"{source}: {_where(e)}: {msg}")
-    faults = tuple(Fault(**f) for f in data.get("faults") or [])
+    _refuse_unknown_keys(data, list(schema("scenario")["properties"]), source)
+    faults = tuple(_fault(f, f"{source}: faults.{i}")
+                   for i, f in enumerate(data.get("faults") or []))
     nodes = data["nodes"]
     scenario = Scenario(
         name=data["name"],
@@ -151,6 +155,32 @@ def from_dict(data: Any, source: str = "scenario") -> Scenario:
     )
     check(scenario, source)
     return scenario
+
+
+FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)
+
+
+def _refuse_unknown_keys(data: dict[str, Any], known: list[str], where: str) -> None:
+    """A key this harness would ignore is most often a typo: refuse it, naming the closest."""
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ScenarioError(f"{where}: unknown key {key!r}{hint}; expected some of "
+                                f"{', '.join(known)}")
+
+
+def _fault(data: dict[str, Any], where: str) -> Fault:
+    """One fault of a schema-valid document; raises ScenarioError for what this harness cannot run
+    (the contract lets other harnesses define more kinds and keys)."""
+    if data["kind"] not in FAULT_KINDS:
+        raise ScenarioError(f"{where}: fault kind {data['kind']!r} is not one this harness runs; "
+                            f"expected one of {', '.join(FAULT_KINDS)}")
+    _refuse_unknown_keys(data, [f.name for f in fields(Fault)], where)
+    if isinstance(data.get("node"), list):
+        raise ScenarioError(f"{where}: node {data['node']}: this harness takes one node per "
+                            "fault; list one fault per node")
+    return Fault(**data)
 
 
 def load(path: str | Path) -> Scenario:
