@@ -252,7 +252,7 @@ def run_agent(args: list[str]) -> int:
         prefork.fork_server(os.environ[PREFORK_SOCKET_ENV], prefork.preload_for(args))
     # The node's hang watchdog, in a thread of the agent (started after the fork: the prefork
     # server must begin with one thread). Not a process of its own: a node that comes back would
-    # import torch twice at once, which on a busy node delays its joining by a second.
+    # import torch twice at once, which on a busy node delays its joining.
     timer_file = os.environ.get(TIMER_FILE_ENV, "")
     watchdog = start_watchdog(timer_file) if timer_file else None
     try:
