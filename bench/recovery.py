@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from chaos.backends import prepared_data
-from chaos.cluster import LocalCluster, RendezvousSettings
+from chaos.cluster import LocalCluster
 from chaos.harness import HARNESS_TRAIN_DEFAULTS, default_cache
 from chaos.metrics import MetricsTail, is_step
+from elastic_train.node.rendezvous import RendezvousSettings
 
 TARGETS_S = {"node_lost": 3.0, "node_added": 4.0, "worker_hung": 15.0}
 WAIT_S = 240.0

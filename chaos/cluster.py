@@ -22,23 +22,21 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
 import psutil
 
-from elastic_train.node import prefork
-from elastic_train.node.contract import NOTICE_FILE_ENV
-from elastic_train.node.rendezvous import RendezvousSettings, agent_env
+from elastic_train.node import prefork, procs
+from elastic_train.node.agent import DEFAULT_SHUTDOWN_TIMEOUT_S, AgentCommand, runs_trainer
+from elastic_train.node.rendezvous import RendezvousSettings
 
 TAG_ENV = "CHAOS_RUN_TAG"
 """Set on every agent; inherited by its workers and their helpers. Value: the cluster's tag."""
 NODE_ENV = "CHAOS_NODE"
 """The node number of an agent and of everything it starts."""
-NOTICE_ENV = NOTICE_FILE_ENV
-"""Per node: the trainer treats this file's existence as a preemption notice (internals.md)."""
 
 
 @dataclass
@@ -75,8 +73,9 @@ class LocalCluster:
         env: extra environment for every node (storage endpoints, thread counts...).
         rdzv: rendezvous settings (default: the fast ones).
         shutdown_timeout_s: seconds torchrun waits for SIGTERMed workers before SIGKILL.
-        prefork: start trainer workers as forks of a per-node prefork server (warm, ~0.1 s)
-            rather than as fresh interpreters (~2 s); only for the `-m elastic_train.train` entry.
+        max_restarts: worker failures each node's agent absorbs before it gives up.
+        prefork: start trainer workers as forks of a per-node prefork server (warm) rather than
+            as fresh interpreters; only for the `-m elastic_train.train` entry.
     """
 
     def __init__(
@@ -89,7 +88,9 @@ class LocalCluster:
         procs_per_node: int = 1,
         env: dict[str, str] | None = None,
         rdzv: RendezvousSettings | None = None,
-        shutdown_timeout_s: float = 5.0,
+        shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
+        # Restarts are how an elastic job survives the harness's faults; a run ends by finishing,
+        # not by running out of them.
         max_restarts: int = 1000,
         prefork: bool = True,
     ) -> None:
@@ -101,7 +102,7 @@ class LocalCluster:
         self.rdzv = rdzv or RendezvousSettings.fast()
         self.shutdown_timeout_s = shutdown_timeout_s
         self.max_restarts = max_restarts
-        self.prefork = prefork and self.entry[:2] == ["-m", "elastic_train.train"]
+        self.prefork = prefork and runs_trainer(self.entry)
         self.tag = uuid.uuid4().hex[:12]
         self.run_id = f"chaos-{self.tag}"
         self.nodes: list[Node] = []
@@ -158,7 +159,7 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 self._store.kill()
                 self._store.wait()
-        _kill_all(self.tagged_processes())
+        procs.kill(self.tagged_processes())
 
     # ----------------------------------------------------------------------------- nodes
 
@@ -169,52 +170,41 @@ class LocalCluster:
             raise ClusterError("start the cluster before adding nodes")
         with self._lock:
             index = len(self.nodes)
-            notice = self.workdir / f"notice-node{index}"
-            notice.unlink(missing_ok=True)
             log_path = self.workdir / f"node{index}.log"
-            # The agent serves it (elastic_train/node/watchdog.py) as on a SkyPilot node.
-            timer_file = str(self.workdir / f"timer-node{index}")
-            env = {
+            agent = AgentCommand(
+                entry=self.entry, min_nodes=self.min_nodes, max_nodes=self.max_nodes,
+                procs_per_node=self.procs_per_node, rdzv=self.rdzv,
+                rdzv_endpoint=f"127.0.0.1:{self.store_port}", run_id=self.run_id,
+                timer_file=str(self.workdir / f"timer-node{index}"),
+                notice_file=str(self.workdir / f"notice-node{index}"),
+                # Socket paths are short (108 bytes): the temp dir, not workdir.
+                prefork_socket=os.path.join(tempfile.gettempdir(), f"et-{self.tag}-{index}.sock")
+                if self.prefork else "",
+                max_restarts=self.max_restarts,
+                # The harness measures recoveries: a dead worker is noticed within 0.1 s, not
+                # the 0.5 s a cloud node's agent takes.
+                monitor_interval_s=0.1,
+                shutdown_timeout_s=self.shutdown_timeout_s,
+            )
+            agent.clear_notice()
+            env = agent.env({
                 **os.environ,
                 **self.extra_env,
                 TAG_ENV: self.tag,
                 NODE_ENV: str(index),
-                NOTICE_ENV: str(notice),
-                # The settings every elastic node needs (the same as on SkyPilot nodes).
-                **agent_env(timer_file),
                 # torchrun logs rendezvous rounds and worker exits at INFO: the node logs then
                 # show where a recovery spent its time.
                 "LOGLEVEL": "INFO",
-            }
-            socket_path = ""
-            if self.prefork:
-                # Trainers start as warm forks of the agent's prefork server, not as fresh
-                # interpreters. Socket paths are short (108 bytes): the temp dir, not workdir.
-                socket_path = os.path.join(tempfile.gettempdir(), f"et-{self.tag}-{index}.sock")
-                env[prefork.PREFORK_SOCKET_ENV] = socket_path
-            cmd = [
-                # torchrun's agent as on a SkyPilot node: in elastic_train.node.launch, which forks
-                # the node's prefork server before the agent starts.
-                sys.executable, "-m", "elastic_train.node.launch", "--agent",
-                f"--nnodes={self.min_nodes}:{self.max_nodes}",
-                f"--nproc-per-node={self.procs_per_node}",
-                *self.rdzv.torchrun_args(f"127.0.0.1:{self.store_port}", self.run_id),
-                # Restarts are how an elastic job survives; a run ends by finishing, not by this.
-                f"--max-restarts={self.max_restarts}",
-                # How often the agent polls its workers: a dead worker is noticed within 0.1 s.
-                "--monitor-interval=0.1",
-                # A worker that ignores SIGTERM (e.g. SIGSTOPped) is SIGKILLed after this.
-                f"--shutdown-timeout={self.shutdown_timeout_s:g}",
-                *self.entry,
-            ]
+            })
             log = open(log_path, "ab")  # noqa: SIM115 - the agent owns it; closed below
             try:
-                agent = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                process = subprocess.Popen(agent.argv(), stdout=log, stderr=subprocess.STDOUT,
+                                           env=env, stdin=subprocess.DEVNULL,
+                                           start_new_session=True)
             finally:
                 log.close()
-            self.nodes.append(Node(index, agent, notice, log_path, time.time(),
-                                   prefork_socket=socket_path))
+            self.nodes.append(Node(index, process, Path(agent.notice_file), log_path, time.time(),
+                                   prefork_socket=agent.prefork_socket))
             return index
 
     def node(self, index: int) -> Node:
@@ -285,16 +275,16 @@ class LocalCluster:
         """The node's workers, waiting up to `timeout_s` for them to exist. Raises ClusterError."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            procs = self.workers(index)
-            if procs:
-                return procs
+            found = self.workers(index)
+            if found:
+                return found
             time.sleep(0.05)
         raise ClusterError(f"node {index} has no workers after {timeout_s:.0f} s")
 
     def kill_worker(self, index: int, local_rank: int = 0) -> int:
         """SIGKILL one worker of the node (a rank's process crashes). Returns its pid."""
         proc = self._worker(index, local_rank)
-        _signal(proc.pid, signal.SIGKILL)
+        procs.signal_quietly(proc.pid, signal.SIGKILL)
         return proc.pid
 
     def hang_worker(self, index: int, local_rank: int = 0) -> int:
@@ -302,12 +292,12 @@ class LocalCluster:
         The job must detect it (the trainer's hang timer, the collective timeout). Returns the pid;
         `close()` kills it if nothing else did."""
         proc = self._worker(index, local_rank)
-        _signal(proc.pid, signal.SIGSTOP)
+        procs.signal_quietly(proc.pid, signal.SIGSTOP)
         return proc.pid
 
     def _worker(self, index: int, local_rank: int) -> psutil.Process:
-        procs = self.wait_for_workers(index)
-        return procs[min(local_rank, len(procs) - 1)]
+        workers = self.wait_for_workers(index)
+        return workers[min(local_rank, len(workers) - 1)]
 
     # ----------------------------------------------------------------------------- waiting
 
@@ -328,58 +318,12 @@ class LocalCluster:
     def tagged_processes(self) -> list[psutil.Process]:
         """Every live (non-zombie) process carrying this cluster's tag: agents, workers and any
         helper they started, wherever in the process tree they ended up."""
-        me = os.getpid()
-        found = []
-        for proc in psutil.process_iter():
-            if proc.pid == me:
-                continue
-            try:
-                if proc.environ().get(TAG_ENV) == self.tag and \
-                        proc.status() != psutil.STATUS_ZOMBIE:
-                    found.append(proc)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-        return found
+        return procs.tagged({TAG_ENV: self.tag})
 
     def _kill_tree(self, node: Node) -> None:
-        try:
-            descendants = psutil.Process(node.agent.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            descendants = []
-        node.pids.update(p.pid for p in descendants)
-        # The agent first, so it cannot start replacements; then what it started; then anything
-        # with the node's tag that escaped the tree (re-parented after its parent died).
-        _signal(node.agent.pid, signal.SIGKILL)
-        _kill_all(descendants)
-        node.agent.wait()
+        node.pids |= procs.kill_tree(node.agent, {TAG_ENV: self.tag, NODE_ENV: str(node.index)})
         if node.prefork_socket:
             prefork.remove(node.prefork_socket)
-        stray = [p for p in self.tagged_processes() if _node_of(p) == str(node.index)]
-        _kill_all(stray)
-
-
-def _node_of(proc: psutil.Process) -> str | None:
-    try:
-        return proc.environ().get(NODE_ENV)
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return None
-
-
-def _signal(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _kill_all(procs: Iterable[psutil.Process], timeout_s: float = 10.0) -> None:
-    procs = list(procs)
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=timeout_s)
 
 
 def _readline_within(proc: subprocess.Popen[str], timeout_s: float) -> str:

@@ -1,11 +1,14 @@
 """The prefork server: a worker forked from it behaves, for whoever started the client, like the
 process it stands for (stdio, environment, directory, exit code, signals), and no child outlives
-its client or the server."""
+its client or the server. `elastic_train.node.worker`, what torchrun starts on our nodes, hands
+the trainer's command to the server, or runs the trainer itself when no server answers."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -16,7 +19,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from elastic_train import exit_codes
 from elastic_train.node import prefork
+from elastic_train.node.worker import TRAINER_ENTRY, WORKER_ENTRY
 
 TARGET = textwrap.dedent("""
     import os, signal, sys, time
@@ -137,8 +142,53 @@ def test_without_a_server_the_client_says_so_and_runs_cold(tmp_path: Path) -> No
 
 
 def test_the_server_preloads_the_storage_the_command_names_and_no_other() -> None:
-    train = ["-m", "elastic_train.train"]
+    train = list(WORKER_ENTRY)
     assert "s3fs" in prefork.preload_for([*train, "--checkpoint.uri=s3://bucket/runs/a"])
     assert "gcsfs" in prefork.preload_for([*train, "--data.uri=gs://bucket/corpus"])
     local = prefork.preload_for([*train, "--checkpoint.uri=file:///tmp/runs/a"])
     assert local[0] == "elastic_train.trainer" and not {"s3fs", "gcsfs"} & set(local)
+
+
+def _worker(socket_path: str, tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    """`python -m elastic_train.node.worker ARGS`, as torchrun starts a rank on our nodes."""
+    return subprocess.Popen([sys.executable, *WORKER_ENTRY, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, prefork.PREFORK_SOCKET_ENV: socket_path},
+                            cwd=tmp_path)
+
+
+def test_a_rank_hands_the_trainers_command_to_the_server_and_exits_as_it_did(
+        tmp_path: Path) -> None:
+    """A stand-in server: it records the request, says it forked a child, and reports exit 7."""
+    path = f"/tmp/et-test-{os.getpid()}-{time.monotonic_ns()}.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(60)
+    child = subprocess.Popen(["sleep", "60"])  # stands for the forked trainer
+    try:
+        worker = _worker(path, tmp_path, "--steps=3", "--model=tiny")
+        conn, _ = listener.accept()
+        message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+        for fd in fds:
+            os.close(fd)
+        request = json.loads(message)
+        conn.send(json.dumps({"pid": child.pid}).encode())
+        conn.send(json.dumps({"exit": 7}).encode())
+        worker.communicate(timeout=60)
+        conn.close()
+    finally:
+        child.kill()
+        child.wait()
+        listener.close()
+        prefork.remove(path)
+    assert request["command"] == [*TRAINER_ENTRY, "--steps=3", "--model=tiny"]
+    assert request["cwd"] == str(tmp_path)
+    assert worker.returncode == 7
+
+
+def test_a_rank_without_a_server_runs_the_trainer_itself(tmp_path: Path) -> None:
+    worker = _worker(str(tmp_path / "nobody.sock"), tmp_path, f"--run.dir={tmp_path}", "--stepz=3")
+    _, err = worker.communicate(timeout=60)
+    assert worker.returncode == exit_codes.BAD_CONFIG
+    assert err.strip() == "elastic-train: error: unknown config key 'stepz' (did you mean 'steps'?)"

@@ -27,7 +27,7 @@ def _agent_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     first, so that monkeypatch removes what the handler sets: later tests start torchrun)."""
     for name in (RDZV_STORE_ENV, JOIN_KEY_ENV):
         monkeypatch.setenv(name, "")
-    # As on every agent (rendezvous.agent_env): else a node joining a world deadlocks.
+    # As on every agent (AgentCommand.env): else a node joining a world deadlocks.
     monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     # As torchrun sets for a worker: JoinRequests checks the agent's key against it.
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test-join")
@@ -143,53 +143,62 @@ def test_a_joining_node_waits_for_rank_0s_save_then_gets_in() -> None:
 
 def test_a_joining_node_gets_in_at_once_without_a_listener_or_after_the_wait() -> None:
     store = host_store("127.0.0.1", 0)
-    with _one_node_world(store.port, save_before_join_s="0.3") as first:
+    with _one_node_world(store.port, save_before_join_s="30") as first:
+        now = 1000.0
+        first.clock = lambda: now  # the wait's clock moves only when this test says so
         assert first.num_nodes_waiting() == 1  # nobody listens (e.g. not our trainer)
         requests = JoinRequests.from_env()
         assert requests is not None
-        assert first.num_nodes_waiting() == 0
-        time.sleep(0.4)  # the save never commits
-        assert first.num_nodes_waiting() == 1
+        assert first.num_nodes_waiting() == 0  # asked at 1000
+        now += 29.9  # the save never commits
+        assert first.num_nodes_waiting() == 0, "let in before its wait was over"
+        now += 0.2
+        assert first.num_nodes_waiting() == 1, "held back after its wait was over"
         requests.close()
 
 
 def test_a_round_re_formed_for_a_joining_node_completes_once_that_node_is_in() -> None:
     """Room for a third node: torch would wait out the whole last call for it. The round expects
-    the world plus the waiting node, and completes as soon as both have joined."""
+    the world plus the waiting node, and completes as soon as both have joined.
+
+    The last call outlasts the join timeout: a round that waited it out would fail the join with
+    a timeout instead of completing. (The first round, a world of one, completes at its short
+    first call.)"""
     store = host_store("127.0.0.1", 0)
-    with _one_node_world(store.port, max_nodes=3, last_call_timeout="3") as first:
+    with _one_node_world(store.port, max_nodes=3, last_call_timeout="600",
+                         first_call_timeout="0.1") as first:
         assert first.num_nodes_waiting() == 1  # no trainer listens: re-form now
-        started = time.monotonic()
         info = first.next_rendezvous()
         assert info.world_size == 2
-        assert time.monotonic() - started < 1.5, "the round waited out its 3 s last call"
 
 
 def test_the_first_round_waits_its_first_call_for_a_node_a_second_late() -> None:
-    """A cluster's nodes start together but not within the last call: the job starts with both."""
+    """A cluster's nodes start together but not within the last call: the job starts with both.
+
+    The first call outlasts the join timeout: a full round that waited it out instead of
+    completing at once would fail both joins with a timeout."""
     store = host_store("127.0.0.1", 0)
     params = RendezvousParameters(backend=FAST_BACKEND, endpoint=f"127.0.0.1:{store.port}",
                                   run_id="test-first", min_nodes=1, max_nodes=2,
                                   local_addr="127.0.0.1", is_host="false", join_timeout="30",
-                                  last_call_timeout="0.1", first_call_timeout="10")
-    handlers = [get_rendezvous_handler(params) for _ in range(2)]
+                                  last_call_timeout="0.1", first_call_timeout="600")
+    first, second = (get_rendezvous_handler(params) for _ in range(2))
     sizes: list[int] = []
 
-    def node(handler, delay_s: float) -> None:
-        time.sleep(delay_s)
+    def node(handler) -> None:
         sizes.append(handler.next_rendezvous().world_size)
 
-    started = time.monotonic()
-    threads = [threading.Thread(target=node, args=(h, d))
-               for h, d in zip(handlers, (0, 1.0), strict=True)]
+    threads = [threading.Thread(target=node, args=(h,)) for h in (first, second)]
+    threads[0].start()
+    # The second node comes once the first has joined, ten of its last calls later.
+    _wait_until(lambda: len(first._state_holder.state.participants) == 1)
+    time.sleep(1.0)
+    threads[1].start()
     for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    for handler in handlers:
+        t.join(60)
+    for handler in (first, second):
         handler.shutdown()
     assert sizes == [2, 2], "the first node formed a world of its own"
-    assert time.monotonic() - started < 5, "a full round waited out the first call"
 
 
 def test_a_worker_ignores_join_variables_left_over_from_another_run(

@@ -34,6 +34,7 @@ from chaos.metrics import MetricsTail, Record, events, step_records
 from chaos.scenario import from_dict
 from chaos.services import GcsEmulator, MotoS3Server, free_port
 from elastic_train import exit_codes
+from elastic_train.node import procs
 
 pytestmark = pytest.mark.chaos
 
@@ -70,7 +71,7 @@ class SkyNodes:
         self.workdir = workdir
         self.task_id = task_id or f"sky-managed-test_{uuid.uuid4().hex[:8]}_1-0"
         self.tag = uuid.uuid4().hex[:12]
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.shells: list[subprocess.Popen[bytes]] = []
 
     def __enter__(self) -> SkyNodes:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -96,7 +97,7 @@ class SkyNodes:
             }
             env.pop("ELASTIC_TRAIN_NOTICE_FILE", None)
             with open(self.workdir / f"node{rank}.log", "ab") as log:
-                self.procs.append(subprocess.Popen(
+                self.shells.append(subprocess.Popen(
                     ["bash", "-c", self.run], cwd=ROOT, env=env, stdout=log,
                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True))
         return self
@@ -105,14 +106,7 @@ class SkyNodes:
         self.close()
 
     def kill_node(self, rank: int) -> None:
-        proc = self.procs[rank]
-        try:
-            tree = psutil.Process(proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            tree = []
-        proc.kill()  # first, so it starts nothing new; reaped by Popen to keep its exit code
-        proc.wait()
-        _kill(tree + [p for p in self.tagged() if _env_of(p).get(NODE_ENV) == str(rank)])
+        procs.kill_tree(self.shells[rank], {TAG_ENV: self.tag, NODE_ENV: str(rank)})
 
     def run_hook(self, rank: int, event: str) -> None:
         """Run the YAML's `config.hooks` for `event` on a node, as skylet would (without their
@@ -128,44 +122,25 @@ class SkyNodes:
     def wait(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if all(p.poll() is not None for p in self.procs):
+            if all(p.poll() is not None for p in self.shells):
                 return True
             time.sleep(0.2)
         return False
 
     def exit_codes(self) -> list[int | None]:
-        return [p.poll() for p in self.procs]
+        return [p.poll() for p in self.shells]
 
     def tagged(self) -> list[psutil.Process]:
-        found = []
-        for p in psutil.process_iter():
-            with contextlib.suppress(psutil.Error):
-                if _env_of(p).get(TAG_ENV) == self.tag and p.status() != psutil.STATUS_ZOMBIE:
-                    found.append(p)
-        return found
+        return procs.tagged({TAG_ENV: self.tag})
 
     def close(self) -> None:
-        for rank in range(len(self.procs)):
+        for rank in range(len(self.shells)):
             self.kill_node(rank)
-        _kill(self.tagged())
+        procs.kill(self.tagged())
 
     def logs(self) -> str:
         return "\n".join(f"--- node{r}.log\n" + (self.workdir / f"node{r}.log").read_text()[-3000:]
-                         for r in range(len(self.procs)))
-
-
-def _env_of(p: psutil.Process) -> dict[str, str]:
-    try:
-        return p.environ()
-    except psutil.Error:
-        return {}
-
-
-def _kill(procs: list[psutil.Process]) -> None:
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(procs, timeout=10)
+                         for r in range(len(self.shells)))
 
 
 def in_subprocess(code: str, env: dict[str, str], timeout_s: float = 120) -> str:

@@ -1,8 +1,8 @@
 """The SkyPilot YAMLs under sky/, `elastic-train sky render` and the per-node launcher, checked
 with SkyPilot 0.14.1's own parser, schema and registries (offline; no cloud account).
 
-SkyPilot runs in one subprocess for the whole module: `import sky` takes ~2 s and creates
-`~/.sky`, so it gets a HOME of its own.
+SkyPilot runs in one subprocess for the whole module: `import sky` is slow and creates `~/.sky`,
+so it gets a HOME of its own.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from elastic_train import exit_codes
-from elastic_train.node import launch, sky_render
+from elastic_train.node import agent, launch, sky_render
+from elastic_train.node.contract import NOTICE_FILE_ENV, PREFORK_SOCKET_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 SKY_DIR = ROOT / "sky"
@@ -211,29 +212,55 @@ def _node_env(rank: int = 1, nodes: int = 3, **extra: str) -> dict[str, str]:
     }
 
 
+def _torchrun_args(env: dict[str, str]) -> list[str]:
+    return launch.agent_command(launch.Node.from_env(env), env).torchrun_args()
+
+
 def test_launcher_builds_torchrun_from_skypilots_variables():
     env = _node_env(TRAIN_ARGS="--steps=5 --checkpoint.every=2", DATA_URI="s3://bucket/data",
                     CONFIG="configs/base.toml", MIN_NODES="2")
-    args = launch.torchrun_args(launch.Node.from_env(env), env)
+    args = _torchrun_args(env)
     task_id = env["SKYPILOT_TASK_ID"]
     assert args[:9] == [
         "--nnodes=2:3", "--nproc-per-node=8", "--rdzv-backend=c10d-fast",
         "--rdzv-endpoint=10.0.0.1:29400", f"--rdzv-id={task_id}",
         f"--rdzv-conf={launch.RDZV.conf()}",
-        "--local-addr=10.0.0.2", f"--max-restarts={launch.DEFAULT_MAX_RESTARTS}",
+        "--local-addr=10.0.0.2", f"--max-restarts={agent.DEFAULT_MAX_RESTARTS}",
         "--monitor-interval=0.5"]
     assert "is_host=false" in launch.RDZV.conf() and "last_call_timeout=1," in launch.RDZV.conf()
-    trainer = args[args.index("elastic_train.train") + 1:]
-    assert trainer == ["--config", "configs/base.toml",
-                       f"--checkpoint.uri=s3://bucket/et/runs/{task_id}",
-                       "--data.uri=s3://bucket/data", "--steps=5", "--checkpoint.every=2"]
-    assert launch.agent_env("t")["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    # Each rank hands the trainer's arguments to the node's prefork server.
+    entry = args.index("-m")
+    assert args[entry:entry + 2] == ["-m", "elastic_train.node.worker"]
+    assert args[entry + 2:] == ["--config", "configs/base.toml",
+                                f"--checkpoint.uri=s3://bucket/et/runs/{task_id}",
+                                "--data.uri=s3://bucket/data", "--steps=5", "--checkpoint.every=2"]
+
+
+def test_launcher_gives_its_agent_a_prefork_socket_a_notice_file_and_a_private_store():
+    env = _node_env(**{NOTICE_FILE_ENV: "/tmp/et-notice"})
+    command = launch.agent_command(launch.Node.from_env(env), env)
+    agent_env = command.env(env)
+    assert agent_env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    assert agent_env[NOTICE_FILE_ENV] == "/tmp/et-notice"
+    assert agent_env[PREFORK_SOCKET_ENV] == command.prefork_socket
+    assert len(command.prefork_socket.encode()) <= 108
+    assert command.argv()[1:4] == ["-m", "elastic_train.node.launch", "--agent"]
+
+
+def test_a_prefork_socket_is_only_for_the_trainer_entry():
+    settings = dict(min_nodes=1, max_nodes=1, procs_per_node=1, rdzv=launch.RDZV,
+                    rdzv_endpoint="127.0.0.1:1", run_id="r", timer_file="t", notice_file="n")
+    cold = agent.AgentCommand(entry=["-m", "elastic_train.train", "--steps=3"], **settings)
+    assert cold.torchrun_args()[-3:] == ["-m", "elastic_train.train", "--steps=3"]
+    assert PREFORK_SOCKET_ENV not in cold.env({PREFORK_SOCKET_ENV: "/tmp/inherited.sock"})
+    with pytest.raises(ValueError, match="only the trainer"):
+        agent.AgentCommand(entry=["script.py"], prefork_socket="/tmp/s.sock", **settings)
 
 
 def test_launcher_resumes_a_named_run_and_runs_one_worker_without_gpus():
     env = _node_env(rank=0, nodes=1, RUN_NAME="old", BUCKET="gs://other/et/",
                     SKYPILOT_NUM_GPUS_PER_NODE="0")
-    args = launch.torchrun_args(launch.Node.from_env(env), env)
+    args = _torchrun_args(env)
     assert "--nproc-per-node=1" in args and "--nnodes=1:1" in args
     assert "--checkpoint.uri=gs://other/et/runs/old" in args
 

@@ -1,2 +1,3 @@
-"""What runs beside torchrun on every node: the launcher, the rendezvous backend, the prefork
-server, the hang watchdog and the SkyPilot rendering. Workers import only `contract`."""
+"""What runs beside torchrun on every node: the launcher and the agent's command line, the
+rendezvous backend, the prefork server and the per-rank entry that uses it, the hang watchdog,
+process cleanup and the SkyPilot rendering. Workers import only `contract`."""

@@ -6,12 +6,14 @@ timer takes the agent down with it):
 
     torchrun --nnodes=MIN_NODES:SKYPILOT_NUM_NODES --nproc-per-node=SKYPILOT_NUM_GPUS_PER_NODE
              --rdzv-backend=c10d-fast --rdzv-endpoint=HEAD:RDZV_PORT --rdzv-id=SKYPILOT_TASK_ID
-             --rdzv-conf=is_host=false,... -m elastic_train.train [--config CONFIG]
+             --rdzv-conf=is_host=false,... -m elastic_train.node.worker [--config CONFIG]
              --checkpoint.uri=BUCKET/runs/RUN_NAME [--data.uri=DATA_URI] TRAIN_ARGS...
 
 - `c10d-fast` is torch's c10d rendezvous polling every 0.1 s with fractional timeouts
   (`elastic_train.node.rendezvous`). The agent first forks the node's prefork server
-  (`elastic_train.node.prefork`), so that workers start warm after every re-form.
+  (`elastic_train.node.prefork`), so that workers start warm after every re-form: each rank,
+  `elastic_train.node.worker`, hands the trainer's arguments to that server.
+  `elastic_train.node.agent` builds the agent's command line and environment.
 
 - The head (node rank 0) also hosts the rendezvous store: a standalone `TCPStore` in this process,
   so no agent owns it and any agent may die without taking the rendezvous with it. Losing the
@@ -40,19 +42,22 @@ import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from elastic_train import exit_codes
-from elastic_train.node import prefork
-from elastic_train.node.contract import AGENT_TAG_ENV, NOTICE_FILE_ENV, TIMER_FILE_ENV
-from elastic_train.node.rendezvous import RendezvousSettings, agent_env, host_store
+from elastic_train.node import prefork, procs
+from elastic_train.node.agent import DEFAULT_MAX_RESTARTS, TRAINER_ENTRY, AgentCommand
+from elastic_train.node.contract import (
+    AGENT_TAG_ENV,
+    NOTICE_FILE_ENV,
+    PREFORK_SOCKET_ENV,
+    TIMER_FILE_ENV,
+)
+from elastic_train.node.rendezvous import RendezvousSettings, host_store
+from elastic_train.startup import gc_paused
 
 DEFAULT_RDZV_PORT = 29400
 DEFAULT_AGENT_RESTARTS = 3
 """Times a node starts its agent again after the agent died by a signal (see `supervise`)."""
-DEFAULT_MAX_RESTARTS = 100
-"""A restart re-forms the world in seconds; giving up makes SkyPilot relaunch the cluster (minutes).
-Each peer lost costs every surviving node one restart, and torchrun never refunds them."""
 NOTICE_FILE = "~/.elastic-train/preemption-notice"
 """Written by `sky/train.yaml`'s preemption hook; the trainer polls ELASTIC_TRAIN_NOTICE_FILE."""
 
@@ -62,10 +67,6 @@ NOTICE_FILE = "~/.elastic-train/preemption-notice"
 # have joined), so that the job does not start on the nodes that were a second faster.
 RDZV = RendezvousSettings(last_call_timeout=1, first_call_timeout=30, keep_alive_interval=1,
                           keep_alive_max_attempt=5, join_timeout=None)
-
-SHUTDOWN_TIMEOUT_S = 5
-"""Seconds the agent waits for SIGTERMed workers before SIGKILL (default 30). The trainer exits at
-once on SIGTERM; only a wedged worker waits this long."""
 
 TASK_ENVS = ("BUCKET", "RUN_NAME", "DATA_URI", "CONFIG", "TRAIN_ARGS", "MIN_NODES")
 """The task `envs` this module reads; `sky/train.yaml` declares each."""
@@ -135,8 +136,9 @@ def run_uri(env: Mapping[str, str], task_id: str) -> str:
     return f"{bucket}/runs/{name}"
 
 
-def torchrun_args(node: Node, env: Mapping[str, str]) -> list[str]:
-    """The torchrun command line (without `torchrun`) this node runs."""
+def agent_command(node: Node, env: Mapping[str, str]) -> AgentCommand:
+    """The torchrun agent this node runs, from the task's `envs` in `env`; its files are named
+    after this process. Raises LaunchError naming the first bad variable."""
     min_nodes = _int(env, "MIN_NODES", default=1)
     if not 1 <= min_nodes <= node.num_nodes:
         raise LaunchError(f"MIN_NODES={min_nodes} is not in [1, {node.num_nodes}]")
@@ -147,17 +149,18 @@ def torchrun_args(node: Node, env: Mapping[str, str]) -> list[str]:
     if env.get("DATA_URI", "").strip():
         trainer.append("--data.uri=" + env["DATA_URI"].strip())
     trainer += shlex.split(env.get("TRAIN_ARGS", ""))
-    return [
-        f"--nnodes={min_nodes}:{node.num_nodes}",
-        f"--nproc-per-node={node.procs}",
-        *RDZV.torchrun_args(f"{node.head}:{port}", node.task_id),
-        f"--local-addr={node.ip}",
-        f"--max-restarts={_int(env, 'MAX_RESTARTS', default=DEFAULT_MAX_RESTARTS)}",
-        "--monitor-interval=0.5",
-        f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}",
-        "-m", "elastic_train.train",
-        *trainer,
-    ]
+    files = os.path.join(tempfile.gettempdir(), f"elastic-train-{os.getpid()}")
+    return AgentCommand(
+        entry=[*TRAINER_ENTRY, *trainer],
+        min_nodes=min_nodes, max_nodes=node.num_nodes, procs_per_node=node.procs,
+        rdzv=RDZV, rdzv_endpoint=f"{node.head}:{port}", run_id=node.task_id,
+        local_addr=node.ip,
+        max_restarts=_int(env, "MAX_RESTARTS", default=DEFAULT_MAX_RESTARTS),
+        timer_file=f"{files}.timer",
+        notice_file=os.path.expanduser(env.get(NOTICE_FILE_ENV) or NOTICE_FILE),
+        # In the temp dir: a unix socket's path has at most 108 bytes.
+        prefork_socket=f"{files}.sock",
+    )
 
 
 def exit_code_of(failures: Mapping[int, int]) -> int:
@@ -175,29 +178,22 @@ def run_node(env: Mapping[str, str] | None = None) -> int:
     env = dict(os.environ if env is None else env)
     try:
         node = Node.from_env(env)
-        args = torchrun_args(node, env)
+        agent = agent_command(node, env)
+        restarts = _int(env, "AGENT_RESTARTS", default=DEFAULT_AGENT_RESTARTS)
     except LaunchError as e:
         print(f"elastic-train launch: error: {e}", file=sys.stderr)
         return exit_codes.BAD_CONFIG
 
-    notice = Path(os.path.expanduser(env.get(NOTICE_FILE_ENV) or NOTICE_FILE))
-    notice.parent.mkdir(parents=True, exist_ok=True)
-    notice.unlink(missing_ok=True)  # a notice left by an earlier cluster on this disk is stale
-    timer_file = os.path.join(tempfile.gettempdir(), f"elastic-train-timer-{os.getpid()}")
-    agent_environ = {**env, **agent_env(timer_file), NOTICE_FILE_ENV: str(notice),
-                     prefork.PREFORK_SOCKET_ENV: os.path.join(tempfile.gettempdir(),
-                                                      f"elastic-train-{os.getpid()}.sock")}
-
+    agent.clear_notice()  # a notice left by an earlier cluster on this disk is stale
     print(f"elastic-train launch: node {node.rank} of {node.num_nodes}, run "
-          f"{run_uri(env, node.task_id)}\n  torchrun {shlex.join(args)}", flush=True)
+          f"{run_uri(env, node.task_id)}\n  torchrun {shlex.join(agent.torchrun_args())}",
+          flush=True)
     # Held until the agent is done: the store lives exactly as long as this head process.
     store = None
     if node.rank == 0:
         store = host_store(node.head, _int(env, "RDZV_PORT", default=DEFAULT_RDZV_PORT))
     try:
-        cmd = [sys.executable, "-m", "elastic_train.node.launch", "--agent", *args]
-        return supervise(cmd, agent_environ, _int(env, "AGENT_RESTARTS",
-                                                  default=DEFAULT_AGENT_RESTARTS))
+        return supervise(agent.argv(), agent.env(env), restarts)
     finally:
         del store
 
@@ -225,7 +221,7 @@ def supervise(cmd: list[str], env: Mapping[str, str], restarts: int) -> int:
                 signal.signal(sig, handler)
             # Workers live in sessions of their own and outlive a killed agent; they must not
             # hold the node's devices while the next agent starts its own.
-            kill_tagged(tag)
+            procs.kill(procs.tagged({AGENT_TAG_ENV: tag}))
         if code >= 0 or code in (-signal.SIGTERM, -signal.SIGINT):
             return code if code >= 0 else 128 - code
         if attempt >= restarts:
@@ -237,41 +233,26 @@ def supervise(cmd: list[str], env: Mapping[str, str], restarts: int) -> int:
               f"starting it again ({attempt}/{restarts})", file=sys.stderr, flush=True)
 
 
-def kill_tagged(tag: str) -> int:
-    """SIGKILL every process whose environment carries AGENT_TAG_ENV=tag; returns how many."""
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.pid != os.getpid() and proc.environ().get(AGENT_TAG_ENV) == tag:
-                proc.kill()
-                found.append(proc)
-        except psutil.Error:
-            continue
-    psutil.wait_procs(found, timeout=10)
-    return len(found)
-
-
 def run_agent(args: list[str]) -> int:
     """torchrun's elastic agent, in this process, so that the workers' own exit codes reach us
     (torchrun's command exits 1 for any worker failure). Must run in the main thread."""
-    with prefork.gc_paused():  # a node that comes back joins sooner (see gc_paused)
+    with gc_paused():  # a node that comes back joins sooner (see gc_paused)
         from torch.distributed.elastic.multiprocessing.api import SignalException
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
         from torch.distributed.run import parse_args, run
 
         from elastic_train.node.watchdog import start_watchdog
 
-    if os.environ.get(prefork.PREFORK_SOCKET_ENV):
+    if os.environ.get(PREFORK_SOCKET_ENV):
         # Now, while this process has no threads: the workers then start as forks of a server
-        # that has imported torch and the trainer once, not as fresh interpreters (~2 s each).
-        # (Forking before `import torch`, so that both import it side by side, measured slower
-        # here: on a busy node the two imports only take turns on the same cores.)
-        prefork.fork_server(os.environ[prefork.PREFORK_SOCKET_ENV], prefork.preload_for(args))
+        # that has imported torch and the trainer once, not as fresh interpreters that each
+        # import them again. (Not forked before `import torch` so that both import it side by
+        # side: that measured slower, as on a busy node the two imports only take turns on the
+        # same cores.)
+        prefork.fork_server(os.environ[PREFORK_SOCKET_ENV], prefork.preload_for(args))
     # The node's hang watchdog, in a thread of the agent (started after the fork: the prefork
     # server must begin with one thread). Not a process of its own: a node that comes back would
-    # import torch twice at once, which on a busy node delays its joining by a second.
+    # import torch twice at once, which on a busy node delays its joining.
     timer_file = os.environ.get(TIMER_FILE_ENV, "")
     watchdog = start_watchdog(timer_file) if timer_file else None
     try:

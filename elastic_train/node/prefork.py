@@ -1,16 +1,18 @@
 """Warm workers: a per-node server that imports torch and the trainer once, then forks a ready
 worker for every rank torchrun starts. A re-formed world trains again a fraction of a second after
-its rendezvous instead of after ~2 s of imports (`import elastic_train.trainer` is 1.7 s here).
+its rendezvous instead of after the seconds a fresh interpreter spends importing them (figures in
+docs/benchmarks.md).
 
     elastic_train.node.prefork.fork_server(PATH)    # in the node's agent, before it starts
 
-torchrun still starts `python -m elastic_train.train ...` for each rank. With ELASTIC_TRAIN_PREFORK
-set to the socket, that process (the *client*, which never imports torch) hands the server its
-argv, environment, working directory and stdio; the server forks a child that runs the trainer
-exactly as the client would have. For torchrun the client stays the worker: it passes SIGTERM,
-SIGINT, SIGHUP and SIGUSR1 on to the child and exits with the child's status (a death by signal
-is reproduced as one). The server stays single-threaded, so forking it is safe. In `ps` a forked
-worker shows its agent's command line; `trainer_pid` maps a torchrun worker to its trainer.
+torchrun starts `python -m elastic_train.node.worker ...` for each rank. With ELASTIC_TRAIN_PREFORK
+set to the socket, that process (the *client*, which never imports torch) hands the server the
+trainer's command (`-m elastic_train.train ...`), its environment, working directory and stdio;
+the server forks a child that runs the trainer exactly as the client would have. For torchrun the
+client stays the worker: it passes SIGTERM, SIGINT, SIGHUP and SIGUSR1 on to the child and exits
+with the child's status (a death by signal is reproduced as one). The server stays
+single-threaded, so forking it is safe. In `ps` a forked worker shows its agent's command line;
+`trainer_pid` maps a torchrun worker to its trainer.
 
 What happens on failure:
 - no server, or it is gone: the client runs the trainer itself (a cold start; nothing else
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import importlib
 import json
 import os
@@ -36,20 +37,22 @@ import signal
 import socket
 import sys
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from elastic_train.node.contract import AGENT_PID_ENV, PREFORK_SOCKET_ENV
+from elastic_train.node.procs import signal_quietly
+from elastic_train.startup import gc_paused
 
 PRELOAD = ("elastic_train.trainer", "torch._dynamo", "torch.profiler",
            "fsspec.implementations.local")
 """Imported once by the server; only the first must import. torch._dynamo is imported lazily by
-FSDP2's first `fully_shard` (0.6 s here), so it is here too."""
+FSDP2's first `fully_shard`, which every worker calls, so it is here too."""
 STORAGE_PRELOAD = {"s3://": "s3fs", "s3a://": "s3fs", "gs://": "gcsfs", "gcs://": "gcsfs"}
 """The fsspec implementation to preload when the command names a URL with this scheme. Only
 those: on a node that comes back, the server's imports are what its first worker waits for, and
-s3fs and gcsfs cost 0.3 and 0.6 s here. A URL only in a config file is imported by the worker."""
+s3fs and gcsfs are slow to import. A URL only in a config file is imported by the worker."""
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 _MAX_REQUEST = 1 << 20
 
@@ -81,15 +84,28 @@ def run_through_server(path: str, command: Sequence[str]) -> int | None:
     with contextlib.suppress(OSError):
         pid_file.write_text(str(child))
     for sig in FORWARDED:
-        signal.signal(sig, lambda s, _f: _signal(child, s))
+        signal.signal(sig, lambda s, _f: signal_quietly(child, s))
     try:
         reply = sock.recv(4096)
     finally:
         pid_file.unlink(missing_ok=True)
     if not reply:  # the server died, and the child's status with it
-        _signal(child, signal.SIGKILL)
+        signal_quietly(child, signal.SIGKILL)
         return 1
     return int(json.loads(reply)["exit"])
+
+
+def run_as_main(command: Sequence[str]) -> None:
+    """Run `python COMMAND` (`-m module args...` or `script.py args...`) in this process, as the
+    interpreter would: `sys.argv` set, the module or script run as `__main__`. Whatever it raises
+    propagates, SystemExit (its exit code) included."""
+    command = [str(a) for a in command]
+    if command[0] == "-m":
+        sys.argv = [command[1], *command[2:]]
+        runpy.run_module(command[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = command
+        runpy.run_path(command[0], run_name="__main__")
 
 
 def exit_like(code: int) -> None:
@@ -122,28 +138,7 @@ def _pid_file(path: str, client_pid: int) -> Path:
     return Path(f"{path}.pids") / str(client_pid)
 
 
-def _signal(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-
-
 # ------------------------------------------------------------------------------------ server
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """For bulk imports: the objects they make live as long as the process, so collecting while
-    importing is wasted work (a third of `import elastic_train.trainer, torch._dynamo` here). On
-    the way out they are frozen into the permanent generation, where no later collection scans
-    them, and forks keep sharing their memory pages."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.freeze()
-        if enabled:
-            gc.enable()
 
 
 class PreforkServer:
@@ -186,11 +181,11 @@ class PreforkServer:
                     if sock is self.listener:
                         self._accept()
                     elif not sock.recv(16):  # the client is gone: its worker goes too
-                        _signal(clients[sock], signal.SIGKILL)
+                        signal_quietly(clients[sock], signal.SIGKILL)
                 self._reap()
         finally:
             for pid in self.children:
-                _signal(pid, signal.SIGKILL)
+                signal_quietly(pid, signal.SIGKILL)
             while self.children:
                 self._reap(block=True)
             self.listener.close()
@@ -217,7 +212,7 @@ class PreforkServer:
         try:
             conn.send(json.dumps({"pid": pid}).encode())
         except OSError:
-            _signal(pid, signal.SIGKILL)
+            signal_quietly(pid, signal.SIGKILL)
         self.children[pid] = conn
 
     def _reap(self, block: bool = False) -> None:
@@ -254,18 +249,13 @@ def _become_worker(request: Mapping[str, Any], fds: Sequence[int]) -> None:
         os.chdir(str(request["cwd"]))
         os.environ.clear()
         os.environ.update({str(k): str(v) for k, v in request["env"].items()})
-        os.environ.pop(PREFORK_SOCKET_ENV, None)  # the command runs here; it must not ask again
+        # The command runs here: nothing it starts may hand itself to the server again.
+        os.environ.pop(PREFORK_SOCKET_ENV, None)
         os.environ[AGENT_PID_ENV] = str(request["agent_pid"])
         threads = os.environ.get("OMP_NUM_THREADS", "")
         if threads.isdigit() and "torch" in sys.modules:  # torch read it in the server
             sys.modules["torch"].set_num_threads(int(threads))
-        command = [str(a) for a in request["command"]]
-        if command[0] == "-m":
-            sys.argv = [command[1], *command[2:]]
-            runpy.run_module(command[1], run_name="__main__", alter_sys=True)
-        else:
-            sys.argv = command
-            runpy.run_path(command[0], run_name="__main__")
+        run_as_main(request["command"])
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

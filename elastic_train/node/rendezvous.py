@@ -1,6 +1,6 @@
-"""How elastic nodes rendezvous: the settings measured on torch 2.13 (../shared/FACTS.md) and
+"""How elastic nodes rendezvous: the settings, found by measuring torch 2.13's rendezvous and
 proved by the chaos harness, in one place for the local cluster (`chaos.cluster`) and for real
-nodes (`elastic_train.node.launch`).
+nodes (`elastic_train.node.launch`); figures in docs/benchmarks.md.
 
 torchrun's c10d rendezvous polls its shared state once a second (`_delay(seconds=1)` in the join
 loop, and a 1 s state cache) and takes its timeouts in whole seconds, so every re-form costs
@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from types import ModuleType
@@ -44,8 +45,8 @@ FAST_BACKEND = "c10d-fast"
 @dataclass(frozen=True)
 class RendezvousSettings:
     """torchrun rendezvous settings. `fast()` is what the harness uses; `torch_default()` is
-    torch's own c10d rendezvous with its defaults (measured on this machine: 36-41 s to re-form
-    after a node is lost or added)."""
+    torch's own c10d rendezvous with its defaults (tens of seconds to re-form after a node is lost
+    or added: docs/benchmarks.md)."""
 
     backend: str = FAST_BACKEND
     poll_interval: float | None = 0.1
@@ -138,6 +139,8 @@ def _handler_class() -> type[Any]:
     class SaveBeforeJoinHandler(DynamicRendezvousHandler):
         endpoint = ""
         save_before_join_s = 10.0
+        clock: Callable[[], float] = staticmethod(time.monotonic)
+        """Seconds, for the save's wait; a test holds it still to see both sides of the wait."""
         _asked: tuple[str, float] | None = None
 
         def next_rendezvous(self) -> Any:
@@ -173,12 +176,12 @@ def _handler_class() -> type[Any]:
                     return False
                 if self._asked is None or self._asked[0] != key:
                     self._store.set(f"{key}/{contract.ASKED}", "1")
-                    self._asked = (key, time.monotonic())
+                    self._asked = (key, self.clock())
                 if self._store.check([f"{key}/{contract.SAVED}"]):
                     return False
             except Exception:  # noqa: BLE001 - any store trouble: re-form as torch would
                 return False
-            return time.monotonic() - self._asked[1] < self.save_before_join_s
+            return self.clock() - self._asked[1] < self.save_before_join_s
 
     return SaveBeforeJoinHandler
 
@@ -251,21 +254,6 @@ def _poll_every(dyn: ModuleType, poll_s: float) -> None:
 
     delay.__wrapped_delay__ = original  # type: ignore[attr-defined]
     dyn._delay = delay
-
-
-def agent_env(timer_file: str) -> dict[str, str]:
-    """Environment of a node's torchrun agent (inherited by its workers)."""
-    return {
-        # Without this, workers share the agent's rendezvous store, and a node joining a running
-        # job deadlocks (then the job dies after 60 s).
-        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-        # Workers arm a step timer on this FIFO (`--parallel.hang_timeout_s`); the agent's
-        # watchdog (elastic_train/node/watchdog.py) SIGKILLs a worker whose step overran it. Not
-        # TORCHELASTIC_ENABLE_FILE_TIMER: torch 2.13's timer server in the agent then kills the
-        # agent too, and with it every node whose healthy ranks waited on the hung one.
-        contract.TIMER_FILE_ENV: timer_file,
-        "PYTHONUNBUFFERED": "1",
-    }
 
 
 def host_store(host: str, port: int) -> TCPStore:
