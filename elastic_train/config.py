@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from checkpointing.config import CheckpointConfig, is_tuning
+from checkpointing import config as checkpointing_config
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -76,7 +76,7 @@ class OptimConfig:
 
 
 @dataclass
-class CheckpointSection(CheckpointConfig):
+class CheckpointConfig(checkpointing_config.CheckpointConfig):
     """The `[checkpoint]` section: the checkpoint manager's settings, declared once in
     `checkpointing.config.CheckpointConfig` (keep, mode, when_busy, on_failure, cache_dir,
     retry_timeout_s; its `TUNING` fields keep their defaults and are not keys here), plus where
@@ -135,7 +135,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,7 +155,7 @@ def _all_keys(cls: type = Config, prefix: str = "") -> dict[str, type]:
     hints = typing.get_type_hints(cls)
     keys: dict[str, type] = {}
     for f in dataclasses.fields(cls):
-        if is_tuning(f):
+        if checkpointing_config.is_tuning(f):
             continue
         t = hints[f.name]
         if dataclasses.is_dataclass(t):

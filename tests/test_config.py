@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpointing import CheckpointConfig
+import checkpointing
 from elastic_train import config as cfg
 from elastic_train.model import GPT, config_for
 
@@ -66,10 +66,10 @@ def test_a_bad_file_value_fixed_on_the_command_line_is_accepted(tmp_path: Path):
 def test_the_checkpoint_section_is_what_the_manager_takes():
     c = cfg.load(None, {"checkpoint.keep": "5", "checkpoint.mode": "sync",
                         "checkpoint.cache_dir": "/tmp/c"})
-    assert isinstance(c.checkpoint, CheckpointConfig)
+    assert isinstance(c.checkpoint, checkpointing.CheckpointConfig)
     assert (c.checkpoint.keep, c.checkpoint.mode, c.checkpoint.cache_dir) == (5, "sync", "/tmp/c")
     # The manager's speed-only settings keep its defaults and are not keys of the file.
-    assert c.checkpoint.write_threads == CheckpointConfig().write_threads
+    assert c.checkpoint.write_threads == checkpointing.CheckpointConfig().write_threads
     with pytest.raises(cfg.ConfigError, match="unknown config key 'checkpoint.write_threads'"):
         cfg.load(None, {"checkpoint.write_threads": "4"})
 
