@@ -21,7 +21,7 @@ import time
 import torch
 from torch import nn
 
-from checkpointing import CheckpointManager, CheckpointSettings, ModelOptimizerState
+from checkpointing import CheckpointConfig, CheckpointManager, ModelOptimizerState
 
 
 def build(dim: int, layers: int) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -63,7 +63,7 @@ def main() -> None:
     state = {"app": ModelOptimizerState(model, opt)}
 
     root = args.dir or tempfile.mkdtemp(prefix="ckpt-stall-")
-    managers = {name: CheckpointManager(f"{root}/{name}", CheckpointSettings(
+    managers = {name: CheckpointManager(f"{root}/{name}", CheckpointConfig(
         mode=mode, staging=staging, keep=1)) for name, mode, staging in
         (("sync", "sync", "blocking"), ("deferred", "async", "deferred"),
          ("blocking", "async", "blocking"))}

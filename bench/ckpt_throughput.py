@@ -25,7 +25,7 @@ import torch.distributed.checkpoint as dcp  # noqa: E402
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader  # noqa: E402
 
 from chaos.services import MotoS3Server  # noqa: E402
-from checkpointing import CheckpointManager, CheckpointSettings  # noqa: E402
+from checkpointing import CheckpointConfig, CheckpointManager  # noqa: E402
 from checkpointing.commit import step_dir  # noqa: E402
 
 
@@ -60,8 +60,8 @@ def main() -> None:
         fs.mkdir("bench")
         blob = b"".join(t.numpy().tobytes() for t in tensors.values())
         uri = "s3://bench/run"
-        manager = CheckpointManager(uri, CheckpointSettings(mode="sync", keep=1,
-                                                            storage_options=options))
+        manager = CheckpointManager(uri, CheckpointConfig(mode="sync", keep=1),
+                                    storage_options=options)
         put, save, get, load, stock = [], [], [], [], []
         for step in range(1, args.repeats + 1):
             t0 = time.perf_counter()

@@ -220,11 +220,11 @@ def _clean_out(out: Path) -> None:
 
 
 def _verifier(backend: Backend) -> tuple[list[int], Callable[[int], tuple[bool, str]]]:
-    from checkpointing import CheckpointManager, CheckpointSettings
+    from checkpointing import CheckpointManager
 
     with environ(backend.env):
-        settings = CheckpointSettings(storage_options=backend.storage_options)
-        manager = CheckpointManager(backend.checkpoint_uri, settings)
+        manager = CheckpointManager(backend.checkpoint_uri,
+                                    storage_options=backend.storage_options)
         try:
             steps = [info.step for info in manager.steps()]
             results = {}

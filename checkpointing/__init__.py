@@ -7,24 +7,27 @@ or a local path); `ModelOptimizerState` wraps a model and its optimizer. See doc
 """
 
 from checkpointing.commit import CommitInfo, VerifyReport
+from checkpointing.config import CheckpointConfig
 from checkpointing.errors import (
     CheckpointError,
     CorruptCheckpoint,
     NoSuchCheckpoint,
+    SaveAborted,
     SaveFailed,
     StorageError,
 )
-from checkpointing.manager import CheckpointManager, CheckpointSettings
+from checkpointing.manager import CheckpointManager
 from checkpointing.state import ModelOptimizerState
 
 __all__ = [
+    "CheckpointConfig",
     "CheckpointError",
     "CheckpointManager",
-    "CheckpointSettings",
     "CommitInfo",
     "CorruptCheckpoint",
     "ModelOptimizerState",
     "NoSuchCheckpoint",
+    "SaveAborted",
     "SaveFailed",
     "StorageError",
     "VerifyReport",

@@ -5,12 +5,13 @@ it with one retried, whole-object write (so a transient fault repeats the upload
 a file), recording its size and CRC-32 for COMMIT.json. `.metadata` is written straight to its final
 name: our COMMIT.json, not DCP's tmp-then-rename, is what makes a step exist.
 
-Reader — why DCP's stock `FsspecReader` loads at ~0.25x a plain read: it opens each file as one
-buffered stream and, item by item, `torch.load`s a view of it. `torch.load` reads a zip archive
-(central directory at the end, then the data), so each item seeks forward and back; the buffered
-stream refetches blocks on those seeks and every request waits for the previous one. We instead
-compute the byte ranges the load plan needs, merge neighbours, split them into chunks, fetch the
-chunks in parallel with whole ranged reads (each retried), and then deserialise from memory.
+Reader — why DCP's stock `FsspecReader` loads far slower than a plain read of the same bytes
+(figures: docs/benchmarks.md): it opens each file as one buffered stream and, item by item,
+`torch.load`s a view of it. `torch.load` reads a zip archive (central directory at the end, then
+the data), so each item seeks forward and back; the buffered stream refetches blocks on those
+seeks and every request waits for the previous one. We instead compute the byte ranges the load
+plan needs, merge neighbours, split them into chunks, fetch the chunks in parallel with whole
+ranged reads (each retried), and then deserialise from memory.
 """
 
 from __future__ import annotations

@@ -23,6 +23,12 @@ class SaveFailed(CheckpointError):
         self.reason = reason
 
 
+class SaveAborted(CheckpointError):
+    """A `save_within` deadline passed before the step's COMMIT.json was written: the step stays
+    uncommitted (its files are debris for GC). `save_within` returns False instead of raising it;
+    it is counted in `metrics["aborted"]` and reported as a `save_failed` event."""
+
+
 class NoSuchCheckpoint(CheckpointError):
     """A step was asked for that has no COMMIT.json under the URI."""
 

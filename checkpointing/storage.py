@@ -52,7 +52,7 @@ def default_storage_options(protocol: str, user: Mapping[str, Any]) -> dict[str,
     """Options for fsspec with our retry defaults; the user's keys win.
 
     botocore's legacy retry mode makes 5 attempts and s3fs retries again on top, so the layers
-    multiply (FACTS.md: 125 requests for one delayed call). We keep botocore to a few attempts in
+    multiply: one delayed call becomes a storm of requests. We keep botocore to a few attempts in
     "standard" mode and let one tenacity layer around whole operations bound the total time.
     """
     options = dict(user)
@@ -114,7 +114,7 @@ class Storage:
             raise StorageError(f"cannot open storage {self.url!r}: {self.redact(str(e))}") from e
         if self.protocol in CLIENT_RETRIES:
             # s3fs retries SlowDown/network errors 5 times around botocore's own attempts, gcsfs
-            # 6 times: layers that multiply (FACTS.md). `retrying` is the layer that counts.
+            # 6 times: layers that multiply. `retrying` is the layer that counts.
             self.fs.retries = CLIENT_RETRIES[self.protocol]
         self.root: str = self.fs._strip_protocol(self.url).rstrip("/") or "/"
         self.is_local = self.protocol == "file"

@@ -10,6 +10,7 @@ SkyPilot YAMLs set them by these names.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -18,6 +19,8 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from checkpointing import config as checkpointing_config
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -73,25 +76,17 @@ class OptimConfig:
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(checkpointing_config.CheckpointConfig):
+    """The `[checkpoint]` section: the checkpoint manager's settings, declared once in
+    `checkpointing.config.CheckpointConfig` (keep, mode, when_busy, on_failure, cache_dir,
+    retry_timeout_s; its `TUNING` fields keep their defaults and are not keys here), plus where
+    and when this worker saves. The manager takes the whole section and ignores the keys below."""
+
     uri: str = ""
     """Where checkpoints go: s3://bucket/prefix, gs://..., file://...
     Empty: `{run.dir}/checkpoints`."""
     every: int = 50
     """Save every this many steps (0: only the final step). See `interval` for adaptive mode."""
-    keep: int = 3
-    """Committed checkpoints kept; older ones are garbage-collected. Never deletes the only one."""
-    mode: Literal["async", "sync"] = "async"
-    """async: stage a host copy and upload in the background; sync: block until committed."""
-    when_busy: Literal["wait", "skip"] = "wait"
-    """When a save is due while the previous is still uploading: wait for it, or skip this one."""
-    on_failure: Literal["continue", "stop"] = "continue"
-    """After a save fails for good (retries exhausted): keep training, or stop the run."""
-    cache_dir: str = ""
-    """Node-local copy of the newest checkpoint, read on restart when it matches the remote
-    commit. Empty: no cache."""
-    retry_timeout_s: float = 60.0
-    """Total time one storage operation may spend retrying transient errors."""
     interval: Literal["fixed", "adaptive"] = "fixed"
     """fixed: every `every` steps. adaptive: Young/Daly sqrt(2*C*M) from measured checkpoint cost
     C and mean time between interruptions M, between min_every and max_every."""
@@ -102,6 +97,20 @@ class CheckpointConfig:
     prior_mtbi_s: float = 0.0
     """Adaptive interval: expected seconds between interruptions before any is seen (e.g. 3600
     for spot capacity). 0: no prior; until the first interruption the interval is max_every."""
+
+    def validate(self, prefix: str = "") -> None:
+        """The manager's checks, then this section's; ValueError names the first bad key."""
+        super().validate(prefix)
+        checks = [
+            (self.every >= 0, f"{prefix}every={self.every} must be >= 0"),
+            (1 <= self.min_every <= self.max_every,
+             f"{prefix}min_every={self.min_every} and {prefix}max_every={self.max_every} "
+             "must satisfy 1 <= min_every <= max_every"),
+            (self.prior_mtbi_s >= 0, f"{prefix}prior_mtbi_s={self.prior_mtbi_s} must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
 
 
 @dataclass
@@ -141,10 +150,13 @@ class Config:
 
 
 def _all_keys(cls: type = Config, prefix: str = "") -> dict[str, type]:
-    """Dotted key -> field type, for every leaf of the config."""
+    """Dotted key -> field type, for every leaf of the config (not the checkpoint manager's
+    `TUNING` fields: they keep their defaults)."""
     hints = typing.get_type_hints(cls)
     keys: dict[str, type] = {}
     for f in dataclasses.fields(cls):
+        if checkpointing_config.is_tuning(f):
+            continue
         t = hints[f.name]
         if dataclasses.is_dataclass(t):
             keys.update(_all_keys(t, f"{prefix}{f.name}."))
@@ -194,8 +206,10 @@ def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def apply(config: Config, overrides: dict[str, Any]) -> Config:
     """Set dotted keys on a copy of `config`; raises ConfigError naming the first bad key."""
     keys = _all_keys()
+    # Sections are copied, not rebuilt: a section that checks itself on construction must not
+    # refuse a bad file value that the command line is about to fix (`validate` runs last).
     config = dataclasses.replace(
-        config, **{f.name: dataclasses.replace(getattr(config, f.name))
+        config, **{f.name: copy.copy(getattr(config, f.name))
                    for f in dataclasses.fields(config)
                    if dataclasses.is_dataclass(getattr(config, f.name))}
     )
@@ -265,13 +279,6 @@ def validate(config: Config, world_size: int | None = None) -> None:
         (config.optim.warmup_steps >= 0,
          f"optim.warmup_steps={config.optim.warmup_steps} must be >= 0"),
         (config.optim.grad_clip >= 0, f"optim.grad_clip={config.optim.grad_clip} must be >= 0"),
-        (config.checkpoint.every >= 0, f"checkpoint.every={config.checkpoint.every} must be >= 0"),
-        (config.checkpoint.keep >= 1, f"checkpoint.keep={config.checkpoint.keep} must be >= 1"),
-        (1 <= config.checkpoint.min_every <= config.checkpoint.max_every,
-         f"checkpoint.min_every={config.checkpoint.min_every} and checkpoint.max_every="
-         f"{config.checkpoint.max_every} must satisfy 1 <= min_every <= max_every"),
-        (config.checkpoint.prior_mtbi_s >= 0,
-         f"checkpoint.prior_mtbi_s={config.checkpoint.prior_mtbi_s} must be >= 0"),
         (config.run.log_every >= 1, f"run.log_every={config.run.log_every} must be >= 1"),
         (config.run.threads >= 1, f"run.threads={config.run.threads} must be >= 1"),
     ]
@@ -284,3 +291,7 @@ def validate(config: Config, world_size: int | None = None) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    try:
+        config.checkpoint.validate(prefix="checkpoint.")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

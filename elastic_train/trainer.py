@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from checkpointing import CheckpointManager, CheckpointSettings, ModelOptimizerState
+from checkpointing import CheckpointManager, ModelOptimizerState
 from elastic_train import data, distributed, exit_codes
 from elastic_train.config import Config, validate
 from elastic_train.goodput import ledger
@@ -165,9 +165,7 @@ class Trainer:
         self.join_requests = JoinRequests.from_env() if self.world.is_main else None
         self.checkpoints = CheckpointManager(
             run_uri,
-            CheckpointSettings(keep=ckpt.keep, mode=ckpt.mode, when_busy=ckpt.when_busy,
-                               on_failure=ckpt.on_failure, cache_dir=ckpt.cache_dir or None,
-                               retry_timeout_s=ckpt.retry_timeout_s),
+            ckpt,
             config_digest=self.progress.config_digest,
             on_event=self._on_checkpoint_event,
         )

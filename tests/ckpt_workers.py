@@ -149,7 +149,7 @@ def role_train_save(args: dict[str, Any]) -> None:
     stores the full state at each saved step as `expected_{step}.pt` in `out`."""
     import torch.distributed as dist
 
-    from checkpointing import CheckpointManager, CheckpointSettings, ModelOptimizerState
+    from checkpointing import CheckpointConfig, CheckpointManager, ModelOptimizerState
 
     model, opt, rank, world = _fsdp_setup(seed=0 if "check" not in args else 123)
     trainer = Trainer()
@@ -157,9 +157,8 @@ def role_train_save(args: dict[str, Any]) -> None:
     first = 1
     if "check" in args:
         first = _load_and_check(args["check"], state, model, opt, rank, world) + 1
-    settings = CheckpointSettings(keep=10, mode="async",
-                                  staging=args.get("staging", "deferred"))
-    manager = CheckpointManager(args["uri"], settings, config_digest="cfg-1")
+    config = CheckpointConfig(keep=10, mode="async", staging=args.get("staging", "deferred"))
+    manager = CheckpointManager(args["uri"], config, config_digest="cfg-1")
     out = Path(args["out"])
     steps_during_save = 0
     for step in range(first, first + args["steps"]):
@@ -217,12 +216,12 @@ def role_load_check(args: dict[str, Any]) -> None:
 
 def role_kill_writer(args: dict[str, Any]) -> None:
     """Commit step 1 (sync), say so on stdout, then save step 2 (the test kills us during it)."""
-    from checkpointing import CheckpointManager, CheckpointSettings, ModelOptimizerState
+    from checkpointing import CheckpointConfig, CheckpointManager, ModelOptimizerState
 
     model = build_model(seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     train_steps(model, opt, 1, 2)
-    manager = CheckpointManager(args["uri"], CheckpointSettings(mode=args.get("mode", "sync")),
+    manager = CheckpointManager(args["uri"], CheckpointConfig(mode=args.get("mode", "sync")),
                                 config_digest="cfg-1")
     state = {"app": ModelOptimizerState(model, opt), "trainer": Trainer(1)}
     manager.save(1, state)
@@ -239,15 +238,16 @@ def role_kill_writer(args: dict[str, Any]) -> None:
 def role_fail_save(args: dict[str, Any]) -> None:
     """Commit step 1, then save step 2 while storage refuses rank 1's files for good: every rank
     must see the failure (SaveFailed with on_failure="stop"), none may hang, step 1 stays newest.
+    Then load step 2, which is not committed: rank 0 finds that out, every rank must raise it.
     Each rank writes `fail_save_{rank}.json`."""
     import torch.distributed as dist
 
-    from checkpointing import CheckpointManager, CheckpointSettings, ModelOptimizerState, SaveFailed
+    from checkpointing import CheckpointConfig, CheckpointManager, ModelOptimizerState, SaveFailed
 
     model, opt, rank, world = _fsdp_setup(seed=0)
     events: list[dict[str, Any]] = []
-    settings = CheckpointSettings(on_failure="stop", retry_timeout_s=1.0)
-    manager = CheckpointManager(args["uri"], settings, on_event=events.append)
+    config = CheckpointConfig(on_failure="stop", retry_timeout_s=1.0)
+    manager = CheckpointManager(args["uri"], config, on_event=events.append)
     state = {"app": ModelOptimizerState(model, opt), "trainer": Trainer(1)}
     manager.save(1, state)
     manager.wait()
@@ -258,8 +258,13 @@ def role_fail_save(args: dict[str, Any]) -> None:
         manager.wait()
     except SaveFailed as e:
         raised = str(e)
+    load_raised = ""
+    try:
+        manager.load(state, step=2)
+    except Exception as e:  # noqa: BLE001 - the test compares what each rank raised
+        load_raised = f"{type(e).__name__}: {e}"
     result = {"raised": raised, "metrics": manager.metrics, "events": events,
-              "latest": manager.latest_step()}
+              "latest": manager.latest_step(), "load_raised": load_raised}
     manager.close()
     Path(args["out"], f"fail_save_{rank}.json").write_text(json.dumps(result, default=str))
     dist.destroy_process_group()

@@ -14,7 +14,7 @@ import pytest
 import torch
 from ckpt_workers import Trainer, assert_same, build_model, full_state, run_ranks, train_steps
 
-from checkpointing import CheckpointManager, CheckpointSettings, ModelOptimizerState, SaveFailed
+from checkpointing import CheckpointConfig, CheckpointManager, ModelOptimizerState, SaveFailed
 from checkpointing.storage import Storage, redact
 
 pytestmark = pytest.mark.timeout(90)
@@ -29,7 +29,7 @@ def trained(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
 
 def test_transient_faults_on_save_and_load_are_retried(s3_proxy):
     proxy, uri = s3_proxy.proxy, s3_proxy.url("run")
-    settings = CheckpointSettings(storage_options=s3_proxy.storage_options, retry_timeout_s=30)
+    config = CheckpointConfig(retry_timeout_s=30)
     proxy.inject("error", status=503, match=r"PUT .*step_00000001/__0_0\.distcp")
     proxy.inject("error", status=429, match=r"PUT .*step_00000001/__0_1\.distcp")
     proxy.inject("error_after_success", status=500, match=r"PUT .*__0_0\.distcp")
@@ -39,7 +39,8 @@ def test_transient_faults_on_save_and_load_are_retried(s3_proxy):
     model, opt = trained()
     expected = full_state(model, opt)
     events: list[dict] = []
-    with CheckpointManager(uri, settings, on_event=events.append) as manager:
+    with CheckpointManager(uri, config, on_event=events.append,
+                           storage_options=s3_proxy.storage_options) as manager:
         assert manager.save(1, {"app": ModelOptimizerState(model, opt), "trainer": Trainer(1)})
         manager.wait()
         assert [e["event"] for e in events] == ["commit"], events
@@ -60,13 +61,13 @@ def test_transient_faults_on_save_and_load_are_retried(s3_proxy):
 @pytest.mark.parametrize("on_failure", ["continue", "stop"])
 def test_a_save_that_fails_for_good_keeps_the_previous_commit(s3_proxy, on_failure):
     proxy, uri = s3_proxy.proxy, s3_proxy.url("run")
-    settings = CheckpointSettings(storage_options=s3_proxy.storage_options, retry_timeout_s=1.0,
-                                  on_failure=on_failure)
+    config = CheckpointConfig(retry_timeout_s=1.0, on_failure=on_failure)
     model, opt = trained()
     state = {"app": ModelOptimizerState(model, opt), "trainer": Trainer(1)}
     expected = full_state(model, opt)
     events: list[dict] = []
-    with CheckpointManager(uri, settings, on_event=events.append) as manager:
+    with CheckpointManager(uri, config, on_event=events.append,
+                           storage_options=s3_proxy.storage_options) as manager:
         manager.save(1, state)
         manager.wait()
         train_steps(model, opt, 5, 1)
@@ -100,8 +101,8 @@ def test_credentials_never_reach_logs_events_metrics_or_commit(s3_proxy, caplog)
     model, opt = trained()
     state = {"app": ModelOptimizerState(model, opt), "trainer": Trainer(1)}
     uri = s3_proxy.url("run")
-    settings = CheckpointSettings(storage_options=options, retry_timeout_s=0.5)
-    with CheckpointManager(uri, settings, on_event=events.append) as manager:
+    with CheckpointManager(uri, CheckpointConfig(retry_timeout_s=0.5), on_event=events.append,
+                           storage_options=options) as manager:
         manager.save(1, state)
         manager.wait()
         s3_proxy.proxy.outage(60)
@@ -118,13 +119,13 @@ def test_credentials_never_reach_logs_events_metrics_or_commit(s3_proxy, caplog)
 
 def test_transient_faults_on_gcs_are_retried(gcs_proxy):
     proxy, uri = gcs_proxy.proxy, gcs_proxy.url("run")
-    settings = CheckpointSettings(storage_options=gcs_proxy.storage_options, retry_timeout_s=30)
     # gcsfs names small objects in a multipart body, not the URL: fail the first two uploads.
     proxy.inject("error", status=503, match=r"POST /upload/")
     proxy.inject("reset", match=r"POST /upload/")
     model, opt = trained()
     expected = full_state(model, opt)
-    with CheckpointManager(uri, settings) as manager:
+    with CheckpointManager(uri, CheckpointConfig(retry_timeout_s=30),
+                           storage_options=gcs_proxy.storage_options) as manager:
         manager.save(1, {"app": ModelOptimizerState(model, opt)})
         manager.wait()
         assert manager.metrics["committed"] == 1, manager.metrics
@@ -136,7 +137,7 @@ def test_transient_faults_on_gcs_are_retried(gcs_proxy):
     assert_same(expected, full_state(model2, opt2))
 
 
-def test_one_ranks_failed_upload_fails_the_save_on_every_rank(s3_proxy, tmp_path):
+def test_a_failure_seen_by_one_rank_is_raised_on_every_rank(s3_proxy, tmp_path):
     s3_proxy.proxy.inject("error", status=503, count=None, match=r"PUT .*step_00000002/__1_")
     run_ranks(2, "fail_save", {"uri": s3_proxy.url("run"), "out": str(tmp_path)},
               env=s3_proxy.env, timeout=150)
@@ -145,6 +146,9 @@ def test_one_ranks_failed_upload_fails_the_save_on_every_rank(s3_proxy, tmp_path
         assert "step 2" in result["raised"], (rank, result)
         assert result["metrics"]["committed"] == 1 and result["metrics"]["failed"] == 1
         assert result["latest"] == 1
+        # Only rank 0 looked for step 2; every rank raises what it found, as the same class.
+        assert result["load_raised"].startswith("NoSuchCheckpoint: no committed step 2 under ")
+    assert results[0]["load_raised"] == results[1]["load_raised"]
     assert [e["event"] for e in results[0]["events"]] == ["commit", "save_failed"]
     assert results[1]["events"] == []  # on_event runs on rank 0 only
     assert "rank 1" in results[0]["events"][-1]["error"]
@@ -155,9 +159,9 @@ def test_losing_any_one_file_fails_the_save(s3_proxy, victim):
     # DCP writes a rank's files from several threads, and its helper threads drop exceptions:
     # whichever thread loses its file, the save must fail rather than commit without it.
     s3_proxy.proxy.inject("error", status=400, count=None, match=rf"PUT .*/{victim}\.distcp")
-    settings = CheckpointSettings(storage_options=s3_proxy.storage_options, retry_timeout_s=0.5)
     model, opt = trained()
-    with CheckpointManager(s3_proxy.url("run"), settings) as manager:
+    with CheckpointManager(s3_proxy.url("run"), CheckpointConfig(retry_timeout_s=0.5),
+                           storage_options=s3_proxy.storage_options) as manager:
         manager.save(1, {"app": ModelOptimizerState(model, opt)})
         manager.wait()
         assert manager.metrics["failed"] == 1 and manager.latest_step() is None

@@ -16,7 +16,7 @@ import pytest
 import torch
 from ckpt_workers import Trainer, assert_same, build_model, full_state, spawn_single, train_steps
 
-from checkpointing import CheckpointManager, CheckpointSettings, ModelOptimizerState
+from checkpointing import CheckpointConfig, CheckpointManager, ModelOptimizerState
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -55,9 +55,9 @@ def test_writer_killed_mid_save_leaves_previous_commit_newest_and_loadable(s3_pr
             proc.stdout.close()
         proxy.clear()
 
-    settings = CheckpointSettings(storage_options=s3_proxy.storage_options, keep=3)
     for point in KILL_POINTS:
-        with CheckpointManager(s3_proxy.url(f"kill-{point}"), settings) as manager:
+        with CheckpointManager(s3_proxy.url(f"kill-{point}"), CheckpointConfig(keep=3),
+                               storage_options=s3_proxy.storage_options) as manager:
             dirs = manager.storage.list_dirs()
             assert "step_00000002" in dirs, (point, dirs)  # debris is there...
             assert manager.latest_step() == 1, point  # ...but does not count

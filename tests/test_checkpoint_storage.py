@@ -10,7 +10,7 @@ import pytest
 import torch
 from ckpt_workers import Trainer, assert_same, build_model, full_state, train_steps
 
-from checkpointing import CheckpointManager, CheckpointSettings, ModelOptimizerState
+from checkpointing import CheckpointConfig, CheckpointManager, ModelOptimizerState
 from checkpointing import cli as ckpt_cli
 from checkpointing.storage import Storage
 
@@ -24,13 +24,13 @@ def trained(seed: int = 0, steps: int = 2) -> tuple[torch.nn.Module, torch.optim
     return model, opt
 
 
-def save_steps(uri: str, steps: list[int], options: dict | None = None, **settings) -> dict:
+def save_steps(uri: str, steps: list[int], options: dict | None = None, **config) -> dict:
     """Save `steps` of one training run; returns {step: full state at that step}."""
     model, opt = trained()
     expected = {}
     events: list[dict] = []
-    with CheckpointManager(uri, CheckpointSettings(storage_options=options or {}, **settings),
-                           config_digest="cfg-1", on_event=events.append) as manager:
+    with CheckpointManager(uri, CheckpointConfig(**config), config_digest="cfg-1",
+                           on_event=events.append, storage_options=options) as manager:
         for step in steps:
             train_steps(model, opt, 10 + step, 1)
             expected[step] = full_state(model, opt)
@@ -44,7 +44,7 @@ def save_steps(uri: str, steps: list[int], options: dict | None = None, **settin
 def load_latest(uri: str, options: dict | None = None) -> tuple[int | None, dict, Trainer]:
     model, opt = trained(seed=99, steps=1)
     trainer = Trainer(-1)
-    with CheckpointManager(uri, CheckpointSettings(storage_options=options or {})) as manager:
+    with CheckpointManager(uri, storage_options=options) as manager:
         step = manager.load({"app": ModelOptimizerState(model, opt), "trainer": trainer})
     return step, full_state(model, opt), trainer
 
@@ -65,7 +65,7 @@ def test_save_then_load_round_trips_on_every_backend(store_uri):
     step, got, trainer = load_latest(uri, options)
     assert step == 4 and trainer.step == 4
     assert assert_same(expected[4], got) > 0
-    manager = CheckpointManager(uri, CheckpointSettings(storage_options=options))
+    manager = CheckpointManager(uri, storage_options=options)
     assert [c.step for c in manager.steps()] == [2, 4]
     assert manager.verify().ok and manager.verify(2).ok
     info = manager.steps()[-1]
@@ -94,9 +94,9 @@ def test_retention_keeps_the_newest_k(tmp_path):
 def test_node_local_cache_is_used_only_while_it_matches_the_remote_commit(s3, tmp_path):
     uri, cache = s3.url("run"), str(tmp_path / "cache")
     expected = save_steps(uri, [1, 2], s3.storage_options, cache_dir=cache)
-    settings = CheckpointSettings(storage_options=s3.storage_options, cache_dir=cache)
+    config = CheckpointConfig(cache_dir=cache)
     model, opt = trained(seed=5)
-    with CheckpointManager(uri, settings) as manager:
+    with CheckpointManager(uri, config, storage_options=s3.storage_options) as manager:
         assert manager.load({"app": ModelOptimizerState(model, opt)}) == 2
         n_files = len(manager.steps()[-1].files)
         assert manager.metrics["last_load_from_cache_files"] == n_files
@@ -108,7 +108,7 @@ def test_node_local_cache_is_used_only_while_it_matches_the_remote_commit(s3, tm
     victim = next(p for p in (run_dir / "step_00000002").iterdir() if p.suffix == ".distcp")
     victim.write_bytes(b"\0" * victim.stat().st_size)
     model, opt = trained(seed=6)
-    with CheckpointManager(uri, settings) as manager:
+    with CheckpointManager(uri, config, storage_options=s3.storage_options) as manager:
         assert manager.load({"app": ModelOptimizerState(model, opt)}) == 2
         assert manager.metrics["last_load_from_cache_files"] == n_files - 1
     assert_same(expected[2], full_state(model, opt))

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import checkpointing
 from elastic_train import config as cfg
+from elastic_train.model import GPT, config_for
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 CONFIGS = Path(__file__).parents[1] / "elastic_train" / "configs"
 
@@ -27,8 +36,42 @@ def test_contract_keys_of_chaos_scenarios_are_accepted():
 
 
 @pytest.mark.parametrize("toml", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
-def test_shipped_configs_load(toml: Path):
-    cfg.load(str(toml))
+def test_shipped_configs_set_what_they_say_and_round_trip_on_the_command_line(toml: Path):
+    text = toml.read_text()
+    c = cfg.load(str(toml))
+    loaded = cfg._flatten(c.to_dict())
+    # Every key of the file took effect as written: none renamed, dropped or shadowed.
+    written = cfg._flatten(tomllib.loads(text))
+    assert {key: loaded[key] for key in written} == written
+    assert c != cfg.Config()
+    # The model is the size its first line promises (within a quarter), at the file's seq_len.
+    promised = float(re.search(r"~(\d+)M parameters", text.splitlines()[0]).group(1)) * 1e6
+    with torch.device("meta"):
+        model = GPT(config_for(c.model, c.data.seq_len, vocab_size=256))
+    assert 0.75 * promised <= sum(p.numel() for p in model.parameters()) <= 1.25 * promised
+    # The same run can be given as command-line overrides (how SkyPilot passes TRAIN_ARGS).
+    args = [f"--{key}={loaded[key]}" for key in cfg._all_keys()]
+    assert cfg.load(None, cfg.parse_overrides(args)) == c
+
+
+def test_a_bad_file_value_fixed_on_the_command_line_is_accepted(tmp_path: Path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("[checkpoint]\nkeep = 0\nevery = 4\n")
+    with pytest.raises(cfg.ConfigError, match="checkpoint.keep=0 must be >= 1"):
+        cfg.load(str(toml))
+    c = cfg.load(str(toml), {"checkpoint.keep": "2"})
+    assert (c.checkpoint.keep, c.checkpoint.every) == (2, 4)
+
+
+def test_the_checkpoint_section_is_what_the_manager_takes():
+    c = cfg.load(None, {"checkpoint.keep": "5", "checkpoint.mode": "sync",
+                        "checkpoint.cache_dir": "/tmp/c"})
+    assert isinstance(c.checkpoint, checkpointing.CheckpointConfig)
+    assert (c.checkpoint.keep, c.checkpoint.mode, c.checkpoint.cache_dir) == (5, "sync", "/tmp/c")
+    # The manager's speed-only settings keep its defaults and are not keys of the file.
+    assert c.checkpoint.write_threads == checkpointing.CheckpointConfig().write_threads
+    with pytest.raises(cfg.ConfigError, match="unknown config key 'checkpoint.write_threads'"):
+        cfg.load(None, {"checkpoint.write_threads": "4"})
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -38,6 +81,9 @@ def test_shipped_configs_load(toml: Path):
     ({"steps": "0"}, "steps=0 must be >= 1"),
     ({"steps": "ten"}, "steps='ten' is not a valid int"),
     ({"checkpoint.mode": "later"}, "checkpoint.mode='later' is not one of async, sync"),
+    ({"checkpoint.keep": "0"}, "checkpoint.keep=0 must be >= 1"),
+    ({"checkpoint.min_every": "9", "checkpoint.max_every": "3"},
+     "checkpoint.min_every=9 and checkpoint.max_every=3 must satisfy 1 <= min_every <= max_every"),
     ({"optim.lr": "-1"}, "optim.lr=-1.0 must be > 0"),
 ])
 def test_bad_values_fail_with_one_clear_line(overrides: dict, message: str):

@@ -1,0 +1,216 @@
+"""One save, from the host copy of the state to its outcome on every rank.
+
+The caller's thread builds a `SaveJob` (`SaveJob.stage`: the only part that blocks training) and
+hands it to a `SaveWriter`, whose writer thread runs the phases below. Every rank runs the same
+collectives whatever failed in its own phases, so no rank waits in a collective its peers
+skipped; a collective that itself fails (a peer died, or timed out) fails the save on this rank.
+
+0. Copy deferred state to host memory (the optimizer's fence waits for this).
+1. Rank 0 clears what an earlier attempt at this step left; every rank learns the first failure.
+2. DCP writes every rank's files and rank 0's `.metadata` (a collective on the save group).
+3. Rank 0 gathers every rank's outcome and file records and writes COMMIT.json, unless a rank
+   failed or the job's deadline has passed (`SaveJob.may_commit`).
+4. Every rank learns rank 0's outcome. After a commit, rank 0 applies retention (a failure there
+   is logged, never fails the save) and each rank prunes its node-local cache.
+
+After a crash at any point, readers see what `commit.py` says: the previous commit stays newest
+until COMMIT.json of this step is whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.stateful import Stateful
+
+from checkpointing.cache import LocalCache
+from checkpointing.collectives import Failure, RankGroup
+from checkpointing.commit import (
+    COMMIT_FILE,
+    FileRecord,
+    new_commit,
+    read_commit,
+    step_dir,
+    write_commit,
+)
+from checkpointing.config import CheckpointConfig
+from checkpointing.dcp_io import RecordingWriter
+from checkpointing.errors import SaveAborted
+from checkpointing.retention import collect_garbage
+from checkpointing.staging import HostStager
+from checkpointing.state import ModelOptimizerState
+from checkpointing.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+class SaveJob:
+    """One save: staged state plus the outcome, shared between the caller and the writer thread.
+
+    `done` is set once the outcome is final on this rank: `failure` is None if the step
+    committed. `staging_done` is set once the job no longer reads live state.
+    """
+
+    def __init__(self, step: int, staged: dict[str, Any], started: float, stall_s: float,
+                 deadline: float | None, deferred: list[str]) -> None:
+        self.step = step
+        self.staged: dict[str, Any] | None = staged
+        self.deferred = deferred  # keys of `staged` still holding live state, copied by the thread
+        self.staging_done = threading.Event()
+        if not deferred:
+            self.staging_done.set()
+        self.fence_wait_s = 0.0
+        self.started = started
+        self.stall_s = stall_s
+        self.deadline = deadline
+        self.done = threading.Event()
+        self.failure: Failure | None = None
+        self.lock = threading.Lock()
+        self.aborted = False  # set at the deadline (save_within); checked before COMMIT.json
+        self.committing = False
+        self.thread: threading.Thread | None = None
+
+    @classmethod
+    def stage(cls, step: int, state: Mapping[str, Any], stager: HostStager, defer: bool,
+              started: float, deadline: float | None) -> SaveJob:
+        """Copy `state` to host memory, except (`defer`) the `ModelOptimizerState` values that
+        have an optimizer: the writer thread copies those, and their optimizer's next step()
+        must wait for it (`staging_done`). Raises ValueError for a negative step."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        live = {key: value.state_dict() if isinstance(value, Stateful) else value
+                for key, value in state.items()}
+        deferred = [key for key, value in state.items() if defer
+                    and isinstance(value, ModelOptimizerState) and value.optimizer is not None]
+        staged = {key: value if key in deferred else stager.stage(value, key)
+                  for key, value in live.items()}
+        return cls(step, staged, started, time.monotonic() - started, deadline, deferred)
+
+    @property
+    def ok(self) -> bool:
+        """True once the step committed."""
+        return self.done.is_set() and self.failure is None
+
+    def may_commit(self) -> bool:
+        """Rank 0 calls this right before writing COMMIT.json: the last point to abort."""
+        with self.lock:
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                self.aborted = True
+            if self.aborted:
+                return False
+            self.committing = True
+            return True
+
+    def abort_unless_committing(self) -> bool:
+        """At the caller's deadline: abort unless COMMIT.json is already being written. Returns
+        True if the job is aborted (it will not commit)."""
+        with self.lock:
+            if not self.committing:
+                self.aborted = True
+            return self.aborted
+
+
+class SaveWriter:
+    """Runs the phases of each `SaveJob` of one manager on a writer thread of its own.
+
+    `report(job)` is called on the writer thread once the outcome is final on this rank, before
+    retention and before `job.done` is set; it must not raise.
+    """
+
+    def __init__(self, storage: Storage, config: CheckpointConfig, ranks: RankGroup,
+                 stager: HostStager, cache: LocalCache | None, config_digest: str,
+                 report: Callable[[SaveJob], None]) -> None:
+        self.storage = storage
+        self.config = config
+        self.ranks = ranks
+        self.stager = stager
+        self.cache = cache
+        self.config_digest = config_digest
+        self.report = report
+
+    def start(self, job: SaveJob) -> None:
+        """Run `job` on a new daemon thread (the caller must join it before exiting)."""
+        job.thread = threading.Thread(target=self._run, args=(job,),
+                                      name=f"ckpt-save-{job.step}", daemon=True)
+        job.thread.start()
+
+    def _run(self, job: SaveJob) -> None:
+        """The writer thread's body: whatever happens, the job ends committed or failed."""
+        try:
+            self._conclude(job, self._run_phases(job))
+        except BaseException as e:  # noqa: BLE001 - e.g. a collective timed out: a peer died
+            job.staging_done.set()
+            if not job.done.is_set():
+                self._conclude(job, Failure.of(e, self.storage.redact))
+
+    def _run_phases(self, job: SaveJob) -> Failure | None:
+        """Phases 0 to 3 (module docstring); returns rank 0's outcome, on every rank."""
+        failure: Failure | None = None
+        if job.deferred:
+            assert job.staged is not None
+            staged = job.staged
+            try:
+                failure = self._attempt(lambda: staged.update(
+                    {key: self.stager.stage(staged[key], key) for key in job.deferred}))
+            finally:
+                job.staging_done.set()
+        if self.ranks.rank == 0 and failure is None:
+            failure = self._attempt(lambda: self._clear_step(job.step))
+        failure = self.ranks.first_failure(failure)
+        records: dict[str, FileRecord] = {}
+        if failure is None:
+            tee = self.cache.step_storage(job.step) if self.cache is not None else None
+            writer = RecordingWriter(self.storage.child(step_dir(job.step)),
+                                     self.config.write_threads, tee=tee)
+            failure = self._attempt(lambda: dcp.save(
+                job.staged, storage_writer=writer, process_group=self.ranks.group,
+                no_dist=not self.ranks.distributed))
+            records = writer.records
+        job.staged = None  # the stager keeps the buffers; drop our reference early
+        gathered = self.ranks.gather((failure, records))
+        if self.ranks.rank == 0:
+            failure = next((f for f, _ in gathered if f is not None), None)
+            if failure is None:
+                files = {name: rec for _, recs in gathered for name, rec in recs.items()}
+                info = new_commit(job.step, self.ranks.world_size, self.config_digest, files)
+                if job.may_commit():
+                    failure = self._attempt(lambda: write_commit(self.storage, info))
+                else:
+                    failure = Failure(SaveAborted, "deadline passed before commit")
+        return self.ranks.broadcast(failure)
+
+    def _conclude(self, job: SaveJob, failure: Failure | None) -> None:
+        """Phase 4: record the outcome, report it, tidy up after a commit, release waiters."""
+        job.failure = failure
+        self.report(job)
+        if failure is None:
+            if self.ranks.rank == 0:
+                retention = self._attempt(
+                    lambda: collect_garbage(self.storage, self.config.keep))
+                if retention is not None:
+                    log.warning("retention failed: %s", retention.describe())
+            if self.cache is not None:
+                self.cache.prune(job.step)
+        job.done.set()
+
+    def _clear_step(self, step: int) -> None:
+        if read_commit(self.storage, step) is not None:
+            self.storage.remove([f"{step_dir(step)}/{COMMIT_FILE}"])
+        self.storage.remove_tree(step_dir(step))
+
+    def _attempt(self, fn: Callable[[], Any]) -> Failure | None:
+        """Run fn; return None, or what it raised as a (redacted, one-line) Failure.
+
+        Catches BaseException on purpose: DCP's CheckpointException derives from it. A
+        KeyboardInterrupt or SystemExit in this thread is still reported as a failure.
+        """
+        try:
+            fn()
+            return None
+        except BaseException as e:  # noqa: BLE001
+            return Failure.of(e, self.storage.redact)
