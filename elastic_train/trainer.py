@@ -104,7 +104,6 @@ def _process_age_s() -> float:
         return 0.0
 
 
-
 def checkpoint_uri(config: Config) -> str:
     """`checkpoint.uri`, or `{run.dir}/checkpoints` when it is empty."""
     if config.checkpoint.uri:
@@ -134,8 +133,9 @@ def build_checkpointer(config: Config, on_event: Callable[[dict[str, Any]], None
                        ) -> CheckpointManager:
     """The run's checkpoint manager (collective: build it on every rank, in the same order)."""
     ckpt = config.checkpoint
+    run_uri = checkpoint_uri(config)
     return CheckpointManager(
-        checkpoint_uri(config),
+        run_uri,
         CheckpointSettings(keep=ckpt.keep, mode=ckpt.mode, when_busy=ckpt.when_busy,
                            on_failure=ckpt.on_failure, cache_dir=ckpt.cache_dir or None,
                            retry_timeout_s=ckpt.retry_timeout_s),
