@@ -130,7 +130,8 @@ class SavePolicy(Stateful):
     def resume(self, restored_step: int | None, restarted: bool) -> None:
         """The step loop begins after `restored_step` (None: from scratch). A restore, or a
         restart of the worker group, means the run was interrupted: the adaptive interval counts
-        one interruption now."""
+        one interruption now. What it knew comes from the restored checkpoint, so of several
+        interruptions with no commit between them only the last is remembered."""
         self.last_save_step = restored_step or 0
         if self.interval is not None and (restored_step is not None or restarted):
             self.interval.observe_interruption(self.clock())
