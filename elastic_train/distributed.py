@@ -69,8 +69,8 @@ def init(cfg: ParallelConfig) -> World:
 def _rendezvous_store(timeout: timedelta) -> dist.Store | None:
     """The world's store: under our `c10d-fast` rendezvous, a prefix of the rendezvous store,
     which is listening already; else None (torchrun's MASTER_ADDR/PORT, where rank 0 opens a
-    store and a rank that comes first retries with a backoff: 0.3-0.7 s of each re-form, here).
-    The prefix is this world's round, the same on every rank and new at every re-form."""
+    store and a rank that comes first retries with a backoff, which every re-form then waits
+    out). The prefix is this world's round, the same on every rank and new at every re-form."""
     if (found := contract.world_store()) is None:
         return None
     endpoint, key = found
@@ -81,8 +81,8 @@ def _rendezvous_store(timeout: timedelta) -> dist.Store | None:
 
 
 def mixed_precision(cfg: ParallelConfig, device: torch.device) -> MixedPrecisionPolicy:
-    """fp32 on CPU by default (bf16 is ~2x slower without bf16 instructions); bf16 params
-    with fp32 gradient reduction on GPU."""
+    """fp32 on CPU by default (a CPU without bf16 instructions computes bf16 slower than fp32);
+    bf16 params with fp32 gradient reduction on GPU."""
     mode = cfg.mixed_precision
     if mode == "auto":
         mode = "bf16" if device.type == "cuda" else "fp32"
@@ -92,11 +92,13 @@ def mixed_precision(cfg: ParallelConfig, device: torch.device) -> MixedPrecision
 
 
 def shard(model: GPT, world: World, cfg: ParallelConfig) -> GPT:
-    """FSDP2 over a 1-D mesh of the whole world: each block, then the root (embeddings, head).
+    """`model` moved to the world's device and sharded with FSDP2 over a 1-D mesh of the whole
+    world: each block, then the root (embeddings, head).
 
     FSDP2 averages gradients over the world (gloo has no pre-multiplied sum, so the divide
     factor stays); the trainer scales its loss by the world size to turn that back into a sum.
     """
+    model = model.to(world.device)
     mesh = init_device_mesh(world.device.type, (world.size,))
     mp = mixed_precision(cfg, world.device)
     for block in model.blocks:

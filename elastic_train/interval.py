@@ -5,8 +5,8 @@ minimises expected lost time plus checkpoint overhead is about sqrt(2*C*M) (Youn
 for the higher-order terms, which matter only when C is not much smaller than M). It is turned
 into steps with the measured step time and kept within [min_steps, max_steps].
 
-C is what the issue asks for: the stall a save costs the step loop plus its time to commit,
-because work done after a save began is lost until that save commits.
+C is the stall a save costs the step loop plus its time to commit, because work done after a
+save began is lost until that save commits.
 
 What it answers before it has seen enough:
 

@@ -54,6 +54,10 @@ class JoinRequests:
             except RuntimeError:
                 return
 
+    def wait_asked(self, timeout_s: float) -> bool:
+        """Block until an agent has asked (True) or `timeout_s` passed (False)."""
+        return self._asked.wait(timeout_s)
+
     def save_now(self, step: int) -> bool:
         """True once, at the first step after a node asked to join: save this step."""
         if self._save_step is None and self._asked.is_set():

@@ -112,5 +112,12 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
+def build_model(size: str, block_size: int, vocab_size: int, seed: int) -> GPT:
+    """A GPT of a named size on the CPU, initialised from `seed` (the same full model on every
+    rank; the trainer shards it). Raises ValueError for an unknown size."""
+    torch.manual_seed(seed)
+    return GPT(config_for(size, block_size, vocab_size))
+
+
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

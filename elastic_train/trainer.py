@@ -2,7 +2,8 @@
 
 One step, on every rank: take this rank's share of global batch `s`, forward and backward with
 the loss normalised by the global token count, let FSDP2 sum the gradients, clip, step, then one
-small all-reduce that carries the loss and whether any node has a preemption notice.
+small all-reduce that carries the loss and the save policy's votes (whether any node has a
+preemption notice, whether rank 0 wants this step saved).
 
 What happens on failure:
 - A peer vanishes or hangs: the next collective raises (or times out after
@@ -18,8 +19,6 @@ What happens on failure:
 
 from __future__ import annotations
 
-import functools
-import math
 import os
 import signal
 import time
@@ -33,35 +32,20 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from checkpointing import CheckpointManager, ModelOptimizerState
+from checkpointing import CheckpointError, CheckpointManager, ModelOptimizerState
 from elastic_train import data, distributed, exit_codes
 from elastic_train.config import Config, validate
+from elastic_train.events import Event
 from elastic_train.goodput import ledger
-from elastic_train.interval import AdaptiveInterval
-from elastic_train.join_requests import JoinRequests
 from elastic_train.metrics import MetricsLog, progress_line, say
-from elastic_train.model import GPT, config_for, num_params
+from elastic_train.model import build_model, num_params
 from elastic_train.node.contract import AGENT_PID_ENV
-from elastic_train.notices import Notice, build_watcher_from_env
+from elastic_train.notices import Notice
 from elastic_train.optim import build_optimizer, lr_at
+from elastic_train.save_policy import Save, build_save_policy
 
-
-class TrainerProgress(Stateful):
-    """What the trainer itself checkpoints: the step (all the data stream needs) and the
-    digest of the config that produced it."""
-
-    def __init__(self, config_digest: str) -> None:
-        self.step = 0
-        self.config_digest = config_digest
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "config_digest": self.config_digest}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        if state.get("config_digest") != self.config_digest:
-            say(f"warning: resuming a checkpoint made with config {state.get('config_digest')}, "
-                f"now {self.config_digest}")
+POLICY_KEY = "policy"
+"""The save policy's entry in a checkpoint, beside "app" (model and optimizer) and "trainer"."""
 
 
 def _exit_on_sigterm() -> None:
@@ -70,7 +54,7 @@ def _exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda *_: os._exit(128 + signal.SIGTERM))
 
 
-def _hang_timer(seconds: float) -> Callable[[], AbstractContextManager[object]]:
+def build_step_timer(seconds: float) -> Callable[[], AbstractContextManager[object]]:
     """A context factory: the node's watchdog (elastic_train/node/watchdog.py, serving the FIFO at
     TORCHELASTIC_TIMER_FILE) SIGKILLs this worker if a step takes longer than `seconds` (a hung
     peer, or this process stopped). A no-op when `seconds` is 0 or no watchdog serves a FIFO.
@@ -115,7 +99,71 @@ def _process_age_s() -> float:
         return 0.0
 
 
-class Trainer:
+def checkpoint_uri(config: Config) -> str:
+    """`checkpoint.uri`, or `{run.dir}/checkpoints` when it is empty."""
+    if config.checkpoint.uri:
+        return config.checkpoint.uri
+    return "file://" + os.path.abspath(os.path.join(config.run.dir, "checkpoints"))
+
+
+def build_metrics(config: Config, world: distributed.World) -> MetricsLog:
+    """metrics.jsonl under run.dir, written by rank 0; other ranks' log writes nothing."""
+    return MetricsLog(os.path.join(config.run.dir, "metrics.jsonl") if world.is_main else None)
+
+
+def build_token_store(config: Config, world: distributed.World) -> data.TokenStore:
+    """The configured dataset, or the embedded corpus prepared under run.dir on first use.
+    Each node's first worker prepares it (identical bytes, atomic writes), then all wait (a
+    collective: raises as one does when a peer is gone)."""
+    uri = config.data.uri
+    if not uri:
+        uri = os.path.abspath(os.path.join(config.run.dir, "data"))
+        if world.local_rank == 0 and not data.is_prepared(uri):
+            data.prepare(uri)
+        dist.barrier()
+    return data.TokenStore(uri)
+
+
+def build_checkpointer(config: Config, on_event: Callable[[dict[str, Any]], None]
+                       ) -> CheckpointManager:
+    """The run's checkpoint manager (collective: build it on every rank, in the same order)."""
+    return CheckpointManager(checkpoint_uri(config), config.checkpoint,
+                             config_digest=config.digest(), on_event=on_event)
+
+
+def build_ledger(config: Config, metrics: MetricsLog, world: distributed.World
+                 ) -> ledger.LedgerWriter | None:
+    """Rank 0 keeps ledger.json beside the checkpoints current, for goodput reports."""
+    if not world.is_main or metrics.path is None:
+        return None
+    return ledger.LedgerWriter(checkpoint_uri(config), metrics.path)
+
+
+def restore(checkpoints: CheckpointManager, state: dict[str, Any], optional: str) -> int | None:
+    """Load the newest commit into `state` (collective); returns its step, or None when nothing
+    is committed. A checkpoint written before `state[optional]` existed lacks that entry: DCP
+    refuses it with a missing-key error before reading any data, and it is loaded again without
+    that entry, which then keeps its fresh state. Raises what `CheckpointManager.load` raises
+    for anything else."""
+    try:
+        return checkpoints.load(state)
+    except CheckpointError as e:
+        if f"Missing key in checkpoint state_dict: {optional}." not in str(e):
+            raise
+    if checkpoints.rank == 0:
+        say(f"the newest checkpoint has no {optional!r} entry (an earlier version wrote it); "
+            "loading it without one")
+    return checkpoints.load({key: value for key, value in state.items() if key != optional})
+
+
+class Trainer(Stateful):
+    """Wires the parts made by the `build_*` factories, runs the step loop, and is itself the
+    checkpoint's `trainer` entry: the step (all the data stream needs) and the config digest.
+
+    Construct it on every rank of the world torchrun started (or alone, as a world of one);
+    raises `ConfigError` for a config the world cannot run, and what a collective raises when a
+    peer is gone. Call `close()` when done, whatever `run()` did."""
+
     def __init__(self, config: Config) -> None:
         _exit_on_sigterm()
         # Where a (re)start spends its time, for the "start" event: process birth (a fork of
@@ -123,113 +171,56 @@ class Trainer:
         self.startup: dict[str, float] = {"process": time.time() - _process_age_s(),
                                           "trainer": time.time()}
         self.config = config
+        self.config_digest = config.digest()
+        self.step = 0
         self.world = distributed.init(config.parallel)
         self.startup["process_group"] = time.time()
         validate(config, self.world.size)
         if self.world.device.type == "cpu":
             torch.set_num_threads(config.run.threads)
         os.makedirs(config.run.dir, exist_ok=True)
-        self.metrics = MetricsLog(
-            os.path.join(config.run.dir, "metrics.jsonl") if self.world.is_main else None
-        )
-        self.store = data.TokenStore(self._data_uri())
-
-        torch.manual_seed(config.seed)  # the same full init on every rank, then sharded
-        model = GPT(config_for(config.model, config.data.seq_len, self.store.vocab_size))
+        self.metrics = build_metrics(config, self.world)
+        self.store = build_token_store(config, self.world)
+        model = build_model(config.model, config.data.seq_len, self.store.vocab_size, config.seed)
         self.n_params = num_params(model)
-        self.model = distributed.shard(model.to(self.world.device), self.world, config.parallel)
+        self.model = distributed.shard(model, self.world, config.parallel)
         self.optimizer = build_optimizer(self.model, config.optim)
-        self.progress = TrainerProgress(config.digest())
-        self.state = {"app": ModelOptimizerState(self.model, self.optimizer),
-                      "trainer": self.progress}
-        ckpt = config.checkpoint
-        run_uri = self.checkpoint_uri(config)
-        # Rank 0 alone decides when to save (and tells the others in the step's all-reduce), so
+        # Only rank 0 decides when to save (the others learn it in the step's all-reduce), so
         # only rank 0 keeps the adaptive interval and the ledger.
-        self.interval = (AdaptiveInterval(ckpt.min_every, ckpt.max_every,
-                                          prior_mtbi_s=ckpt.prior_mtbi_s or None)
-                         if ckpt.interval == "adaptive" and self.world.is_main else None)
-        self.ledger = (ledger.LedgerWriter(run_uri, self.metrics.path, extra=self._ledger_extra)
-                       if self.world.is_main else None)
-        if self.interval is not None:
-            try:
-                # The metrics say what the ledger (written at the last commit) cannot: that
-                # this start is itself a restart after an interruption.
-                ledger.restore_interval(self.interval, ledger.read_ledger(run_uri),
-                                        self.metrics.path)
-            except (OSError, ValueError) as e:
-                say(f"warning: ledger at {run_uri} unreadable ({e}); adaptive interval starts "
-                    "without history")
-        # A node waiting to join makes torchrun restart every worker from the newest commit:
-        # rank 0 saves first when the agents ask (elastic_train.node.rendezvous).
-        self.join_requests = JoinRequests.from_env() if self.world.is_main else None
-        self.checkpoints = CheckpointManager(
-            run_uri,
-            ckpt,
-            config_digest=self.progress.config_digest,
-            on_event=self._on_checkpoint_event,
-        )
-        self.last_save_step = 0
-        self.notices = build_watcher_from_env()
-        self.step_timer = _hang_timer(config.parallel.hang_timeout_s)
+        self.save_policy = build_save_policy(config.checkpoint, config.steps, self.world.is_main,
+                                             self.world.device)
+        self.ledger = build_ledger(config, self.metrics, self.world)
+        self.checkpoints = build_checkpointer(config, self._on_checkpoint_event)
+        self.state = {"app": ModelOptimizerState(self.model, self.optimizer), "trainer": self,
+                      POLICY_KEY: self.save_policy}
+        self.step_timer = build_step_timer(config.parallel.hang_timeout_s)
         self.startup["model"] = time.time()
 
+    # -- Stateful: the checkpoint's "trainer" entry ----------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "config_digest": self.config_digest}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the step back; a checkpoint made with another config is loaded with a warning."""
+        self.step = int(state["step"])
+        if state.get("config_digest") != self.config_digest:
+            say(f"warning: resuming a checkpoint made with config {state.get('config_digest')}, "
+                f"now {self.config_digest}")
+
     def _on_checkpoint_event(self, event: dict[str, Any]) -> None:
-        """Rank 0, any thread: log it, learn the checkpoint cost, keep the ledger current."""
+        """Rank 0, any thread: log it, tell the save policy of commits, keep the ledger current."""
         self.metrics.write(event)
-        if event.get("event") == "commit" and self.join_requests is not None:
-            self.join_requests.on_commit(int(event["step"]))
-        if event.get("event") == "commit" and self.interval is not None:
-            self.interval.observe_checkpoint_cost(event.get("stall_s", 0.0),
-                                                  event.get("commit_s", 0.0))
+        if event.get("event") == Event.COMMIT:
+            self.save_policy.on_commit(int(event["step"]), event.get("stall_s", 0.0),
+                                       event.get("commit_s", 0.0))
         if self.ledger is not None:
             self.ledger.on_event(event)
 
-    def _ledger_extra(self) -> dict[str, Any]:
-        return {"interval": self.interval.state_dict()} if self.interval is not None else {}
-
-    @staticmethod
-    def checkpoint_uri(config: Config) -> str:
-        if config.checkpoint.uri:
-            return config.checkpoint.uri
-        return "file://" + os.path.abspath(os.path.join(config.run.dir, "checkpoints"))
-
-    def _data_uri(self) -> str:
-        """The configured dataset, or the embedded corpus prepared under run.dir on first use.
-        Each node's first worker prepares it (identical bytes, atomic writes), then all wait."""
-        uri = self.config.data.uri
-        if not uri:
-            uri = os.path.abspath(os.path.join(self.config.run.dir, "data"))
-            if self.world.local_rank == 0 and not data.is_prepared(uri):
-                data.prepare(uri)
-            dist.barrier()
-        return uri
-
-    def _save_due(self, step: int) -> bool:
-        """Rank 0's view: should the state after `step` be saved (final step excluded)?"""
-        if step >= self.config.steps:
-            return False
-        if self.join_requests is not None and self.join_requests.save_now(step):
-            return True
-        if self.interval is not None:
-            return step - self.last_save_step >= self.interval.next_interval_steps()
-        every = self.config.checkpoint.every
-        return every > 0 and step % every == 0
-
-    def _agree_on_deadline(self, notice: Notice | None) -> float:
-        """All ranks learn the seconds left before the earliest noticed node goes (one rare
-        collective, only after a notice)."""
-        left = notice.seconds_left() if notice is not None else math.inf
-        t = torch.tensor([left], device=self.world.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return max(1.0, float(t.item()))  # clouds are often late: a past deadline still tries
-
-    def _train_step(self, batch: data.Batch, lr: float, noticed: bool,
-                    save_due: Callable[[], bool]) -> tuple[float, bool, bool]:
-        """One optimizer step. Returns the global mean loss and what all ranks agreed on in the
-        same all-reduce: whether any rank has a notice, whether rank 0 wants a save. Rank 0
-        asks `save_due` just before that all-reduce, so that a save asked for during the step
-        (a node waiting to join) is of this step, not of the next one."""
+    # -- the step loop ---------------------------------------------------------------------------
+    def _train_step(self, step: int, batch: data.Batch, lr: float, notice: Notice | None
+                    ) -> tuple[float, Save]:
+        """One optimizer step. Returns the global mean loss and what all ranks agreed, in the
+        same all-reduce, to do about saving this step (`SavePolicy.votes`)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         inputs = batch.inputs.to(self.world.device, non_blocking=True)
@@ -246,21 +237,24 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        flags = torch.tensor([float(noticed), float(self.world.is_main and save_due())],
-                             device=self.world.device)
-        stats = torch.cat([loss_sum.detach().float().view(1), flags])
+        votes = torch.tensor(self.save_policy.votes(step, notice), device=self.world.device)
+        stats = torch.cat([loss_sum.detach().float().view(1), votes])
         dist.all_reduce(stats)
-        return stats[0].item() / global_tokens, stats[1].item() > 0, stats[2].item() > 0
+        loss, *summed = stats.tolist()
+        return loss / global_tokens, self.save_policy.decide(summed)
 
     def run(self) -> int:
+        """Train from the newest commit to `steps`, save the final step, write final_model.pt.
+        Returns `exit_codes.OK`; a noticed node leaves from inside (`leave()`) instead."""
         cfg, world = self.config, self.world
-        restored = self.checkpoints.load(self.state)
-        start = self.progress.step if restored is not None else 0
-        self.last_save_step = start
+        restored = restore(self.checkpoints, self.state, optional=POLICY_KEY)
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        self.save_policy.resume(restored, restarted=restart > 0)
+        start = self.step
         self.startup["restore"] = time.time()
         marks = list(self.startup.items())
-        self.metrics.event("start", world_size=world.size, restored_step=restored,
-                           restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+        self.metrics.event(Event.START, world_size=world.size, restored_step=restored,
+                           restart=restart,
                            startup_s={name: round(t - marks[i - 1][1], 3)
                                       for i, (name, t) in enumerate(marks) if i > 0})
         if world.is_main:
@@ -276,32 +270,30 @@ class Trainer:
         t_start, t_last = time.time(), time.time()
         try:
             for step in range(start + 1, cfg.steps + 1):
-                local_notice = self.notices.pending()
+                notice = self.save_policy.pending_notice()
                 with self.step_timer():
                     batch = next(stream)
                     lr = lr_at(step - 1, cfg.steps, cfg.optim)
-                    loss, notice, save = self._train_step(batch, lr, local_notice is not None,
-                                                          functools.partial(self._save_due, step))
+                    loss, save = self._train_step(step, batch, lr, notice)
                 now = time.time()
                 step_time, t_last = now - t_last, now
-                self.progress.step = step
-                if self.interval is not None:
-                    self.interval.observe_step_time(step_time)
+                self.step = step
+                self.save_policy.observe_step_time(step_time)
                 self.metrics.write({
                     "step": step, "loss": loss, "lr": lr, "world_size": world.size,
                     "batch_digest": data.batch_digest(batch.global_ids),
                     "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
-                    "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+                    "restart": restart,
                 })
                 if world.is_main and (step % cfg.run.log_every == 0 or step == cfg.steps):
                     rate = (step - start) / (now - t_start)
                     say(progress_line(step, cfg.steps, loss, lr, tokens_per_step / step_time,
                                       world.size, (cfg.steps - step) / rate))
-                if notice:
-                    self._save_for_notice(step, local_notice)
-                elif save:
+                if save is Save.NOTICE:
+                    self._save_for_notice(step, notice)
+                elif save is Save.DUE:
+                    self.save_policy.record_save(step)
                     self.checkpoints.save(step, self.state)
-                    self.last_save_step = step
         finally:
             stream.close()
         self._finish()
@@ -309,12 +301,12 @@ class Trainer:
 
     def _save_for_notice(self, step: int, notice: Notice | None) -> None:
         """Save within the earliest notice deadline; a noticed node then leaves the job."""
-        seconds = self._agree_on_deadline(notice)
-        self.metrics.event("notice", step=step, deadline_s=seconds,
+        seconds = self.save_policy.agree_on_deadline(notice)
+        self.metrics.event(Event.NOTICE, step=step, deadline_s=seconds,
                            source=notice.source if notice is not None else None)
         self.checkpoints.wait()
+        self.save_policy.record_save(step)
         self.checkpoints.save_within(step, self.state, seconds)
-        self.last_save_step = step
         if notice is not None:
             self.leave()
 
@@ -322,7 +314,7 @@ class Trainer:
         """Leave the job for good: stop this node's torchrun agent (so it does not rejoin the
         next rendezvous while its machine is being taken away) and exit. The other ranks' next
         collective fails at once; torchrun re-forms their world without this node."""
-        self.metrics.event("left", step=self.progress.step)
+        self.metrics.event(Event.LEFT, step=self.step)
         self.metrics.close()
         if "TORCHELASTIC_RUN_ID" in os.environ:
             # A prefork worker's parent is the node's prefork server; it names its agent.
@@ -343,15 +335,15 @@ class Trainer:
             path = os.path.join(cfg.run.dir, "final_model.pt")
             torch.save(full, path + ".tmp")
             os.replace(path + ".tmp", path)
-            self.metrics.event("done", step=cfg.steps)
+            self.metrics.event(Event.DONE, step=cfg.steps)
             if self.ledger is not None:
                 self.ledger.write()
             say(f"done: step {cfg.steps}; weights at {path}")
 
     def close(self) -> None:
-        self.notices.close()
-        if self.join_requests is not None:
-            self.join_requests.close()
+        """Stop the save policy's threads, wait for a save in flight, close the metrics and the
+        process group. Never raises for a failed save."""
+        self.save_policy.close()
         self.checkpoints.close()
         self.metrics.close()
         if dist.is_initialized():

@@ -11,6 +11,12 @@ import pytest
 import torch
 from torchrun_util import events, final_weights, steps, train
 
+from checkpointing import CheckpointConfig, CheckpointError, CheckpointManager
+from elastic_train.interval import AdaptiveInterval
+from elastic_train.notices import NoticeWatcher
+from elastic_train.save_policy import SavePolicy
+from elastic_train.trainer import restore
+
 STEPS = 12
 COMMON = (f"--steps={STEPS}", "--checkpoint.every=6", "--data.batch_size=12",
           "--data.seq_len=64", "--optim.warmup_steps=4")
@@ -96,13 +102,43 @@ def test_batch_larger_than_world_is_required_at_start(tmp_path: Path):
     assert "data.batch_size=2 is smaller than the world size 3" in proc.stderr
 
 
-def test_adaptive_interval_saves_within_its_bounds_and_keeps_a_ledger(tmp_path: Path):
-    train(tmp_path, 2, "--steps=16", "--checkpoint.interval=adaptive", "--checkpoint.min_every=3",
-          "--checkpoint.max_every=5", "--checkpoint.keep=10", "--data.seq_len=64")
+def _checkpointed_interval(run_dir: Path) -> dict:
+    """The adaptive interval's state in the run's newest checkpoint."""
+    state: dict = {"policy": {"interval": None}}
+    with CheckpointManager((run_dir / "checkpoints").as_uri()) as manager:
+        manager.load(state)
+    return json.loads(state["policy"]["interval"])
+
+
+def test_adaptive_interval_saves_within_its_bounds_and_resumes_what_it_learned(tmp_path: Path):
+    adaptive = ("--checkpoint.interval=adaptive", "--checkpoint.min_every=3",
+                "--checkpoint.max_every=5", "--checkpoint.keep=10", "--data.seq_len=64")
+    train(tmp_path, 2, "--steps=16", *adaptive)
     commits = [e["step"] for e in events(tmp_path, "commit")]
     assert commits[-1] == 16
     periodic = commits[:-1]  # the last is the final step's own save
     gaps = [b - a for a, b in zip([0, *periodic[:-1]], periodic, strict=True)]
     assert gaps and all(3 <= g <= 5 for g in gaps), commits
-    ledger = json.loads((tmp_path / "checkpoints" / "ledger.json").read_text())
-    assert "interval" in ledger["extra"]
+    ledger = tmp_path / "checkpoints" / "ledger.json"
+    assert ledger.exists(), "the ledger is still kept for reports"
+    first = _checkpointed_interval(tmp_path)
+    assert first["costs"] and first["interruptions"] == []
+    ledger.unlink()  # what the interval knows comes back from the checkpoint alone
+    train(tmp_path, 2, "--steps=20", *adaptive)
+    second = _checkpointed_interval(tmp_path)
+    assert len(second["interruptions"]) == 1, "the resume counts as one interruption"
+    assert second["costs"][:len(first["costs"])] == first["costs"], "costs learned before"
+    assert second["since"] == first["since"]
+
+
+def test_a_checkpoint_without_a_policy_entry_loads_and_other_missing_entries_raise(
+        tmp_path: Path):
+    fresh = SavePolicy(STEPS, NoticeWatcher([]), interval=AdaptiveInterval(1, 5))
+    settings = CheckpointConfig(mode="sync")
+    with CheckpointManager(tmp_path.as_uri(), settings) as manager:
+        manager.save(6, {"trainer": {"step": 6, "config_digest": "old"}})  # an earlier version
+        state = {"trainer": {"step": 0, "config_digest": ""}, "policy": fresh}
+        assert restore(manager, state, optional="policy") == 6
+        assert state["trainer"] == {"step": 6, "config_digest": "old"}
+        with pytest.raises(CheckpointError, match="Missing key"):
+            restore(manager, {"app": {"x": 0}, "policy": fresh}, optional="policy")
