@@ -24,7 +24,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import torch.distributed.checkpoint as dcp
@@ -252,13 +252,16 @@ class CheckpointManager:
             raise failure
 
     # -- loading -------------------------------------------------------------------------
-    def load(self, state: Mapping[str, Any], step: int | None = None) -> int | None:
+    def load(self, state: Mapping[str, Any], step: int | None = None,
+             optional: Collection[str] = ()) -> int | None:
         """Load the newest committed step (or `step`) into `state`; collective.
 
         Returns the step loaded, or None if nothing is committed (state untouched). Reshards onto
-        the current world. Raises NoSuchCheckpoint if `step` is not committed, StorageError if
-        storage fails for good, CheckpointError if DCP fails (e.g. the checkpoint does not match
-        the state: a missing key or another shape).
+        the current world. An entry of `state` named in `optional` that the checkpoint lacks (one
+        written before that entry existed) keeps its state; any other missing entry fails. Raises
+        NoSuchCheckpoint if `step` is not committed, StorageError if storage fails for good,
+        CheckpointError if DCP fails (e.g. the checkpoint does not match the state: a missing key
+        or another shape).
         """
         self._check_open()
         self._wait_job()
@@ -272,6 +275,11 @@ class CheckpointManager:
         sources = self._cache.sources_for(info) if self._cache is not None else {}
         reader = ParallelReader(self.storage.child(step_dir(info.step)), sources,
                                 threads=self.config.read_threads)
+        if optional:
+            # DCP's metadata names every saved entry by its flattened key, "entry.field...".
+            saved = {key.split(".", 1)[0] for key in reader.read_metadata().state_dict_metadata}
+            state = {key: value for key, value in state.items()
+                     if key in saved or key not in optional}
         state_dicts = {key: value.state_dict() if isinstance(value, Stateful) else value
                        for key, value in state.items()}
         try:

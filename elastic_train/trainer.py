@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from checkpointing import CheckpointError, CheckpointManager, ModelOptimizerState
+from checkpointing import CheckpointManager, ModelOptimizerState
 from elastic_train import data, distributed, exit_codes
 from elastic_train.config import Config, validate
 from elastic_train.events import Event
@@ -139,23 +139,6 @@ def build_ledger(config: Config, metrics: MetricsLog, world: distributed.World
     return ledger.LedgerWriter(checkpoint_uri(config), metrics.path)
 
 
-def restore(checkpoints: CheckpointManager, state: dict[str, Any], optional: str) -> int | None:
-    """Load the newest commit into `state` (collective); returns its step, or None when nothing
-    is committed. A checkpoint written before `state[optional]` existed lacks that entry: DCP
-    refuses it with a missing-key error before reading any data, and it is loaded again without
-    that entry, which then keeps its fresh state. Raises what `CheckpointManager.load` raises
-    for anything else."""
-    try:
-        return checkpoints.load(state)
-    except CheckpointError as e:
-        if f"Missing key in checkpoint state_dict: {optional}." not in str(e):
-            raise
-    if checkpoints.rank == 0:
-        say(f"the newest checkpoint has no {optional!r} entry (an earlier version wrote it); "
-            "loading it without one")
-    return checkpoints.load({key: value for key, value in state.items() if key != optional})
-
-
 class Trainer(Stateful):
     """Wires the parts made by the `build_*` factories, runs the step loop, and is itself the
     checkpoint's `trainer` entry: the step (all the data stream needs) and the config digest.
@@ -247,7 +230,7 @@ class Trainer(Stateful):
         """Train from the newest commit to `steps`, save the final step, write final_model.pt.
         Returns `exit_codes.OK`; a noticed node leaves from inside (`leave()`) instead."""
         cfg, world = self.config, self.world
-        restored = restore(self.checkpoints, self.state, optional=POLICY_KEY)
+        restored = self.checkpoints.load(self.state, optional={POLICY_KEY})
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
         self.save_policy.resume(restored, restarted=restart > 0)
         start = self.step

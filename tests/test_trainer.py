@@ -15,7 +15,6 @@ from checkpointing import CheckpointConfig, CheckpointError, CheckpointManager
 from elastic_train.interval import AdaptiveInterval
 from elastic_train.notices import NoticeWatcher
 from elastic_train.save_policy import SavePolicy
-from elastic_train.trainer import restore
 
 STEPS = 12
 COMMON = (f"--steps={STEPS}", "--checkpoint.every=6", "--data.batch_size=12",
@@ -138,7 +137,7 @@ def test_a_checkpoint_without_a_policy_entry_loads_and_other_missing_entries_rai
     with CheckpointManager(tmp_path.as_uri(), settings) as manager:
         manager.save(6, {"trainer": {"step": 6, "config_digest": "old"}})  # an earlier version
         state = {"trainer": {"step": 0, "config_digest": ""}, "policy": fresh}
-        assert restore(manager, state, optional="policy") == 6
+        assert manager.load(state, optional={"policy"}) == 6
         assert state["trainer"] == {"step": 6, "config_digest": "old"}
         with pytest.raises(CheckpointError, match="Missing key"):
-            restore(manager, {"app": {"x": 0}, "policy": fresh}, optional="policy")
+            manager.load({"app": {"x": 0}, "policy": fresh}, optional={"policy"})
