@@ -13,7 +13,7 @@ import pytest
 from elastic_train.events import Event
 from elastic_train.goodput import ledger as L
 from elastic_train.goodput import report, store
-from elastic_train.metrics import read_records
+from elastic_train.metrics import read_records, validate_record
 
 T0 = 1_795_000_000.0
 
@@ -40,7 +40,8 @@ class FakeRun:
         self.pending.clear()  # a killed process never reports its upload
         self.t += gap_s
         self._emit({"event": Event.START, "time": self.t, "world_size": world_size,
-                    "restored_step": restored, "restart": restart})
+                    "restored_step": restored, "restart": restart,
+                    "startup_s": {"restore": load_s}})
         self.t += load_s
         self.world_size = world_size
         self.extra = 0.0
@@ -87,6 +88,11 @@ def three_incarnations() -> FakeRun:
     run.steps(61, 100, 0.5, every=20)
     run.finish(100, stall_s=1.0)
     return run
+
+
+def test_the_fake_run_writes_lines_of_the_metrics_schema():
+    for line in three_incarnations().lines:
+        validate_record(line)
 
 
 def test_buckets_of_a_run_with_two_interruptions():
