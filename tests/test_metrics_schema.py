@@ -68,13 +68,13 @@ def test_lines_written_as_the_trainer_writes_them_validate(tmp_path: Path) -> No
     ({**STEP_LINE, "event": "started"}, "unknown event 'started'"),
     ({"event": "step", "time": 1.0}, "unknown event 'step'"),
     ({"event": 3, "time": 1.0}, "unknown event 3"),
-    ({"event": "commit", "time": 1.0, "step": 4, "stall_s": 0.1}, "'commit_s' is a required"),
+    ({"event": Event.COMMIT, "time": 1.0, "step": 4, "stall_s": 0.1}, "'commit_s' is a required"),
     ({k: v for k, v in STEP_LINE.items() if k != "loss"}, "step line: 'loss' is a required"),
     ({**STEP_LINE, "world_size": "2"}, "step line: world_size: '2' is not of type 'integer'"),
     ({**STEP_LINE, "step": 0}, "step: 0 is less than the minimum of 1"),
-    ({"event": "start", "time": 1.0, "world_size": 1, "restored_step": None, "restart": 0},
+    ({"event": Event.START, "time": 1.0, "world_size": 1, "restored_step": None, "restart": 0},
      "'startup_s' is a required"),
-    ({"event": "done", "step": 8}, "done line: 'time' is a required"),
+    ({"event": Event.DONE, "step": 8}, "done line: 'time' is a required"),
     ([1, 2], "a metrics line is a JSON object"),
 ])
 def test_a_broken_line_is_refused_naming_what_is_wrong(line: object, message: str) -> None:
