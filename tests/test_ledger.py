@@ -197,6 +197,9 @@ def test_a_ledger_json_that_is_not_a_ledger_is_a_value_error(tmp_path):
 def test_write_ledger_never_raises(tmp_path, caplog):
     assert store.write_ledger("file://" + str(tmp_path), str(tmp_path / "missing.jsonl")) is None
     assert "ledger not written" in caplog.text
+    metrics = three_incarnations().write(str(tmp_path / "metrics.jsonl"))
+    assert store.LedgerWriter("nosuchstore://bucket/run", metrics).write() is None
+    assert "nosuchstore://bucket/run" in caplog.text
 
 
 def _report(argv: list[str]) -> int:

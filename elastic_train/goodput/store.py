@@ -7,6 +7,7 @@ credential redaction), at the run's checkpoint URI.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -123,12 +124,10 @@ class LedgerWriter:
                 log.warning("ledger extra failed: %s", e)
                 extra = None
             if self._storage is None:
-                try:
+                with contextlib.suppress(OSError):  # write_ledger tries again and says why
                     self._storage = open_storage(self.run_uri, self.storage_options)
-                except OSError as e:
-                    log.warning("ledger not written to %s: %s", self.run_uri, e)
-                    return None
-            return write_ledger(self._storage, self.metrics_path, self.prices, extra)
+            return write_ledger(self._storage or self.run_uri, self.metrics_path, self.prices,
+                                extra, self.storage_options)
         finally:
             self._lock.release()
 
