@@ -18,7 +18,6 @@ from elastic_train.events import Event
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "chaos" / "scenarios"
-SHARED = ROOT.parent / "shared" / "contracts"
 
 BASE = {"name": "t", "nodes": 2, "min_nodes": 1, "max_nodes": 3, "storage": "s3",
         "train": {"model": "tiny", "steps": 40, "checkpoint.every": 5}}
