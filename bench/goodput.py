@@ -13,10 +13,10 @@ the first step, `--kills` times, and starts a replacement node at once (capacity
 
 goodput = useful step time / wall time of the same run (elastic_train.goodput.ledger: steps
 rolled back, restarts and checkpoint stalls are not useful). It is measured within one run
-because the machine is shared: its step time drifted by up to 2x between runs here, which makes
+because a shared machine's step time drifts between runs, which makes
 `goodput_vs_reference_wall` (fault-free wall / faulty wall, also printed) mostly noise.
 `--rounds` repeats everything (arm order rotated) and reports medians. Ends with one JSON line.
-Target (issue 6): goodput >= 0.9 at one kill per 60 s. A shorter `--period` makes the fixed
+Target: goodput >= 0.9 at one kill per 60 s. A shorter `--period` makes the fixed
 restart cost weigh more: numbers are then a lower bound for the 60 s case.
 """
 
@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 from chaos.backends import prepared_data  # noqa: E402
 from chaos.cluster import LocalCluster  # noqa: E402
 from chaos.harness import default_cache  # noqa: E402
-from chaos.metrics import MetricsTail  # noqa: E402
+from chaos.metrics import MetricsTail, events, is_step  # noqa: E402
+from elastic_train.events import Event  # noqa: E402
 from elastic_train.goodput.ledger import compute_ledger  # noqa: E402
 from elastic_train.interval import AdaptiveInterval  # noqa: E402
 
@@ -86,9 +87,9 @@ def run_once(label: str, out: Path, data_uri: str, steps: int, overrides: dict[s
             cluster.add_node()
         while done is None and time.time() - t_begin < timeout_s:
             for r in tail.poll():
-                if first_step is None and "step" in r and "event" not in r:
+                if first_step is None and is_step(r):
                     first_step = r["time"] - r.get("step_time_s", 0.0)
-                if r.get("event") == "done":
+                if r.get("event") == Event.DONE:
                     done = r["time"]
             if first_step is not None and pending and time.time() - first_step >= pending[0][0]:
                 _, pick = pending.pop(0)
@@ -101,18 +102,18 @@ def run_once(label: str, out: Path, data_uri: str, steps: int, overrides: dict[s
             time.sleep(0.05)
     records = tail.records
     led = compute_ledger(records)
-    commits = [r for r in records if r.get("event") == "commit"]
+    commits = events(records, Event.COMMIT)
     result = {
         "completed": done is not None,
         "wall_s": round(done - first_step, 2) if done and first_step else None,
         "kills_fired": len(fired),
         "kill_times_s": [round(t, 1) for t in fired],
-        "restarts": led["restarts"],
-        "lost_steps": led["steps"]["lost"],
+        "restarts": led.restarts,
+        "lost_steps": led.steps.lost,
         "commits": len(commits),
         "saved_steps": sorted({int(c["step"]) for c in commits}),
-        "ledger_goodput": round(led["goodput"], 4) if led["goodput"] else None,
-        "time_s": {k: round(v, 2) for k, v in led["time_s"].items()},
+        "ledger_goodput": round(led.goodput, 4) if led.goodput else None,
+        "time_s": {k: round(v, 2) for k, v in led.time_s.items()},
     }
     say(f"{label}: {json.dumps(result)}")
     return result, records
@@ -123,9 +124,9 @@ def young_daly_every(records: list[dict[str, Any]], mtbi_s: float, lo: int, hi: 
     fault-free run, M the schedule's period."""
     ai = AdaptiveInterval(lo, hi, prior_mtbi_s=mtbi_s)
     for r in records:
-        if "event" not in r and isinstance(r.get("step_time_s"), float):
+        if is_step(r) and isinstance(r.get("step_time_s"), float):
             ai.observe_step_time(r["step_time_s"])
-        elif r.get("event") == "commit":
+        elif r.get("event") == Event.COMMIT:
             ai.observe_checkpoint_cost(float(r.get("stall_s") or 0), float(r.get("commit_s") or 0))
     say(f"young_daly: C {ai.checkpoint_cost_s}, step {ai.step_time_s}, M {mtbi_s}")
     return ai.next_interval_steps()

@@ -26,6 +26,7 @@ from chaos.scenario import (
     Scenario,
     check,
 )
+from elastic_train.events import Event
 
 
 class Target(Protocol):
@@ -149,10 +150,10 @@ class Injector:
                 if self.every and self.step % self.every == 0 and self.step < self.steps:
                     self._uploading = self.step
                     self._upload_began = self._run_time
-            elif r.get("event") == "start":
+            elif r.get("event") == Event.START:
                 self.world = int(r.get("world_size", self.world))
                 self._uploading = None
-            elif r.get("event") in ("commit", "save_failed"):
+            elif r.get("event") in (Event.COMMIT, Event.SAVE_FAILED):
                 self._committed.add(int(r["step"]))
                 if self._uploading == r.get("step"):
                     self._uploading = None

@@ -34,11 +34,12 @@ from chaos.cluster import LocalCluster
 from chaos.faults import Injector, draw_faults
 from chaos.metrics import MetricsTail, Record, events, is_step, step_records
 from chaos.scenario import Scenario
+from elastic_train.events import Event
 
 HARNESS_TRAIN_DEFAULTS: dict[str, Any] = {
     # A SIGSTOPped rank must cost seconds, not minutes: the node's watchdog SIGKILLs a worker
     # whose step (forward, backward, optimizer, all-reduce) takes longer than this. Steps of the
-    # tiny model take ~0.1-0.5 s here, even on a busy CPU.
+    # tiny model take a small fraction of this, even on a busy CPU.
     "parallel.hang_timeout_s": 5,
     # Longer than hang_timeout_s, on purpose: the healthy ranks block in a collective with the
     # hung one, and must still be there when its timer fires (their own timers fire too, or the
@@ -163,7 +164,7 @@ def reference(scenario: Scenario, cache: Path, log: Callable[[str], None] = prin
     records = MetricsTail(tmp / "run" / "metrics.jsonl")
     records.poll()
     steps = step_records(records.records)
-    if not finished or any(codes.values()) or not events(records.records, "done"):
+    if not finished or any(codes.values()) or not events(records.records, Event.DONE):
         raise HarnessError(f"the reference run failed (exit codes {codes}); logs in {tmp}/nodes")
     digests: list[str | None] = [None] * scenario.steps
     for r in steps:
@@ -194,12 +195,12 @@ class _Progress:
     def records(self, new: list[Record]) -> None:
         for r in new:
             name = r.get("event")
-            if name == "start":
+            if name == Event.START:
                 restored = r.get("restored_step")
                 self.say(f"world of {r.get('world_size')} started from "
                          f"{'step ' + str(restored) if restored is not None else 'scratch'}")
-            elif name in ("commit", "save_failed", "notice", "done"):
-                extra = f" ({r.get('error')})" if name == "save_failed" else ""
+            elif name in (Event.COMMIT, Event.SAVE_FAILED, Event.NOTICE, Event.DONE):
+                extra = f" ({r.get('error')})" if name == Event.SAVE_FAILED else ""
                 self.say(f"{name} step {r.get('step')}{extra}")
         steps = [r for r in new if is_step(r)]
         if steps and (time.time() - self._last >= self.every_s or
@@ -294,7 +295,7 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
         "checkpoints_verified": invariants.checkpoints_verified(records, committed, verify),
         "no_orphans": invariants.no_orphans(survivors),
     }
-    done = events(records, "done")
+    done = events(records, Event.DONE)
     final_step = max((int(r["step"]) for r in step_records(records)), default=0)
     faults = report.summarize_faults(injector.fired, records, t0)
     rep: dict[str, Any] = {
@@ -334,14 +335,14 @@ def _drive(cluster: LocalCluster, tail: MetricsTail, injector: Injector, progres
         new = tail.poll()
         progress.records(new)
         injector.observe(new)
-        if done_at is None and any(r.get("event") == "done" for r in new):
+        if done_at is None and events(new, Event.DONE):
             done_at = time.time()
         live = cluster.live_nodes()
         if done_at is not None and (not live or time.time() - done_at > DONE_GRACE_S):
             return "done"
         if not live and not any(f.kind == "add_node" for _, f in injector.pending):
             tail.poll()
-            if any(r.get("event") == "done" for r in tail.records):
+            if events(tail.records, Event.DONE):
                 return "done"
             progress.say(f"every node has exited (exit codes {cluster.exit_codes()})")
             return "no nodes left"

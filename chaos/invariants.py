@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chaos.metrics import Lineage, Record, events, step_records
+from elastic_train.events import Event
 
 WEIGHTS_RTOL = 1e-3
 """Tolerance when the world size changed during the run: for every tensor,
@@ -42,7 +43,7 @@ class Verdict:
 
 
 def completed(records: list[Record], steps: int, final_model: Path) -> Verdict:
-    done = events(records, "done")
+    done = events(records, Event.DONE)
     last = max((int(r["step"]) for r in step_records(records)), default=0)
     if not done:
         return Verdict(False, f"no done event; last step reported {last} of {steps}")
@@ -116,8 +117,8 @@ def checkpoints_verified(records: list[Record], committed_now: list[int],
                          verify: Callable[[int], tuple[bool, str]]) -> Verdict:
     """`committed_now`: steps with a commit marker in storage after the run; `verify(step)`
     returns (ok, why) for one of them."""
-    committed_seen = {int(r["step"]) for r in events(records, "commit")} | set(committed_now)
-    bad_restores = [r.get("restored_step") for r in events(records, "start")
+    committed_seen = {int(r["step"]) for r in events(records, Event.COMMIT)} | set(committed_now)
+    bad_restores = [r.get("restored_step") for r in events(records, Event.START)
                     if r.get("restored_step") is not None
                     and int(r["restored_step"]) not in committed_seen]
     if bad_restores:
@@ -131,7 +132,7 @@ def checkpoints_verified(records: list[Record], committed_now: list[int],
         return Verdict(False, "; ".join(failures))
     if not committed_now:
         return Verdict(False, "no committed checkpoint in storage")
-    restores = sorted({int(r["restored_step"]) for r in events(records, "start")
+    restores = sorted({int(r["restored_step"]) for r in events(records, Event.START)
                        if r.get("restored_step") is not None})
     return Verdict(True, f"{len(committed_now)} committed checkpoint(s) verify "
                          f"({', '.join(map(str, committed_now))}); restores only from commits "

@@ -1,18 +1,20 @@
 """Reading the trainer's metrics.jsonl while it is written, and the facts derived from it.
 
-The trainer's rank 0 appends one JSON line per step or event (docs/internals.md). A killed rank 0
-can leave a torn last line; the tailer keeps an unterminated tail until its newline arrives and
-skips a line that never parses (counted in `bad_lines`).
+The trainer's rank 0 appends one JSON line per step or event (`elastic_train.metrics`; their
+shapes: elastic_train/schemas/metrics.schema.json). A killed rank 0 can leave a torn last line;
+the tailer keeps an unterminated tail until its newline arrives and skips a line that is not a
+JSON object (counted in `bad_lines`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-Record = dict[str, Any]
+from elastic_train.events import Event
+from elastic_train.metrics import Record, events, is_step, parse_line
+
+__all__ = ["Lineage", "MetricsTail", "Record", "events", "is_step", "read_all", "step_records"]
 
 
 class MetricsTail:
@@ -38,16 +40,12 @@ class MetricsTail:
         *lines, self._partial = data.split(b"\n")
         new: list[Record] = []
         for line in lines:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+            record = parse_line(line)
+            if record is not None:
+                new.append(record)
+            elif line.strip():
                 # A writer killed mid-line, then the next writer appended after it.
                 self.bad_lines += 1
-                continue
-            if isinstance(record, dict):
-                new.append(record)
         self.records.extend(new)
         return new
 
@@ -56,10 +54,6 @@ def read_all(path: str | Path) -> list[Record]:
     tail = MetricsTail(path)
     tail.poll()
     return tail.records
-
-
-def is_step(r: Record) -> bool:
-    return "step" in r and "event" not in r
 
 
 @dataclass
@@ -85,7 +79,7 @@ class Lineage:
         return lineage
 
     def add(self, r: Record) -> None:
-        if r.get("event") == "start":
+        if r.get("event") == Event.START:
             restored = r.get("restored_step")
             self.restores.append(restored)
             keep = int(restored or 0)
@@ -113,6 +107,3 @@ class Lineage:
 def step_records(records: list[Record]) -> list[Record]:
     return [r for r in records if is_step(r)]
 
-
-def events(records: list[Record], name: str) -> list[Record]:
-    return [r for r in records if r.get("event") == name]

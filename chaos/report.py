@@ -24,6 +24,7 @@ import jsonschema
 from chaos.faults import Fired
 from chaos.metrics import Record, events, is_step, step_records
 from chaos.scenario import schema
+from elastic_train.events import Event
 
 SAME_MOMENT_S = 0.5
 """Faults fired within this of each other share the restart that follows them."""
@@ -41,12 +42,12 @@ def summarize_faults(fired: list[Fired], records: list[Record], t0: float) -> li
             # maybe after later faults fired: the restart is the first larger (smaller) world.
             grow = f.fault.kind == "add_node"
             start_i = next((i for i, r in enumerate(records)
-                            if r.get("event") == "start" and cause < float(r["time"])
+                            if r.get("event") == Event.START and cause < float(r["time"])
                             and (int(r.get("world_size", 0)) > f.world_before) == grow
                             and int(r.get("world_size", 0)) != f.world_before), None)
         else:
             window_end = later[0] if later else float("inf")
-            start_i = next((i for i, r in enumerate(records) if r.get("event") == "start"
+            start_i = next((i for i, r in enumerate(records) if r.get("event") == Event.START
                             and cause < float(r["time"]) < window_end), None)
         recovery_s: float | None = None
         world_after = f.world_before
@@ -81,7 +82,8 @@ def summarize_faults(fired: list[Fired], records: list[Record], t0: float) -> li
 
 
 def validate(report: dict[str, Any]) -> None:
-    """Raise jsonschema.ValidationError when the report breaks the shared contract."""
+    """Raise jsonschema.ValidationError when the report breaks its contract
+    (contracts/report.schema.json)."""
     jsonschema.validate(report, schema("report"))
 
 
@@ -108,11 +110,11 @@ def plot_timeline(records: list[Record], faults: list[dict[str, Any]], t0: float
     xs = [float(r["time"]) - t0 for r in steps_r]
     ax_step.plot(xs, [int(r["step"]) for r in steps_r], ".", ms=2.5, color="tab:blue",
                  label="step reported")
-    commits = events(records, "commit")
+    commits = events(records, Event.COMMIT)
     if commits:
         ax_step.plot([float(r["time"]) - t0 for r in commits], [int(r["step"]) for r in commits],
                      "D", ms=5, color="tab:green", label="checkpoint committed")
-    starts = events(records, "start")
+    starts = events(records, Event.START)
     if starts:
         ax_step.plot([float(r["time"]) - t0 for r in starts],
                      [int(r.get("restored_step") or 0) for r in starts],
@@ -130,7 +132,7 @@ def plot_timeline(records: list[Record], faults: list[dict[str, Any]], t0: float
     # World size as a step function over the times it was observed.
     wx, wy = [], []
     for r in records:
-        if "world_size" in r and (is_step(r) or r.get("event") == "start"):
+        if "world_size" in r and (is_step(r) or r.get("event") == Event.START):
             wx.append(float(r["time"]) - t0)
             wy.append(int(r["world_size"]))
     if wx:

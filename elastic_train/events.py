@@ -2,7 +2,8 @@
 
 Everything that reads metrics (the goodput ledger, the chaos harness, its invariants and report)
 matches these names instead of spelling them. The shape of each line is
-`elastic_train/schemas/metrics.schema.json`."""
+`elastic_train/schemas/metrics.schema.json` (one branch per member; `elastic_train.metrics.
+validate_record` checks a line against it)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 faults. Each run must keep every invariant (a failing seed is a bug to fix, not to skip).
 
 All scenarios share one trainer config and starting world size (2 nodes, tiny model, 40 steps),
-so the fault-free reference runs once per session. Budget: about 5-6 minutes on 2 idle cores.
+so the fault-free reference runs once per session. Every line the runs' trainers wrote must
+follow the metrics schema.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import pytest
 
 from chaos import report
 from chaos.harness import Options, run_scenario
+from chaos.metrics import read_all
 from chaos.scenario import load
+from elastic_train.metrics import validate_record
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "chaos" / "scenarios"
 RUN_TIMEOUT_S = 300.0
@@ -30,6 +33,13 @@ def chaos_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("chaos-cache")
 
 
+def assert_metrics_follow_the_schema(rep: dict) -> None:
+    records = read_all(rep["metrics_path"])
+    assert records, f"no metrics in {rep['metrics_path']}"
+    for r in records:
+        validate_record(r)
+
+
 def run(name: str, out: Path, cache: Path, **options) -> dict:
     rep = run_scenario(load(SCENARIOS / f"{name}.yaml"),
                        Options(out=out, cache=cache, timeout_s=RUN_TIMEOUT_S, **options))
@@ -39,6 +49,7 @@ def run(name: str, out: Path, cache: Path, **options) -> dict:
     assert not failed, f"invariants failed: {failed}; logs in {out / 'nodes'}"
     assert rep["faults_not_fired"] == [], "every injected fault must fire"
     assert rep["completed"] and rep["final_step"] == rep["scenario"]["train"]["steps"]
+    assert_metrics_follow_the_schema(rep)
     return rep
 
 
@@ -68,6 +79,7 @@ def test_a_hung_rank_is_detected_through_the_cli(tmp_path: Path, chaos_cache: Pa
     assert "exactly_once" in proc.stdout and "report:" in proc.stdout
     rep = json.loads((out / "report.json").read_text())
     report.validate(rep)
+    assert_metrics_follow_the_schema(rep)
     (hang,) = rep["faults"]
     assert hang["kind"] == "hang_worker" and hang["world_after"] == 2
     assert hang["recovery_s"] is not None

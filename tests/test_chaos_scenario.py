@@ -14,10 +14,10 @@ from chaos import invariants, report
 from chaos.faults import Fired, Injector, draw_faults
 from chaos.metrics import Lineage, MetricsTail
 from chaos.scenario import CONTRACTS, Fault, ScenarioError, from_dict, load
+from elastic_train.events import Event
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "chaos" / "scenarios"
-SHARED = ROOT.parent / "shared" / "contracts"
 
 BASE = {"name": "t", "nodes": 2, "min_nodes": 1, "max_nodes": 3, "storage": "s3",
         "train": {"model": "tiny", "steps": 40, "checkpoint.every": 5}}
@@ -120,7 +120,7 @@ def steps(a: int, b: int, world: int = 2, t: float = 0.0) -> list[dict]:
 
 
 def start(restored: int | None, world: int = 2, t: float = 0.0) -> dict:
-    return {"event": "start", "restored_step": restored, "world_size": world, "time": t}
+    return {"event": Event.START, "restored_step": restored, "world_size": world, "time": t}
 
 
 def test_lineage_rolls_back_to_the_restored_step() -> None:
@@ -151,7 +151,7 @@ def test_lineage_catches_a_wrong_batch_and_a_restore_from_the_future() -> None:
 
 
 def test_restores_must_come_from_commits() -> None:
-    records = [start(None), *steps(1, 10), {"event": "commit", "step": 5, "time": 6},
+    records = [start(None), *steps(1, 10), {"event": Event.COMMIT, "step": 5, "time": 6},
                start(10)]
     verdict = invariants.checkpoints_verified(records, [5], lambda s: (True, "ok"))
     assert not verdict.ok and "[10]" in verdict.detail
@@ -213,7 +213,7 @@ def test_injector_fires_at_steps_and_during_an_upload() -> None:
                    log=lambda m: None)
     inj.observe(steps(1, 2))
     assert cluster.calls == []
-    inj.observe(steps(3, 5) + [{"event": "commit", "step": 5, "time": 6}])
+    inj.observe(steps(3, 5) + [{"event": Event.COMMIT, "step": 5, "time": 6}])
     # kill_worker picks the newest live node; the step-5 upload was committed before we saw it
     assert cluster.calls == [("kill_worker", 1)] and outages == [2]
     inj.observe(steps(6, 10))

@@ -1,14 +1,19 @@
-"""The run ledger from metrics.jsonl, ledger.json beside the checkpoints, and `report`."""
+"""The run ledger from metrics records (`ledger`), ledger.json beside the checkpoints (`store`),
+and `elastic-train report` (`report`)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
 import pytest
 
+from elastic_train.events import Event
 from elastic_train.goodput import ledger as L
+from elastic_train.goodput import report, store
+from elastic_train.metrics import read_records, validate_record
 
 T0 = 1_795_000_000.0
 
@@ -34,8 +39,9 @@ class FakeRun:
               load_s: float = 0.0) -> None:
         self.pending.clear()  # a killed process never reports its upload
         self.t += gap_s
-        self._emit({"event": "start", "time": self.t, "world_size": world_size,
-                    "restored_step": restored, "restart": restart})
+        self._emit({"event": Event.START, "time": self.t, "world_size": world_size,
+                    "restored_step": restored, "restart": restart,
+                    "startup_s": {"restore": load_s}})
         self.t += load_s
         self.world_size = world_size
         self.extra = 0.0
@@ -51,15 +57,15 @@ class FakeRun:
                         "time": self.t, "restart": 0})
             if step % every == 0:
                 self.extra = stall_s
-                self.pending.append({"event": "commit", "step": step, "stall_s": stall_s,
+                self.pending.append({"event": Event.COMMIT, "step": step, "stall_s": stall_s,
                                      "commit_s": commit_s, "time": self.t + commit_s})
 
     def finish(self, step: int, stall_s: float) -> None:
         self.t += stall_s
-        self._emit({"event": "commit", "step": step, "stall_s": stall_s, "commit_s": stall_s,
+        self._emit({"event": Event.COMMIT, "step": step, "stall_s": stall_s, "commit_s": stall_s,
                     "time": self.t})
         self.t += 0.1
-        self._emit({"event": "done", "step": step, "time": self.t})
+        self._emit({"event": Event.DONE, "step": step, "time": self.t})
 
     def write(self, path: str, torn_tail: bool = False) -> str:
         with open(path, "w") as f:
@@ -84,10 +90,15 @@ def three_incarnations() -> FakeRun:
     return run
 
 
+def test_the_fake_run_writes_lines_of_the_metrics_schema():
+    for line in three_incarnations().lines:
+        validate_record(line)
+
+
 def test_buckets_of_a_run_with_two_interruptions():
     led = L.compute_ledger(three_incarnations().lines)
-    t = led["time_s"]
-    assert led["steps"] == {"useful": 100, "lost": 22}
+    t = led.time_s
+    assert led.steps == L.StepCounts(useful=100, lost=22)
     assert t["useful"] == pytest.approx(60.0)  # 40 x 0.5 + 20 x 1.0 + 40 x 0.5
     assert t["lost"] == pytest.approx(18.5)  # 41..47 at 0.5, 61..75 at 1.0
     assert t["checkpoint_stall"] == pytest.approx(4 * 0.05 + 1.0)
@@ -95,19 +106,19 @@ def test_buckets_of_a_run_with_two_interruptions():
     assert t["waiting_for_capacity"] == pytest.approx(180.0)
     assert t["startup"] == pytest.approx(3.0)
     assert t["other"] == pytest.approx(0.1)
-    assert sum(t.values()) == pytest.approx(led["wall_s"])
-    assert led["goodput"] == pytest.approx(60.0 / led["wall_s"])
-    assert led["restarts"] == 2 and led["state"] == "done" and led["last_step"] == 100
-    assert led["commits"] == 5 + 1  # 20, 40 | 60 | 80, 100 (async) + 100 (final)
-    assert [i["world_size"] for i in led["incarnations"]] == [2, 1, 2]
+    assert sum(t.values()) == pytest.approx(led.wall_s)
+    assert led.goodput == pytest.approx(60.0 / led.wall_s)
+    assert led.restarts == 2 and led.state == "done" and led.last_step == 100
+    assert led.commits == 5 + 1  # 20, 40 | 60 | 80, 100 (async) + 100 (final)
+    assert [i.world_size for i in led.incarnations] == [2, 1, 2]
     # rank-seconds: the waits bill nobody; the shrunken world bills one rank
-    assert led["rank_seconds"]["waiting_for_capacity"] == 0.0
-    assert led["rank_seconds"]["useful"] == pytest.approx(20 * 2 + 20 * 1 + 20 * 2)
+    assert led.rank_seconds["waiting_for_capacity"] == 0.0
+    assert led.rank_seconds["useful"] == pytest.approx(20 * 2 + 20 * 1 + 20 * 2)
 
 
 def test_interruption_times_are_the_last_lines_before_restarts():
     run = three_incarnations()
-    starts = [i for i, r in enumerate(run.lines) if r.get("event") == "start"]
+    starts = [i for i, r in enumerate(run.lines) if r.get("event") == Event.START]
     ends = [run.lines[i - 1]["time"] for i in starts[1:]]
     assert [run.lines[i - 1]["step"] for i in starts[1:]] == [47, 75]
     assert L.interruption_times(run.lines) == ends
@@ -116,13 +127,26 @@ def test_interruption_times_are_the_last_lines_before_restarts():
 def test_costs_from_prices():
     led = L.compute_ledger(three_incarnations().lines,
                            L.Prices(spot_per_node_hour=1.0, on_demand_per_node_hour=3.0))
-    c = led["cost"]
-    billed_h = sum(led["rank_seconds"].values()) / 3600
-    assert c["spot_usd"] == pytest.approx(billed_h)
-    assert c["on_demand_fault_free_usd"] == pytest.approx((100 + 3 * 2) * 3.0 / 3600)
-    assert c["spot_over_on_demand"] == pytest.approx(c["spot_usd"] / c["on_demand_fault_free_usd"])
-    halved = L.with_costs(led, L.Prices(1.0, 3.0, ranks_per_node=2))["cost"]
-    assert halved["spot_usd"] == pytest.approx(c["spot_usd"] / 2)
+    c = led.cost
+    billed_h = sum(led.rank_seconds.values()) / 3600
+    assert c.spot_usd == pytest.approx(billed_h)
+    assert c.on_demand_fault_free_usd == pytest.approx((100 + 3 * 2) * 3.0 / 3600)
+    assert c.spot_over_on_demand == pytest.approx(c.spot_usd / c.on_demand_fault_free_usd)
+    halved = L.with_costs(led, L.Prices(1.0, 3.0, ranks_per_node=2)).cost
+    assert halved.spot_usd == pytest.approx(c.spot_usd / 2)
+
+
+def test_unknown_prices_leave_their_costs_out_of_the_document():
+    doc = L.compute_ledger(three_incarnations().lines, L.Prices(spot_per_node_hour=1.0)).to_dict()
+    assert set(doc["cost"]) == {"node_hours", "node_hours_by_bucket", "spot_usd", "faults_usd"}
+    assert "extra" not in doc
+
+
+def test_the_document_reads_back_as_the_same_ledger():
+    led = L.compute_ledger(three_incarnations().lines, L.Prices(0.5, 2.0, 4))
+    assert L.Ledger.from_dict(json.loads(json.dumps(led.to_dict()))) == led
+    with pytest.raises(ValueError, match="not a ledger document"):
+        L.Ledger.from_dict({"version": 1})
 
 
 def test_a_run_still_going_with_a_torn_last_line(tmp_path):
@@ -130,9 +154,9 @@ def test_a_run_still_going_with_a_torn_last_line(tmp_path):
     run.start(2, None, 0, load_s=1.0)
     run.steps(1, 30, 0.5, every=10)
     path = run.write(str(tmp_path / "metrics.jsonl"), torn_tail=True)
-    led = L.compute_ledger(L.read_lines(path))
-    assert led["state"] == "in progress" and led["last_step"] == 30
-    assert led["steps"] == {"useful": 30, "lost": 0}
+    led = L.compute_ledger(read_records(path))
+    assert led.state == "in progress" and led.last_step == 30
+    assert led.steps == L.StepCounts(useful=30, lost=0)
 
 
 def test_a_step_logged_again_without_a_start_counts_as_lost():
@@ -141,34 +165,46 @@ def test_a_step_logged_again_without_a_start_counts_as_lost():
     run.steps(1, 10, 1.0, every=100)
     run.steps(8, 12, 1.0, every=100)  # another writer redid 8..10 without a start line
     led = L.compute_ledger(run.lines)
-    assert led["steps"] == {"useful": 12, "lost": 3}
+    assert led.steps == L.StepCounts(useful=12, lost=3)
 
 
 def test_empty_input_gives_an_empty_ledger():
     led = L.compute_ledger([])
-    assert led["wall_s"] == 0.0 and led["goodput"] is None and led["incarnations"] == []
+    assert led.wall_s == 0.0 and led.goodput is None and led.incarnations == []
 
 
 def test_write_and_read_ledger_beside_checkpoints(tmp_path):
     metrics = three_incarnations().write(str(tmp_path / "metrics.jsonl"))
     uri = "file://" + str(tmp_path / "checkpoints")
-    written = L.write_ledger(uri, metrics, L.Prices(0.5, 2.0), extra={"interval": {"v": 1}})
+    written = store.write_ledger(uri, metrics, L.Prices(0.5, 2.0), extra={"interval": {"v": 1}})
     assert written is not None
-    back = L.read_ledger(uri)
-    assert back == json.loads(json.dumps(written))
-    assert back["extra"] == {"interval": {"v": 1}}
+    back = store.read_ledger(uri)
+    assert back == written
+    assert back.extra == {"interval": {"v": 1}}
     assert not [p for p in os.listdir(tmp_path / "checkpoints") if ".tmp" in p]
-    assert L.read_ledger("file://" + str(tmp_path / "nowhere")) is None
+    assert store.read_ledger("file://" + str(tmp_path / "nowhere")) is None
+
+
+def test_a_ledger_json_that_is_not_a_ledger_is_a_value_error(tmp_path):
+    (tmp_path / store.LEDGER_FILE).write_text('{"version": 1}')
+    with pytest.raises(ValueError):
+        store.read_ledger(str(tmp_path))
+    (tmp_path / store.LEDGER_FILE).write_text('{"vers')
+    with pytest.raises(ValueError):
+        store.read_ledger(str(tmp_path))
 
 
 def test_write_ledger_never_raises(tmp_path, caplog):
-    assert L.write_ledger("file://" + str(tmp_path), str(tmp_path / "missing.jsonl")) is None
+    assert store.write_ledger("file://" + str(tmp_path), str(tmp_path / "missing.jsonl")) is None
     assert "ledger not written" in caplog.text
+    metrics = three_incarnations().write(str(tmp_path / "metrics.jsonl"))
+    assert store.LedgerWriter("nosuchstore://bucket/run", metrics).write() is None
+    assert "nosuchstore://bucket/run" in caplog.text
 
 
 def _report(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="elastic-train")
-    L.register(parser.add_subparsers(dest="command", required=True))
+    report.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -190,7 +226,7 @@ def test_report_on_a_run_dir_prints_the_table_and_draws_a_plot(tmp_path, capsys)
 def test_report_reads_ledger_json_from_a_checkpoint_uri(tmp_path, capsys):
     metrics = three_incarnations().write(str(tmp_path / "metrics.jsonl"))
     uri = "file://" + str(tmp_path / "ckpt")
-    L.write_ledger(uri, metrics, L.Prices(spot_per_node_hour=2.0))
+    store.write_ledger(uri, metrics, L.Prices(spot_per_node_hour=2.0))
     plot = tmp_path / "p.png"
     assert _report(["report", uri, "--plot", str(plot)]) == 0
     out = capsys.readouterr().out
@@ -210,15 +246,15 @@ def test_ledger_writer_rewrites_on_commits_at_most_so_often(tmp_path):
     metrics = str(tmp_path / "metrics.jsonl")
     uri = "file://" + str(tmp_path / "ckpt")
     calls = []
-    writer = L.LedgerWriter(uri, metrics, L.Prices(1.0), extra=lambda: calls.append(1) or {"n": 1},
-                            min_interval_s=3600)
+    writer = store.LedgerWriter(uri, metrics, L.Prices(1.0),
+                                extra=lambda: calls.append(1) or {"n": 1}, min_interval_s=3600)
     run.write(metrics)
-    writer.on_event({"event": "save_failed", "step": 20})
-    assert L.read_ledger(uri) is None
-    writer.on_event({"event": "commit", "step": 20})
-    first = L.read_ledger(uri)
-    assert first is not None and first["extra"] == {"n": 1}
-    writer.on_event({"event": "commit", "step": 40})  # within min_interval_s: skipped
+    writer.on_event({"event": Event.SAVE_FAILED, "step": 20})
+    assert store.read_ledger(uri) is None
+    writer.on_event({"event": Event.COMMIT, "step": 20})
+    first = store.read_ledger(uri)
+    assert first is not None and first.extra == {"n": 1}
+    writer.on_event({"event": Event.COMMIT, "step": 40})  # within min_interval_s: skipped
     assert len(calls) == 1
     assert writer.write() is not None and len(calls) == 2
 
@@ -226,16 +262,16 @@ def test_ledger_writer_rewrites_on_commits_at_most_so_often(tmp_path):
 def test_restore_interval_from_a_kept_ledger():
     from elastic_train.interval import AdaptiveInterval
 
-    led = L.compute_ledger(three_incarnations().lines)
     before = AdaptiveInterval(5, 500)
     before.observe_checkpoint_cost(0.05, 0.8)
-    led["extra"] = {"interval": before.state_dict()}
+    led = dataclasses.replace(L.compute_ledger(three_incarnations().lines),
+                              extra={"interval": before.state_dict()})
     after = AdaptiveInterval(5, 500)
-    L.restore_interval(after, json.loads(json.dumps(led)))
+    store.restore_interval(after, L.Ledger.from_dict(json.loads(json.dumps(led.to_dict()))))
     assert after.interruptions == 2 and after.checkpoint_cost_s == pytest.approx(0.85)
-    L.restore_interval(after, led)  # again, as after another restart: nothing doubles
+    store.restore_interval(after, led)  # again, as after another restart: nothing doubles
     assert after.interruptions == 2
-    L.restore_interval(after, None)
+    store.restore_interval(after, None)
 
 
 def test_elastic_train_report_is_registered(tmp_path, capsys):
@@ -255,18 +291,26 @@ def test_restore_interval_counts_the_restart_under_way_once(tmp_path):
     metrics = run.write(str(tmp_path / "metrics.jsonl"))
     kept = L.compute_ledger(run.lines)  # as written at the last commit: no interruption yet
     first = AdaptiveInterval(5, 500)
-    L.restore_interval(first, kept, metrics)  # the process restarting after the kill
+    store.restore_interval(first, kept, metrics)  # the process restarting after the kill
     assert first.interruptions == 1
     run.start(2, 30, 1, gap_s=8.0)  # the restarted process writes its start, trains, commits
     run.steps(31, 40, 0.5, every=10)
     run.write(metrics)
-    kept = L.compute_ledger(run.lines)
-    kept["extra"] = {"interval": first.state_dict()}
+    kept = dataclasses.replace(L.compute_ledger(run.lines),
+                               extra={"interval": first.state_dict()})
     second = AdaptiveInterval(5, 500)
-    L.restore_interval(second, kept, metrics)  # a second kill after step 40
+    store.restore_interval(second, kept, metrics)  # a second kill after step 40
     assert second.interruptions == 2
     done = AdaptiveInterval(5, 500)
     run.finish(40, 0.1)
-    L.restore_interval(done, None, run.write(metrics))
+    store.restore_interval(done, None, run.write(metrics))
     assert done.interruptions == 1, "a finished run is not being restarted"
-    L.restore_interval(done, None, str(tmp_path / "missing.jsonl"))
+    store.restore_interval(done, None, str(tmp_path / "missing.jsonl"))
+
+
+def test_the_names_the_trainer_uses_are_still_reached_through_ledger():
+    assert L.LedgerWriter is store.LedgerWriter
+    assert L.read_ledger is store.read_ledger
+    assert L.restore_interval is store.restore_interval
+    with pytest.raises(AttributeError):
+        L.no_such_name  # noqa: B018

@@ -1,0 +1,177 @@
+"""ledger.json beside the checkpoints: read it, write it, keep it current from rank 0, and give a
+restarted worker's adaptive interval the history it holds.
+
+Every read and write goes through `checkpointing.storage.Storage` (its retries, atomic writes and
+credential redaction), at the run's checkpoint URI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any, Protocol
+
+from checkpointing.errors import StorageError
+from checkpointing.storage import Storage
+from elastic_train.events import Event
+from elastic_train.goodput.ledger import (
+    DEFAULT_RESTART_ALLOWANCE_S,
+    Ledger,
+    Prices,
+    compute_ledger,
+)
+from elastic_train.metrics import read_records
+
+log = logging.getLogger(__name__)
+
+LEDGER_FILE = "ledger.json"
+RETRY_TIMEOUT_S = 10.0
+"""How long one read or write of ledger.json retries transient storage faults. The ledger is a
+report, not state: a write that still fails is skipped, and the next commit writes it again."""
+
+
+def open_storage(run_uri: str, storage_options: Mapping[str, Any] | None = None) -> Storage:
+    """The storage under `run_uri` (a URL or a local path). Raises OSError when fsspec cannot
+    open it."""
+    try:
+        return Storage(run_uri, storage_options, retry_timeout_s=RETRY_TIMEOUT_S)
+    except (StorageError, ValueError) as e:
+        raise OSError(str(e)) from e
+
+
+def read_ledger(run_uri: str | Storage, storage_options: Mapping[str, Any] | None = None
+                ) -> Ledger | None:
+    """The ledger.json under `run_uri`, or None when there is none. Raises OSError when it
+    cannot be read (after retrying for RETRY_TIMEOUT_S), ValueError when it is not a ledger."""
+    storage = run_uri if isinstance(run_uri, Storage) else open_storage(run_uri, storage_options)
+    try:
+        data = storage.read_bytes(LEDGER_FILE)
+    except FileNotFoundError:
+        return None
+    except StorageError as e:
+        raise OSError(str(e)) from e
+    return Ledger.from_dict(json.loads(data))
+
+
+def write_ledger(run_uri: str | Storage, metrics_path: str, prices: Prices | None = None,
+                 extra: Mapping[str, Any] | None = None,
+                 storage_options: Mapping[str, Any] | None = None,
+                 restart_allowance_s: float = DEFAULT_RESTART_ALLOWANCE_S) -> Ledger | None:
+    """Compute the ledger from `metrics_path` and write `{run_uri}/ledger.json`; returns it.
+    Rank 0 calls it (after a commit, and at the end). `extra` (e.g. {"interval":
+    AdaptiveInterval.state_dict()}) is kept under "extra". Never raises: on any failure it logs
+    a warning and returns None, because a ledger must never stop training. Readers see the
+    previous ledger.json or the whole new one, never a torn one."""
+    try:
+        ledger = compute_ledger(read_records(metrics_path), prices or Prices.from_env(),
+                                restart_allowance_s)
+        if extra:
+            ledger = replace(ledger, extra=dict(extra))
+        storage = run_uri if isinstance(run_uri, Storage) else open_storage(run_uri,
+                                                                            storage_options)
+        storage.write_bytes(LEDGER_FILE, json.dumps(ledger.to_dict(), indent=1).encode())
+        return ledger
+    except Exception as e:  # noqa: BLE001 - see docstring: never fail the trainer
+        where = run_uri.url if isinstance(run_uri, Storage) else run_uri
+        log.warning("ledger not written to %s: %s", where, e)
+        return None
+
+
+class LedgerWriter:
+    """Keeps `{run_uri}/ledger.json` current from rank 0's checkpoint events.
+
+    Pass every event dict the checkpoint manager reports to `on_event` (after it is in
+    metrics.jsonl); on a `commit` it rewrites the ledger, at most once per `min_interval_s` so
+    frequent small saves do not reread the metrics each time. Call `write()` once at the end.
+    `extra` is a callable returning what to keep under "extra" (e.g. the adaptive interval's
+    state). Like `write_ledger`, it never raises. Safe from any thread: a write asked for while
+    another is under way is skipped (the one under way is as good).
+    """
+
+    def __init__(self, run_uri: str, metrics_path: str, prices: Prices | None = None,
+                 extra: Callable[[], Mapping[str, Any]] | None = None,
+                 min_interval_s: float = 10.0,
+                 storage_options: Mapping[str, Any] | None = None) -> None:
+        self.run_uri, self.metrics_path = run_uri, metrics_path
+        self.prices = prices or Prices.from_env()
+        self.extra = extra
+        self.min_interval_s = min_interval_s
+        self.storage_options = storage_options
+        self._storage: Storage | None = None
+        self._last = -math.inf
+        self._lock = threading.Lock()
+
+    def on_event(self, event: Mapping[str, Any]) -> None:
+        if event.get("event") == Event.COMMIT and \
+                time.monotonic() - self._last >= self.min_interval_s:
+            self.write()
+
+    def write(self) -> Ledger | None:
+        """Write the ledger now; returns it, or None when it was not written."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            self._last = time.monotonic()
+            try:
+                extra = dict(self.extra()) if self.extra else None
+            except Exception as e:  # noqa: BLE001 - never fail the trainer
+                log.warning("ledger extra failed: %s", e)
+                extra = None
+            if self._storage is None:
+                with contextlib.suppress(OSError):  # write_ledger tries again and says why
+                    self._storage = open_storage(self.run_uri, self.storage_options)
+            return write_ledger(self._storage or self.run_uri, self.metrics_path, self.prices,
+                                extra, self.storage_options)
+        finally:
+            self._lock.release()
+
+
+class _Interval(Protocol):
+    """What `restore_interval` feeds (`elastic_train.interval.AdaptiveInterval`)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def observe_interruption(self, t: float | None = None) -> bool: ...
+    def start_at(self, t: float) -> None: ...
+
+
+def restore_interval(interval: _Interval, ledger: Ledger | None,
+                     metrics_path: str | None = None) -> None:
+    """Give a fresh adaptive interval what the run's history knows.
+
+    From a kept `ledger`: the state under extra["interval"] and its interruption times. From
+    `metrics_path` when it is readable (call this before the new `start` line is written): its
+    interruption times, and the restart now under way, when the file's last line is not `done`,
+    at the time of that last line. That is the time the ledger gives the same interruption once
+    it is rewritten, so the interval's deduplication keeps every interruption once. The ledger
+    alone misses the restart under way (it was written at a commit before the failure). A
+    missing ledger or file, or an odd interval state, changes nothing."""
+    if ledger is not None:
+        state = (ledger.extra or {}).get("interval")
+        if isinstance(state, dict):
+            interval.load_state_dict(state)
+        for t in ledger.interruptions:
+            if isinstance(t, (int, float)):
+                interval.observe_interruption(t)
+        if isinstance(ledger.first_time, (int, float)):
+            interval.start_at(ledger.first_time)
+    if metrics_path:
+        try:
+            records = read_records(metrics_path)
+        except OSError:
+            return
+        if not records:
+            return
+        led = compute_ledger(records)
+        for t in led.interruptions:
+            interval.observe_interruption(t)
+        last = max(records, key=lambda r: r["time"])
+        if last.get("event") != Event.DONE:
+            interval.observe_interruption(last["time"])
+        if led.first_time is not None:
+            interval.start_at(led.first_time)
