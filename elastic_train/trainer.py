@@ -36,7 +36,7 @@ from checkpointing import CheckpointManager, ModelOptimizerState
 from elastic_train import data, distributed, exit_codes
 from elastic_train.config import Config, validate
 from elastic_train.events import Event
-from elastic_train.goodput import ledger
+from elastic_train.goodput import store
 from elastic_train.metrics import MetricsLog, progress_line, say
 from elastic_train.model import build_model, num_params
 from elastic_train.node.contract import AGENT_PID_ENV
@@ -132,11 +132,11 @@ def build_checkpointer(config: Config, on_event: Callable[[dict[str, Any]], None
 
 
 def build_ledger(config: Config, metrics: MetricsLog, world: distributed.World
-                 ) -> ledger.LedgerWriter | None:
+                 ) -> store.LedgerWriter | None:
     """Rank 0 keeps ledger.json beside the checkpoints current, for goodput reports."""
     if not world.is_main or metrics.path is None:
         return None
-    return ledger.LedgerWriter(checkpoint_uri(config), metrics.path)
+    return store.LedgerWriter(checkpoint_uri(config), metrics.path)
 
 
 class Trainer(Stateful):

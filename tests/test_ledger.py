@@ -4,7 +4,6 @@ and `elastic-train report` (`report`)."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 
@@ -176,11 +175,10 @@ def test_empty_input_gives_an_empty_ledger():
 def test_write_and_read_ledger_beside_checkpoints(tmp_path):
     metrics = three_incarnations().write(str(tmp_path / "metrics.jsonl"))
     uri = "file://" + str(tmp_path / "checkpoints")
-    written = store.write_ledger(uri, metrics, L.Prices(0.5, 2.0), extra={"interval": {"v": 1}})
+    written = store.write_ledger(uri, metrics, L.Prices(0.5, 2.0))
     assert written is not None
     back = store.read_ledger(uri)
     assert back == written
-    assert back.extra == {"interval": {"v": 1}}
     assert not [p for p in os.listdir(tmp_path / "checkpoints") if ".tmp" in p]
     assert store.read_ledger("file://" + str(tmp_path / "nowhere")) is None
 
@@ -245,33 +243,17 @@ def test_ledger_writer_rewrites_on_commits_at_most_so_often(tmp_path):
     run = three_incarnations()
     metrics = str(tmp_path / "metrics.jsonl")
     uri = "file://" + str(tmp_path / "ckpt")
-    calls = []
-    writer = store.LedgerWriter(uri, metrics, L.Prices(1.0),
-                                extra=lambda: calls.append(1) or {"n": 1}, min_interval_s=3600)
+    writer = store.LedgerWriter(uri, metrics, L.Prices(1.0), min_interval_s=3600)
     run.write(metrics)
     writer.on_event({"event": Event.SAVE_FAILED, "step": 20})
     assert store.read_ledger(uri) is None
     writer.on_event({"event": Event.COMMIT, "step": 20})
     first = store.read_ledger(uri)
-    assert first is not None and first.extra == {"n": 1}
+    assert first is not None
+    writes = writer.writes
     writer.on_event({"event": Event.COMMIT, "step": 40})  # within min_interval_s: skipped
-    assert len(calls) == 1
-    assert writer.write() is not None and len(calls) == 2
-
-
-def test_restore_interval_from_a_kept_ledger():
-    from elastic_train.interval import AdaptiveInterval
-
-    before = AdaptiveInterval(5, 500)
-    before.observe_checkpoint_cost(0.05, 0.8)
-    led = dataclasses.replace(L.compute_ledger(three_incarnations().lines),
-                              extra={"interval": before.state_dict()})
-    after = AdaptiveInterval(5, 500)
-    store.restore_interval(after, L.Ledger.from_dict(json.loads(json.dumps(led.to_dict()))))
-    assert after.interruptions == 2 and after.checkpoint_cost_s == pytest.approx(0.85)
-    store.restore_interval(after, led)  # again, as after another restart: nothing doubles
-    assert after.interruptions == 2
-    store.restore_interval(after, None)
+    assert writer.writes == writes
+    assert writer.write() is not None and writer.writes == writes + 1
 
 
 def test_elastic_train_report_is_registered(tmp_path, capsys):
@@ -280,37 +262,3 @@ def test_elastic_train_report_is_registered(tmp_path, capsys):
     three_incarnations().write(str(tmp_path / "metrics.jsonl"))
     assert main(["report", str(tmp_path), "--no-plot"]) == 0
     assert "where the time went" in capsys.readouterr().out
-
-
-def test_restore_interval_counts_the_restart_under_way_once(tmp_path):
-    from elastic_train.interval import AdaptiveInterval
-
-    run = FakeRun()
-    run.start(2, None, 0)
-    run.steps(1, 30, 0.5, every=10)
-    metrics = run.write(str(tmp_path / "metrics.jsonl"))
-    kept = L.compute_ledger(run.lines)  # as written at the last commit: no interruption yet
-    first = AdaptiveInterval(5, 500)
-    store.restore_interval(first, kept, metrics)  # the process restarting after the kill
-    assert first.interruptions == 1
-    run.start(2, 30, 1, gap_s=8.0)  # the restarted process writes its start, trains, commits
-    run.steps(31, 40, 0.5, every=10)
-    run.write(metrics)
-    kept = dataclasses.replace(L.compute_ledger(run.lines),
-                               extra={"interval": first.state_dict()})
-    second = AdaptiveInterval(5, 500)
-    store.restore_interval(second, kept, metrics)  # a second kill after step 40
-    assert second.interruptions == 2
-    done = AdaptiveInterval(5, 500)
-    run.finish(40, 0.1)
-    store.restore_interval(done, None, run.write(metrics))
-    assert done.interruptions == 1, "a finished run is not being restarted"
-    store.restore_interval(done, None, str(tmp_path / "missing.jsonl"))
-
-
-def test_the_names_the_trainer_uses_are_still_reached_through_ledger():
-    assert L.LedgerWriter is store.LedgerWriter
-    assert L.read_ledger is store.read_ledger
-    assert L.restore_interval is store.restore_interval
-    with pytest.raises(AttributeError):
-        L.no_such_name  # noqa: B018

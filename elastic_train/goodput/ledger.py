@@ -57,7 +57,6 @@ VERSION = 1
 """The `version` of the ledger document (`Ledger.to_dict`)."""
 
 # Names that live in `store` and are still reached through this module (see `__getattr__`).
-_KEPT_IN_STORE = ("LedgerWriter", "read_ledger", "restore_interval", "write_ledger")
 
 
 @dataclass
@@ -169,17 +168,12 @@ class Ledger:
     restart_allowance_s: float
     prices: Prices
     cost: Cost
-    extra: dict[str, Any] | None = None
-    """What the writer keeps beside the ledger (e.g. the adaptive interval's state)."""
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON document: every field; `cost` without the prices not known; `extra` only
-        when set."""
+        """The JSON document: every field; `cost` without the prices not known."""
         doc = asdict(self)
         doc["timeline"] = [list(p) for p in self.timeline]
         doc["cost"] = {k: v for k, v in doc["cost"].items() if v is not None}
-        if self.extra is None:
-            del doc["extra"]
         return doc
 
     @classmethod
@@ -198,7 +192,6 @@ class Ledger:
                 timeline=[(float(t), int(s), int(w)) for t, s, w in doc["timeline"]],
                 prices=Prices(**doc["prices"]),
                 cost=Cost(**doc["cost"]),
-                extra=dict(doc["extra"]) if doc.get("extra") is not None else None,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"not a ledger document ({type(e).__name__}: {e})") from e
@@ -372,14 +365,3 @@ def interruption_times(records: Iterable[Record]) -> list[float]:
     """Unix times of the run's interruptions (the last line before each restart), for
     `elastic_train.interval.AdaptiveInterval.observe_interruption`."""
     return compute_ledger(records).interruptions
-
-
-def __getattr__(name: str) -> Any:
-    """`LedgerWriter`, `read_ledger`, `restore_interval`, `write_ledger` live in
-    `elastic_train.goodput.store`; they stay reachable here, imported on first use, so that this
-    module itself imports no storage."""
-    if name in _KEPT_IN_STORE:
-        from elastic_train.goodput import store
-
-        return getattr(store, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,9 +13,8 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import replace
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import Any
 
 from checkpointing.errors import StorageError
 from checkpointing.storage import Storage
@@ -60,19 +59,15 @@ def read_ledger(run_uri: str | Storage, storage_options: Mapping[str, Any] | Non
 
 
 def write_ledger(run_uri: str | Storage, metrics_path: str, prices: Prices | None = None,
-                 extra: Mapping[str, Any] | None = None,
                  storage_options: Mapping[str, Any] | None = None,
                  restart_allowance_s: float = DEFAULT_RESTART_ALLOWANCE_S) -> Ledger | None:
     """Compute the ledger from `metrics_path` and write `{run_uri}/ledger.json`; returns it.
-    Rank 0 calls it (after a commit, and at the end). `extra` (e.g. {"interval":
-    AdaptiveInterval.state_dict()}) is kept under "extra". Never raises: on any failure it logs
+    Rank 0 calls it (after a commit, and at the end). Never raises: on any failure it logs
     a warning and returns None, because a ledger must never stop training. Readers see the
     previous ledger.json or the whole new one, never a torn one."""
     try:
         ledger = compute_ledger(read_records(metrics_path), prices or Prices.from_env(),
                                 restart_allowance_s)
-        if extra:
-            ledger = replace(ledger, extra=dict(extra))
         storage = run_uri if isinstance(run_uri, Storage) else open_storage(run_uri,
                                                                             storage_options)
         storage.write_bytes(LEDGER_FILE, json.dumps(ledger.to_dict(), indent=1).encode())
@@ -89,22 +84,21 @@ class LedgerWriter:
     Pass every event dict the checkpoint manager reports to `on_event` (after it is in
     metrics.jsonl); on a `commit` it rewrites the ledger, at most once per `min_interval_s` so
     frequent small saves do not reread the metrics each time. Call `write()` once at the end.
-    `extra` is a callable returning what to keep under "extra" (e.g. the adaptive interval's
-    state). Like `write_ledger`, it never raises. Safe from any thread: a write asked for while
+    Like `write_ledger`, it never raises. Safe from any thread: a write asked for while
     another is under way is skipped (the one under way is as good).
     """
 
     def __init__(self, run_uri: str, metrics_path: str, prices: Prices | None = None,
-                 extra: Callable[[], Mapping[str, Any]] | None = None,
                  min_interval_s: float = 10.0,
                  storage_options: Mapping[str, Any] | None = None) -> None:
         self.run_uri, self.metrics_path = run_uri, metrics_path
         self.prices = prices or Prices.from_env()
-        self.extra = extra
         self.min_interval_s = min_interval_s
         self.storage_options = storage_options
         self._storage: Storage | None = None
         self._last = -math.inf
+        self.writes = 0
+        """Ledgers written (a test's counter, and a sign of life)."""
         self._lock = threading.Lock()
 
     def on_event(self, event: Mapping[str, Any]) -> None:
@@ -118,60 +112,12 @@ class LedgerWriter:
             return None
         try:
             self._last = time.monotonic()
-            try:
-                extra = dict(self.extra()) if self.extra else None
-            except Exception as e:  # noqa: BLE001 - never fail the trainer
-                log.warning("ledger extra failed: %s", e)
-                extra = None
             if self._storage is None:
                 with contextlib.suppress(OSError):  # write_ledger tries again and says why
                     self._storage = open_storage(self.run_uri, self.storage_options)
-            return write_ledger(self._storage or self.run_uri, self.metrics_path, self.prices,
-                                extra, self.storage_options)
+            written = write_ledger(self._storage or self.run_uri, self.metrics_path,
+                                   self.prices, self.storage_options)
+            self.writes += written is not None
+            return written
         finally:
             self._lock.release()
-
-
-class _Interval(Protocol):
-    """What `restore_interval` feeds (`elastic_train.interval.AdaptiveInterval`)."""
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-    def observe_interruption(self, t: float | None = None) -> bool: ...
-    def start_at(self, t: float) -> None: ...
-
-
-def restore_interval(interval: _Interval, ledger: Ledger | None,
-                     metrics_path: str | None = None) -> None:
-    """Give a fresh adaptive interval what the run's history knows.
-
-    From a kept `ledger`: the state under extra["interval"] and its interruption times. From
-    `metrics_path` when it is readable (call this before the new `start` line is written): its
-    interruption times, and the restart now under way, when the file's last line is not `done`,
-    at the time of that last line. That is the time the ledger gives the same interruption once
-    it is rewritten, so the interval's deduplication keeps every interruption once. The ledger
-    alone misses the restart under way (it was written at a commit before the failure). A
-    missing ledger or file, or an odd interval state, changes nothing."""
-    if ledger is not None:
-        state = (ledger.extra or {}).get("interval")
-        if isinstance(state, dict):
-            interval.load_state_dict(state)
-        for t in ledger.interruptions:
-            if isinstance(t, (int, float)):
-                interval.observe_interruption(t)
-        if isinstance(ledger.first_time, (int, float)):
-            interval.start_at(ledger.first_time)
-    if metrics_path:
-        try:
-            records = read_records(metrics_path)
-        except OSError:
-            return
-        if not records:
-            return
-        led = compute_ledger(records)
-        for t in led.interruptions:
-            interval.observe_interruption(t)
-        last = max(records, key=lambda r: r["time"])
-        if last.get("event") != Event.DONE:
-            interval.observe_interruption(last["time"])
-        if led.first_time is not None:
-            interval.start_at(led.first_time)
