@@ -22,7 +22,7 @@ from checkpointing.transfer import copy_checkpoints
 PROG = "elastic-train ckpt"
 
 
-def _non_negative(text: str) -> int:
+def non_negative(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -32,8 +32,8 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def _positive(text: str) -> int:
-    value = _non_negative(text)
+def positive(text: str) -> int:
+    value = non_negative(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be >= 1")
     return value
@@ -48,43 +48,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ls", help="list committed and partial steps under URI")
     p.add_argument("uri", metavar="URI", help="s3://bucket/prefix, gs://..., file://... or a path")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.set_defaults(func=_guarded(cmd_ls))
+    p.set_defaults(func=guarded(cmd_ls))
 
     p = sub.add_parser("verify", help="check a committed step's files against its COMMIT.json")
     p.add_argument("uri", metavar="URI")
-    p.add_argument("--step", type=_non_negative, default=None, help="default: the newest")
+    p.add_argument("--step", type=non_negative, default=None, help="default: the newest")
     p.add_argument("--quick", action="store_true", help="sizes only, no checksums")
-    p.set_defaults(func=_guarded(cmd_verify))
+    p.set_defaults(func=guarded(cmd_verify))
 
     p = sub.add_parser("gc", help="keep the newest K committed steps, remove partial debris")
     p.add_argument("uri", metavar="URI")
-    p.add_argument("--keep", type=_positive, required=True, metavar="K")
-    p.set_defaults(func=_guarded(cmd_gc))
+    p.add_argument("--keep", type=positive, required=True, metavar="K")
+    p.set_defaults(func=guarded(cmd_gc))
 
     p = sub.add_parser("copy", help="copy committed steps to another URI, COMMIT.json last")
     p.add_argument("src", metavar="SRC_URI")
     p.add_argument("dst", metavar="DST_URI")
-    p.add_argument("--step", type=_non_negative, default=None, help="default: every committed")
-    p.set_defaults(func=_guarded(cmd_copy))
+    p.add_argument("--step", type=non_negative, default=None, help="default: every committed")
+    p.set_defaults(func=guarded(cmd_copy))
 
 
-def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Turn our errors into one line on stderr and an exit code."""
+def guarded(fn: Callable[[argparse.Namespace], int], prog: str = PROG
+            ) -> Callable[[argparse.Namespace], int]:
+    """Turn our errors into one line on stderr (`prog: error: ...`) and an exit code."""
 
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
         except (NoSuchCheckpoint, CorruptCheckpoint) as e:
-            print(f"{PROG}: error: {e}", file=sys.stderr)
+            print(f"{prog}: error: {e}", file=sys.stderr)
             return 1
         except (CheckpointError, ValueError) as e:
-            print(f"{PROG}: error: {e}", file=sys.stderr)
+            print(f"{prog}: error: {e}", file=sys.stderr)
             return 2
 
     return run
 
 
-def _storage(uri: str) -> Storage:
+def storage_for(uri: str) -> Storage:
     if "://" in uri:
         scheme = uri.split("://", 1)[0].lower()
         from fsspec.registry import known_implementations
@@ -95,7 +96,7 @@ def _storage(uri: str) -> Storage:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    storage = _storage(args.uri)
+    storage = storage_for(args.uri)
     listing = list_steps(storage)
     rows = [{"step": c.step, "committed": True, **c.summary()} for c in listing.committed]
     rows += [{"step": s, "committed": False} for s in listing.partial]
@@ -116,7 +117,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    storage = _storage(args.uri)
+    storage = storage_for(args.uri)
     step = args.step
     if step is None:
         committed = list_steps(storage).committed
@@ -133,7 +134,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    removed = collect_garbage(_storage(args.uri), args.keep)
+    removed = collect_garbage(storage_for(args.uri), args.keep)
     for url in removed:
         print(f"removed {url}")
     print(f"{len(removed)} file(s) removed")
@@ -141,7 +142,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_copy(args: argparse.Namespace) -> int:
-    src, dst = _storage(args.src), _storage(args.dst)
+    src, dst = storage_for(args.src), storage_for(args.dst)
     results = copy_checkpoints(src, dst, args.step)
     for r in results:
         what = "already there" if r.skipped else f"{r.copied_files} files, {r.copied_bytes} bytes"

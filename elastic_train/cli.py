@@ -16,6 +16,7 @@ from elastic_train.config import ConfigError
 
 def build_parser() -> argparse.ArgumentParser:
     from checkpointing import cli as ckpt_cli
+    from checkpointing import export
     from elastic_train import data, train
     from elastic_train.goodput import report
     from elastic_train.node import sky_render
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train PyTorch models on preemptible capacity without losing work.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train, data, ckpt_cli, sky_render, report):
+    for module in (train, data, ckpt_cli, export, sky_render, report):
         module.register(subparsers)
     for ep in entry_points(group="elastic_train.commands"):
         ep.load()(subparsers)
