@@ -174,9 +174,25 @@ def test_metrics_tail_waits_for_a_torn_line(tmp_path: Path) -> None:
 
 
 class FakeCluster:
-    def __init__(self) -> None:
+    """The injector's target, recording calls; `phase` is what `reform_phase` reports."""
+
+    def __init__(self, nodes: int = 2) -> None:
         self.calls: list[tuple] = []
-        self.nodes = [0, 1]
+        self.nodes = list(range(nodes))
+        self.phase: str | None = None
+        self.marks = 0
+
+    def log_offsets(self) -> dict[int, int]:
+        self.marks += 1
+        return {n: self.marks for n in self.nodes}
+
+    def reform_phase(self, since: dict[int, int]) -> str | None:
+        return self.phase
+
+    def vanish_node(self, index: int) -> float:
+        self.calls.append(("vanish", index))
+        self.nodes.remove(index)
+        return 1.0
 
     def live_nodes(self) -> list[int]:
         return list(self.nodes)
