@@ -103,7 +103,7 @@ class Fault:
 
     def describe(self) -> str:
         if self.at_step is not None:
-            when = f"step {self.at_step}"
+            when = f"at step {self.at_step}"
         else:
             when = f"during {self.during}" + (f" ({self.phase})" if self.phase else "")
         where = ""
@@ -111,7 +111,7 @@ class Fault:
             where = f" nodes {','.join(map(str, self.nodes))} within {self.within_s or 0:g} s"
         elif self.node is not None:
             where = f" node {self.node}"
-        return f"{self.kind}{where} at {when}"
+        return f"{self.kind}{where} {when}"
 
 
 @dataclass(frozen=True)
