@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,23 +47,31 @@ def _cache(args: argparse.Namespace) -> Path:
     return Path(args.cache) if args.cache else default_cache()
 
 
-def _run(args: argparse.Namespace) -> int:
-    from chaos.harness import HarnessError, Options, run_scenario
-    from chaos.report import summary_table
-    from chaos.scenario import ScenarioError
+def _command(body: Callable[[argparse.Namespace, Scenario], int],
+             ) -> Callable[[argparse.Namespace], int]:
+    """A subcommand: the scenario loaded and checked, then `body`; a bad scenario or a run that
+    cannot start is one line on stderr and exit code 2."""
 
-    try:
-        scenario = _load(args)
-    except ScenarioError as e:
-        return _error(e)
+    def command(args: argparse.Namespace) -> int:
+        from chaos.harness import HarnessError
+        from chaos.scenario import ScenarioError
+
+        try:
+            return body(args, _load(args))
+        except (HarnessError, ScenarioError) as e:
+            return _error(e)
+
+    return command
+
+
+def _run(args: argparse.Namespace, scenario: Scenario) -> int:
+    from chaos.harness import Options, run_scenario
+    from chaos.report import summary_table
+
     out = Path(args.out)
-    options = Options(out=out, seed=args.seed, random_faults=args.random_faults,
-                      timeout_s=args.timeout, cache=_cache(args),
-                      log=lambda m: print(m, flush=True))
-    try:
-        rep = run_scenario(scenario, options)
-    except (HarnessError, ScenarioError) as e:
-        return _error(e)
+    rep = run_scenario(scenario, Options(out=out, seed=args.seed, random_faults=args.random_faults,
+                                         timeout_s=args.timeout, cache=_cache(args),
+                                         log=lambda m: print(m, flush=True)))
     print()
     print(summary_table(rep))
     print()
@@ -75,25 +84,16 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _soak(args: argparse.Namespace) -> int:
-    from chaos.harness import HarnessError
-    from chaos.scenario import ScenarioError
+def _soak(args: argparse.Namespace, scenario: Scenario) -> int:
     from chaos.soak import soak
 
-    try:
-        scenario = _load(args)
-    except ScenarioError as e:
-        return _error(e)
     out = Path(args.out)
     seed = scenario.seed if args.seed is None else args.seed
     print(f"soak {scenario.name}: {args.runs} run(s), {args.random_faults} random fault(s) "
           f"each, seeds {seed}..{seed + args.runs - 1}, results in {out}", flush=True)
-    try:
-        tally = soak(scenario, args.scenario, runs=args.runs, random_faults=args.random_faults,
-                     seed=seed, out=out, cache=_cache(args), timeout_s=args.timeout,
-                     log=lambda m: print(m, flush=True))
-    except (HarnessError, ScenarioError) as e:
-        return _error(e)
+    tally = soak(scenario, args.scenario, runs=args.runs, random_faults=args.random_faults,
+                 seed=seed, out=out, cache=_cache(args), timeout_s=args.timeout,
+                 log=lambda m: print(m, flush=True))
     print()
     print(tally.table())
     for f in tally.failed:
@@ -116,7 +116,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="override the scenario's seed")
     p.add_argument("--random-faults", type=int, default=None, metavar="K",
                    help="inject K faults drawn from the seed instead of the scenario's")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_command(_run))
     p = sub.add_parser("soak", help="run a scenario N times with K random faults from seeds "
                                     "S..S+N-1; per-invariant pass counts, recovery p50/p95/max")
     _scenario_options(p)
@@ -127,7 +127,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the first run's seed (default: the scenario's)")
     p.add_argument("--out", default="runs/soak",
                    help="output directory: DIR/seed-S/ per run, DIR/soak.json (default runs/soak)")
-    p.set_defaults(func=_soak)
+    p.set_defaults(func=_command(_soak))
 
 
 def _scenario_options(p: argparse.ArgumentParser) -> None:
