@@ -38,20 +38,21 @@ from elastic_train.node.rendezvous import RendezvousSettings
 TARGETS_S = {"node_lost": 3.0, "node_added": 4.0, "worker_hung": 15.0, "node_vanished": 4.0}
 P95_TARGETS_S = {"node_vanished": 8.0}
 WAIT_S = 240.0
-"""Longest a single recovery may take before the trial counts as failed (None)."""
+"""Longest a single recovery may take before the trial counts as failed (None); `--wait-s`."""
 
 
 class Job:
     """One long training job on a LocalCluster, with helpers to wait for world sizes."""
 
-    def __init__(self, cluster: LocalCluster, metrics: Path) -> None:
+    def __init__(self, cluster: LocalCluster, metrics: Path, wait_s: float = WAIT_S) -> None:
         self.cluster = cluster
         self.tail = MetricsTail(metrics)
+        self.wait_s = wait_s
 
     def recovered(self, size: int, since: float, steps: int = 1) -> float | None:
         """Time of the `steps`-th step line of the first world of `size` that started after
         `since` (a `start` event, then its steps); None on timeout."""
-        deadline = time.time() + WAIT_S
+        deadline = time.time() + self.wait_s
         while time.time() < deadline:
             self.tail.poll()
             started = False
@@ -85,7 +86,7 @@ class Job:
 
 
 def measure(label: str, settings: RendezvousSettings, trials: int, out: Path,
-            cache: Path, prefork: bool = True) -> dict[str, list[Any]]:
+            cache: Path, prefork: bool = True, wait_s: float = WAIT_S) -> dict[str, list[Any]]:
     overrides = {**HARNESS_TRAIN_DEFAULTS, "model": "tiny", "steps": 1_000_000,
                  "checkpoint.every": 20, "run.dir": str(out / label / "run"),
                  "data.uri": prepared_data(cache),
@@ -103,7 +104,7 @@ def measure(label: str, settings: RendezvousSettings, trials: int, out: Path,
 
     with LocalCluster(out / label / "nodes", ["-m", "elastic_train.train", *args], min_nodes=1,
                       max_nodes=3, rdzv=settings, prefork=prefork) as cluster:
-        job = Job(cluster, out / label / "run" / "metrics.jsonl")
+        job = Job(cluster, out / label / "run" / "metrics.jsonl", wait_s)
         for _ in range(2):
             cluster.add_node()
         if job.recovered(2, 0.0, steps=3) is None:
@@ -140,21 +141,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default=None)
     parser.add_argument("--ours-only", action="store_true",
                         help="skip the torchrun-defaults baseline (no ratios)")
+    parser.add_argument("--wait-s", type=float, default=WAIT_S,
+                        help="longest one recovery may take before it counts as failed")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     cache = Path(args.cache) if args.cache else default_cache()
     runs = {
-        "ours": measure("ours", RendezvousSettings.fast(), args.trials, out, cache),
+        "ours": measure("ours", RendezvousSettings.fast(), args.trials, out, cache,
+                        wait_s=args.wait_s),
         # The same without saving before a node joins: the grown world starts sooner but
         # resumes from the newest commit, losing the steps since.
         "ours_no_join_save": measure("ours_no_join_save",
                                      RendezvousSettings(save_before_join_s=0), args.trials,
-                                     out, cache),
+                                     out, cache, wait_s=args.wait_s),
     }
     if not args.ours_only:
         # The baseline is torchrun as it comes: its rendezvous defaults, workers started cold.
         runs["torch_default"] = measure("torch_default", RendezvousSettings.torch_default(),
-                                        args.trials, out, cache, prefork=False)
+                                        args.trials, out, cache, prefork=False,
+                                        wait_s=args.wait_s)
     summary: dict[str, object] = {"trials": args.trials}
     for kind, target in TARGETS_S.items():
         defaults = runs.get("torch_default", {}).get(kind, [])
