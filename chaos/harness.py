@@ -37,7 +37,6 @@ from chaos.faults import Injector, draw_faults
 from chaos.metrics import MetricsTail, Record, events, is_step, step_records
 from chaos.scenario import Scenario
 from elastic_train.events import Event
-from elastic_train.node.rendezvous import RendezvousSettings
 
 HARNESS_TRAIN_DEFAULTS: dict[str, Any] = {
     # Only what this machine needs. Timeouts, hang detection and retries are the shipped
@@ -51,13 +50,6 @@ HARNESS_TRAIN_DEFAULTS: dict[str, Any] = {
     "run.log_every": 50,
 }
 """Trainer overrides the harness sets unless the scenario's `train` sets them."""
-
-FIRST_CALL_S = 10.0
-"""The first round of a chaos run waits this long for the scenario's starting nodes (it completes
-at once when max_nodes are in), as SkyPilot nodes do with their `first_call_timeout`. The agents
-are started together but, on a loaded machine, reach the store seconds apart: with the loopback
-last call alone the run was seen to start with 1 of 3 nodes, and the faults of the scenario then
-hit nodes that were not in the world."""
 
 DONE_GRACE_S = 20.0
 """After the `done` event: how long agents may take to exit (torchrun's exit barrier). A node
@@ -263,8 +255,7 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
         cluster = stack.enter_context(LocalCluster(
             out / "nodes", ["-m", "elastic_train.train", *_args(overrides)],
             min_nodes=scenario.min_nodes, max_nodes=scenario.max_nodes,
-            procs_per_node=scenario.procs_per_node, env=backend.env,
-            rdzv=dataclasses.replace(RendezvousSettings.fast(), first_call_timeout=FIRST_CALL_S)))
+            procs_per_node=scenario.procs_per_node, env=backend.env))
         tail = MetricsTail(run_dir / "metrics.jsonl")
         t0 = time.time()
         progress = _Progress(log, t0, scenario.steps)
