@@ -47,7 +47,10 @@ class Node:
     log_path: Path
     started: float
     removed: float | None = None
-    """time.time() when the harness killed it (None while it lives or after it exited itself)."""
+    """time.time() when the harness killed or froze it (None while it lives or after it exited
+    itself)."""
+    frozen: set[int] = field(default_factory=set)
+    """vanish_node: the pids stopped with SIGSTOP; they are killed at `close()`."""
     pids: set[int] = field(default_factory=set)
     """Every descendant pid seen (for the orphan check)."""
     prefork_socket: str = ""
@@ -61,6 +64,18 @@ class Node:
 
 class ClusterError(RuntimeError):
     """The cluster could not do what was asked (e.g. the store did not start)."""
+
+
+PHASE_LINES: dict[str, str] = {
+    "rendezvous": "Rendezvous'ing worker group",
+    "workers": "Starting worker group",
+}
+"""What torchrun's agent logs (at INFO, torch/distributed/elastic/agent/server/api.py) as it enters
+each phase of a (re-)form: `reform_phase` reads node logs for them."""
+
+FREEZE_CHECK_S = 5.0
+"""vanish_node: how long the stopped processes may take to show as stopped (SIGSTOP is
+asynchronous) before the freeze counts as failed."""
 
 
 class LocalCluster:
@@ -227,6 +242,67 @@ class LocalCluster:
         self._kill_tree(node)
         return node.removed
 
+    # The signal that freezes a vanished node (a test replaces it to prove a failed freeze is seen).
+    freeze_signal: signal.Signals = signal.SIGSTOP
+
+    def vanish_node(self, index: int) -> float:
+        """Freeze the node whole, as a reclaimed VM vanishes: SIGSTOP its agent first (so it
+        starts nothing new), then every process of the node (prefork server, workers, their
+        helpers), found through the tree and the node's tag. Its sockets stay open and its
+        heartbeats stop: the other nodes get no reset, only silence. The frozen processes are
+        killed at `close()`. Returns the time it happened.
+
+        Raises ClusterError, naming them, when some of the node's processes are not seen stopped
+        within FREEZE_CHECK_S (a fault counts only if its effect was observed), or when the node
+        has no process left to freeze."""
+        node = self.node(index)
+        with self._lock:
+            if node.removed is not None:
+                raise ClusterError(f"node {index} was already removed")
+            node.removed = time.time()
+        tags = {TAG_ENV: self.tag, NODE_ENV: str(node.index)}
+        # Twice: a process forked while the first pass ran is stopped by the second.
+        for _ in range(2):
+            found = [node.agent.pid] if node.agent.poll() is None else []
+            found += [p.pid for p in procs.tagged(tags) if p.pid not in found]
+            for pid in found:
+                if pid not in node.frozen and procs.signal_quietly(pid, self.freeze_signal):
+                    node.frozen.add(pid)
+        node.pids |= node.frozen
+        if not node.frozen:
+            raise ClusterError(f"node {index} had no process to freeze")
+        running = _not_stopped(node.frozen, FREEZE_CHECK_S)
+        if running:
+            raise ClusterError(f"node {index}: {len(running)} of {len(node.frozen)} process(es) "
+                               f"not frozen after {FREEZE_CHECK_S:g} s (pids "
+                               f"{', '.join(map(str, sorted(running)[:5]))})")
+        return node.removed
+
+    def log_offsets(self) -> dict[int, int]:
+        """The current size of every node's log: `reform_phase` reads what comes after."""
+        return {n.index: _size(n.log_path) for n in self.nodes}
+
+    def reform_phase(self, since: dict[int, int]) -> str | None:
+        """The furthest phase of a (re-)form (a key of PHASE_LINES, or "restore") that a live
+        node's agent reached after the log offsets `since` (nodes added later: from their
+        start). "restore" is "workers" once that node's new workers run. None: none yet."""
+        best: str | None = None
+        for index in self.live_nodes():
+            node = self.nodes[index]
+            try:
+                with open(node.log_path, "rb") as f:
+                    f.seek(since.get(index, 0))
+                    text = f.read().decode(errors="replace")
+            except OSError:
+                continue
+            if PHASE_LINES["workers"] in text:
+                if self.workers(index):
+                    return "restore"
+                best = "workers"
+            elif PHASE_LINES["rendezvous"] in text and best is None:
+                best = "rendezvous"
+        return best
+
     def preempt_node(self, index: int, notice_s: float) -> float:
         """Give the node a preemption notice (its notice file appears) and kill it `notice_s`
         seconds later, whatever it did meanwhile. Returns when the notice was given."""
@@ -324,6 +400,30 @@ class LocalCluster:
         node.pids |= procs.kill_tree(node.agent, {TAG_ENV: self.tag, NODE_ENV: str(node.index)})
         if node.prefork_socket:
             prefork.remove(node.prefork_socket)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _not_stopped(pids: set[int], timeout_s: float) -> set[int]:
+    """Those of `pids` still alive and not stopped after up to `timeout_s` (polled)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        running = set()
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() not in (psutil.STATUS_STOPPED,
+                                                        psutil.STATUS_ZOMBIE):
+                    running.add(pid)
+            except psutil.NoSuchProcess:
+                continue
+        if not running or time.monotonic() >= deadline:
+            return running
+        time.sleep(0.02)
 
 
 def _readline_within(proc: subprocess.Popen[str], timeout_s: float) -> str:

@@ -4,9 +4,13 @@ The injector is fed the trainer's metrics records as they arrive and fires each 
 due: an `at_step` fault when the run first reports a step >= at_step; a `during:
 checkpoint_upload` fault, once every fault listed before it has fired, at the first checkpoint
 upload in flight (its step line has arrived, its commit has not) that began after the fault
-before it was over (an outage lasts its seconds). It records
-what fired, where and when (`Fired`); what each fault cost is worked out afterwards from the
-metrics (`report.summarize_faults`).
+before it was over (an outage lasts its seconds); a `during: reform` fault, once every fault
+listed before it has fired, when a live node's agent logs that it reached the fault's phase of a
+re-form (`LocalCluster.reform_phase`) after the fault before it fired. A wave loses its first
+node when it fires and each other one at an offset in [0, within_s] drawn from the run's seed and
+the fault's position, so a replay with the same seed spreads the wave the same way. The injector
+records what fired, where and when (`Fired`, one per node lost); what each fault cost is worked
+out afterwards from the metrics (`report.summarize_faults`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from chaos.metrics import Record, is_step
 from chaos.scenario import (
     DEFAULT_NOTICE_S,
     DEFAULT_OUTAGE_S,
+    PHASES,
     REMOVES_NODE,
     Fault,
     Scenario,
@@ -35,6 +40,9 @@ class Target(Protocol):
     def live_nodes(self) -> list[int]: ...
     def add_node(self) -> int: ...
     def kill_node(self, index: int) -> float: ...
+    def vanish_node(self, index: int) -> float: ...
+    def log_offsets(self) -> dict[int, int]: ...
+    def reform_phase(self, since: dict[int, int]) -> str | None: ...
     def preempt_node(self, index: int, notice_s: float) -> float: ...
     def kill_worker(self, index: int, local_rank: int = 0) -> int: ...
     def hang_worker(self, index: int, local_rank: int = 0) -> int: ...
@@ -45,8 +53,9 @@ def draw_faults(scenario: Scenario, k: int, seed: int) -> list[Fault]:
 
     Steps are distinct, between a few steps in and a few steps before the end; kinds are drawn
     among those possible at that point (no removal below min_nodes or one node, no node beyond
-    max_nodes, storage_outage only with s3 or gcs); every fault names its node. The result
-    passes `scenario.check`."""
+    max_nodes, storage_outage only with s3 or gcs), a wave of two nodes lost (killed or vanished)
+    within 0.5-3 s among them when two can go; every fault names its node(s). The result passes
+    `scenario.check`."""
     rng = random.Random(seed)
     steps = scenario.steps
     lo, hi = min(3, steps - 1), max(1, steps - 3)
@@ -60,7 +69,9 @@ def draw_faults(scenario: Scenario, k: int, seed: int) -> list[Fault]:
     for at in at_steps:
         kinds = ["kill_worker", "hang_worker"]
         if len(alive) > max(1, scenario.min_nodes):
-            kinds += ["kill_node", "preempt_node"]
+            kinds += ["kill_node", "preempt_node", "vanish_node"]
+        if len(alive) - 2 >= max(1, scenario.min_nodes):
+            kinds.append("wave")
         if len(alive) < scenario.max_nodes:
             kinds.append("add_node")
         if scenario.storage != "file":
@@ -70,6 +81,11 @@ def draw_faults(scenario: Scenario, k: int, seed: int) -> list[Fault]:
             faults.append(Fault(kind="add_node", at_step=at))
             alive.append(created)
             created += 1
+        elif kind == "wave":
+            wave = tuple(sorted(rng.sample(alive, 2)))
+            faults.append(Fault(kind=rng.choice(["kill_node", "vanish_node"]), at_step=at,
+                                node=wave, within_s=round(rng.uniform(0.5, 3.0), 1)))
+            alive = [n for n in alive if n not in wave]
         elif kind == "storage_outage":
             faults.append(Fault(kind=kind, at_step=at, seconds=round(rng.uniform(2.0, 5.0), 1)))
         else:
@@ -110,21 +126,27 @@ class Injector:
         outage: starts a storage outage of the given seconds without blocking; None when the run
             has no proxy (a storage_outage fault then raises: validation forbids that).
         log: receives one line per fired fault.
+        seed: spreads waves (the same seed and schedule: the same offsets).
+        clock: wall time (tests inject one); a wave's later losses are due by it.
 
-    A fault whose action raises (e.g. a node with no workers for 30 s) is recorded with
-    `detail["error"]` and does not stop the injector.
+    A fault whose action raises (e.g. a node with no workers for 30 s, a freeze not observed) is
+    recorded with `detail["error"]` and does not stop the injector; the harness's
+    `faults_took_effect` check fails the run for it.
     """
 
     def __init__(self, faults: list[Fault] | tuple[Fault, ...], target: Target, *,
                  checkpoint_every: int, steps: int,
                  outage: Callable[[float], None] | None = None,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, seed: int = 0,
+                 clock: Callable[[], float] = time.time) -> None:
         self.pending: list[tuple[int, Fault]] = list(enumerate(faults))
         self.target = target
         self.every = checkpoint_every
         self.steps = steps
         self.outage = outage
         self.log = log
+        self.seed = seed
+        self.clock = clock
         self.fired: list[Fired] = []
         self.step = 0
         self.world = 0
@@ -134,11 +156,16 @@ class Injector:
         self._run_time = 0.0
         self._upload_began = 0.0
         self._quiet_until = 0.0
+        self.later: list[tuple[float, int, Fault, int, float]] = []
+        """A wave's losses still to come: (due by clock, fault index, fault, node, offset_s)."""
+        self._mark: dict[int, int] = {}
+        self._started_since_mark = False
 
     @property
     def armed_during(self) -> bool:
-        """A `during` fault is next in line (poll faster: uploads of a tiny model are short)."""
-        return bool(self.pending) and self._next_during() is not None
+        """A `during` fault is next in line, or a wave is under way (poll faster: uploads of a
+        tiny model are short, and so are the phases of a re-form)."""
+        return bool(self.later) or (bool(self.pending) and self._next_during() is not None)
 
     def observe(self, records: list[Record]) -> list[Fired]:
         """Take new metrics records and fire every fault now due; returns what fired."""
@@ -153,11 +180,17 @@ class Injector:
             elif r.get("event") == Event.START:
                 self.world = int(r.get("world_size", self.world))
                 self._uploading = None
+                self._started_since_mark = True
             elif r.get("event") in (Event.COMMIT, Event.SAVE_FAILED):
                 self._committed.add(int(r["step"]))
                 if self._uploading == r.get("step"):
                     self._uploading = None
         fired: list[Fired] = []
+        now = self.clock()
+        for entry in sorted(e for e in self.later if e[0] <= now):
+            self.later.remove(entry)
+            _, index, f, node, offset = entry
+            fired.append(self._hit(index, f, node, {"wave": index, "wave_offset_s": offset}))
         while True:
             due = self._due()
             if due is None:
@@ -180,32 +213,60 @@ class Injector:
         if at:
             return min(at, key=lambda p: (p[1].at_step, p[0]))
         during = self._next_during()
+        if during is None:
+            return None
+        if during[1].during == "reform":
+            phase = self.target.reform_phase(self._mark)
+            wanted = during[1].phase or PHASES[0]
+            return during if phase is not None and \
+                PHASES.index(phase) >= PHASES.index(wanted) else None
         # An upload that began after the last fault was over: one under way during an outage is
         # the outage's to disturb, not this fault's.
-        if (during and self._uploading is not None and self._uploading not in self._committed
+        if (self._uploading is not None and self._uploading not in self._committed
                 and self._upload_began > self._quiet_until):
             return during
         return None
 
-    def _pick_node(self, f: Fault) -> int | None:
+    def _pick_nodes(self, f: Fault) -> tuple[int, ...]:
         if f.kind in ("add_node", "storage_outage"):
-            return None
-        if f.node is not None:
-            return f.node
+            return ()
+        if f.nodes:
+            return f.nodes
         live = self.target.live_nodes()
-        return max(live) if live else None
+        return (max(live),) if live else ()
 
     def _fire(self, index: int, f: Fault) -> Fired:
-        node = self._pick_node(f)
-        rec = Fired(index=index, fault=f, node=node, at_step=self.step, time=time.time(),
-                    world_before=self.world)
+        """Fire `f` now (a wave: its first node now, the others scheduled in `later`)."""
+        nodes = self._pick_nodes(f)
         self._quiet_until = self._run_time + (
             (f.seconds or DEFAULT_OUTAGE_S) if f.kind == "storage_outage" else 0.0)
-        if f.during is not None:
-            rec.detail["upload_step"] = self._uploading
+        detail: dict[str, Any] = {}
+        if f.during == "checkpoint_upload":
+            detail["upload_step"] = self._uploading
+        elif f.during == "reform":
+            detail["phase_seen"] = self.target.reform_phase(self._mark)
+            # The new world already reported `start`: the phase aimed at was missed.
+            detail["after_start"] = self._started_since_mark
+        if f.is_wave:
+            rng = random.Random(f"{self.seed}:{index}")
+            offsets = sorted(round(rng.uniform(0.0, f.within_s or 0.0), 3) for _ in nodes[1:])
+            now = self.clock()
+            self.later += [(now + off, index, f, node, off)
+                           for node, off in zip(nodes[1:], offsets, strict=True)]
+            detail.update(wave=index, wave_offset_s=0.0)
+        self._mark = self.target.log_offsets()
+        self._started_since_mark = False
+        return self._hit(index, f, nodes[0] if nodes else None, detail)
+
+    def _hit(self, index: int, f: Fault, node: int | None, detail: dict[str, Any]) -> Fired:
+        """Act on one node (or on none) and record it."""
+        rec = Fired(index=index, fault=f, node=node, at_step=self.step, time=self.clock(),
+                    world_before=self.world, detail=detail)
         try:
             if f.kind == "kill_node":
                 rec.time = self.target.kill_node(node)
+            elif f.kind == "vanish_node":
+                rec.time = self.target.vanish_node(node)
             elif f.kind == "preempt_node":
                 rec.time = self.target.preempt_node(node, f.notice_s or DEFAULT_NOTICE_S)
             elif f.kind == "add_node":
@@ -225,6 +286,11 @@ class Injector:
         error = f" FAILED: {rec.detail['error']}" if "error" in rec.detail else ""
         self.log(f"fault {f.kind}{where} fired at step {self.step} (world {self.world}){error}")
         return rec
+
+    def unfired(self) -> list[Fault]:
+        """Faults not (wholly) fired: pending ones, and waves with losses still to come."""
+        waves = {i: f for _, i, f, _, _ in self.later}
+        return [f for _, f in self.pending] + list(waves.values())
 
     def node_removed(self, node: int, when: float) -> None:
         """Cluster callback: a preempted node was killed at `when`."""

@@ -6,8 +6,10 @@
    trainer's config digest, the world size and the trainer's source.
 2. Starts the local cluster with `scenario.nodes` nodes, tails metrics.jsonl, and lets the
    injector fire the faults as the run reports steps; prints progress as it goes.
-3. Stops when the run is done (or every node is gone, or the timeout passes), kills whatever is
-   left, checks the invariants and writes `{out}/report.json` and `{out}/timeline.png`.
+3. Stops when the run is done, or at once when every node is gone (faults still pending then can
+   never fire: they are reported), or when the timeout passes; kills whatever is left (the frozen
+   processes of vanished nodes included), checks the invariants and writes `{out}/report.json`
+   and `{out}/timeline.png`.
 
 It never raises for a failed run: a run that does not finish is a report with `completed` false.
 It raises `HarnessError` only when it cannot run at all (e.g. the reference run failed).
@@ -37,22 +39,15 @@ from chaos.scenario import Scenario
 from elastic_train.events import Event
 
 HARNESS_TRAIN_DEFAULTS: dict[str, Any] = {
-    # A SIGSTOPped rank must cost seconds, not minutes: the node's watchdog SIGKILLs a worker
-    # whose step (forward, backward, optimizer, all-reduce) takes longer than this. Steps of the
-    # tiny model take a small fraction of this, even on a busy CPU.
-    "parallel.hang_timeout_s": 5,
-    # Longer than hang_timeout_s, on purpose: the healthy ranks block in a collective with the
-    # hung one, and must still be there when its timer fires (their own timers fire too, or the
-    # hung rank's death closes their sockets; either way every worker restarts at once). If they
-    # timed out first, their agents would re-form the world, and the hung node's agent would
-    # stop its group through torchrun's hard-coded 30 s wait for a stopped process.
-    "parallel.collective_timeout_s": 15,
-    # One torch thread per worker: several workers share two cores.
+    # Only what this machine needs. Timeouts, hang detection and retries are the shipped
+    # defaults: a chaos run proves the settings users get. (Loopback rendezvous timings are the
+    # cluster's, `LocalCluster`: nodes on one machine reach the store in microseconds.)
+    #
+    # One torch thread per worker: several workers share the machine's cores, and more threads
+    # than cores make every step of every rank slower.
     "run.threads": 1,
-    # Node logs stay short; the harness prints its own progress.
+    # Node logs stay short; the harness prints its own progress from metrics.jsonl.
     "run.log_every": 50,
-    # Transient storage errors (an outage of a few seconds) are retried for this long.
-    "checkpoint.retry_timeout_s": 30,
 }
 """Trainer overrides the harness sets unless the scenario's `train` sets them."""
 
@@ -265,7 +260,8 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
         t0 = time.time()
         progress = _Progress(log, t0, scenario.steps)
         injector = Injector(scenario.faults, cluster, checkpoint_every=scenario.checkpoint_every,
-                            steps=scenario.steps, outage=backend.outage, log=progress.say)
+                            steps=scenario.steps, outage=backend.outage, log=progress.say,
+                            seed=scenario.seed)
         cluster.on_node_removed.append(injector.node_removed)
         progress.say(f"scenario {scenario.name}: {scenario.nodes} node(s) x "
                      f"{scenario.procs_per_node}, storage {scenario.storage}, "
@@ -294,6 +290,9 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
                                                             changed),
         "checkpoints_verified": invariants.checkpoints_verified(records, committed, verify),
         "no_orphans": invariants.no_orphans(survivors),
+        "faults_took_effect": invariants.faults_took_effect(
+            [(f.fault.describe(), f.detail.get("error")) for f in injector.fired],
+            [f.describe() for f in injector.unfired()]),
     }
     done = events(records, Event.DONE)
     final_step = max((int(r["step"]) for r in step_records(records)), default=0)
@@ -308,7 +307,7 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
         "faults": faults,
         "run_uri": backend.checkpoint_uri,
         "outcome": outcome,
-        "faults_not_fired": [f.to_dict() for _, f in injector.pending],
+        "faults_not_fired": [f.to_dict() for f in injector.unfired()],
         "reference": {"key": reference_key(scenario), "world_size": ref.world_size,
                       "wall_s": round(ref.wall_s, 3), "step_time_s": round(ref.step_time_s, 4)},
         "weights_tolerance": {"world_changed": changed, "rtol_l2": invariants.WEIGHTS_RTOL},
@@ -340,11 +339,16 @@ def _drive(cluster: LocalCluster, tail: MetricsTail, injector: Injector, progres
         live = cluster.live_nodes()
         if done_at is not None and (not live or time.time() - done_at > DONE_GRACE_S):
             return "done"
-        if not live and not any(f.kind == "add_node" for _, f in injector.pending):
-            tail.poll()
+        if not live:
+            # Nothing trains, so no step comes that a pending fault (an add_node at a later step
+            # included) could wait for: waiting for the timeout would only hide the failure.
+            progress.records(tail.poll())
             if events(tail.records, Event.DONE):
                 return "done"
-            progress.say(f"every node has exited (exit codes {cluster.exit_codes()})")
+            pending = injector.unfired()
+            left = (f"; {len(pending)} fault(s) can no longer fire: "
+                    + "; ".join(f.describe() for f in pending)) if pending else ""
+            progress.say(f"every node is gone (exit codes {cluster.exit_codes()}){left}")
             return "no nodes left"
         if time.time() - t0 > timeout_s:
             progress.say(f"timed out after {timeout_s:.0f} s")

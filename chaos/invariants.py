@@ -9,6 +9,9 @@
 4. checkpoints_verified: every committed checkpoint left in storage verifies (sizes and CRCs of
    all files), and every restart restored a step that had been committed.
 5. no_orphans: no process of the run is alive after it.
+6. faults_took_effect: every fault of the scenario fired, and each one's effect was observed (a
+   vanished node's processes seen stopped, a killed worker's pid found...): a run whose faults did
+   nothing proves nothing.
 """
 
 from __future__ import annotations
@@ -151,3 +154,15 @@ def world_changed(records: list[Record], reference_world: int) -> bool:
     """Whether any step ran at a world size other than the reference's."""
     return any(int(r.get("world_size", reference_world)) != reference_world
                for r in step_records(records))
+
+
+def faults_took_effect(fired: list[tuple[str, str | None]], unfired: list[str]) -> Verdict:
+    """`fired`: (description, error or None) of every fault that fired, one per node of a wave;
+    `unfired`: descriptions of faults that never (wholly) fired."""
+    failed = [f"{what}: {error}" for what, error in fired if error]
+    if failed:
+        return Verdict(False, f"{len(failed)} fault(s) did not take effect: "
+                              + "; ".join(failed[:3]))
+    if unfired:
+        return Verdict(False, f"{len(unfired)} fault(s) never fired: " + "; ".join(unfired[:3]))
+    return Verdict(True, f"{len(fired)} fault action(s), each observed to take effect")

@@ -120,7 +120,8 @@ def plot_timeline(records: list[Record], faults: list[dict[str, Any]], t0: float
                      [int(r.get("restored_step") or 0) for r in starts],
                      "^", ms=6, color="tab:orange", label="(re)start: restored step")
     ax_step.axhline(steps, color="grey", lw=0.8, ls=":")
-    colors = {"kill_node": "red", "preempt_node": "purple", "add_node": "green",
+    colors = {"kill_node": "red", "preempt_node": "purple", "vanish_node": "black",
+              "add_node": "green",
               "kill_worker": "darkorange", "hang_worker": "brown", "storage_outage": "grey"}
     for f in faults:
         c = colors.get(f["kind"], "black")

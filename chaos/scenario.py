@@ -24,15 +24,27 @@ import yaml
 CONTRACTS = Path(__file__).parent / "contracts"
 
 FaultKind = Literal[
-    "kill_node", "preempt_node", "add_node", "kill_worker", "hang_worker", "storage_outage"
+    "kill_node", "preempt_node", "vanish_node", "add_node", "kill_worker", "hang_worker",
+    "storage_outage",
 ]
+During = Literal["checkpoint_upload", "reform"]
+Phase = Literal["rendezvous", "workers", "restore"]
+"""The phases of a re-form a `during: reform` fault can aim at, in the order they come:
+rendezvous (a live node's agent has entered the rendezvous: torchrun logged "Rendezvous'ing
+worker group"), workers (ranks are assigned and it starts its workers: "Starting worker group"),
+restore (those workers run but the new world has not reported `start`: process group, model
+build, checkpoint load)."""
+PHASES: tuple[str, ...] = get_args(Phase)
 Storage = Literal["s3", "gcs", "file"]
 
-REMOVES_NODE: frozenset[str] = frozenset({"kill_node", "preempt_node"})
-"""Fault kinds after which the targeted node is gone for good."""
+REMOVES_NODE: frozenset[str] = frozenset({"kill_node", "preempt_node", "vanish_node"})
+"""Fault kinds after which the targeted node is gone for good (a vanished node's frozen processes
+are reaped only when the run ends, but it takes no further part)."""
 TARGETS_NODE: frozenset[str] = frozenset(
-    {"kill_node", "preempt_node", "kill_worker", "hang_worker"})
+    {"kill_node", "preempt_node", "vanish_node", "kill_worker", "hang_worker"})
 """Fault kinds that act on one node (when `node` is absent: the newest live node)."""
+WAVE_KINDS: frozenset[str] = REMOVES_NODE
+"""Fault kinds whose `node` may be a list: a wave, several nodes lost within `within_s`."""
 
 DEFAULT_NOTICE_S = 5.0
 """preempt_node without `notice_s`: seconds between the notice and the kill."""
@@ -54,25 +66,52 @@ def schema(name: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Fault:
-    """One fault to inject. Fires when the run first reports `at_step`, or, with
-    `during="checkpoint_upload"`, at the first checkpoint upload seen in flight after every fault
-    listed before it has fired."""
+    """One fault to inject. Fires when the run first reports `at_step`; or, once every fault
+    listed before it has fired, with `during="checkpoint_upload"` at the first checkpoint upload
+    seen in flight, with `during="reform"` when a live node reaches `phase` of the re-form that
+    followed the fault before it.
+
+    A wave (`node` a tuple, kinds in WAVE_KINDS) loses its first node when it fires and each
+    other one at a seeded offset within `within_s` seconds after it."""
 
     kind: FaultKind
     at_step: int | None = None
-    during: Literal["checkpoint_upload"] | None = None
-    node: int | None = None
+    during: During | None = None
+    node: int | tuple[int, ...] | None = None
     notice_s: float | None = None
     seconds: float | None = None
+    within_s: float | None = None
+    """A wave: the other nodes are lost within this many seconds of the first (default 0)."""
+    phase: Phase | None = None
+    """`during: reform`: the phase to fire in (default rendezvous)."""
+
+    @property
+    def nodes(self) -> tuple[int, ...]:
+        """The targeted nodes (empty: none named)."""
+        if self.node is None:
+            return ()
+        return self.node if isinstance(self.node, tuple) else (self.node,)
+
+    @property
+    def is_wave(self) -> bool:
+        return isinstance(self.node, tuple)
 
     def to_dict(self) -> dict[str, Any]:
         """The YAML form: only the keys that are set."""
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in self.__dict__.items() if v is not None}
 
     def describe(self) -> str:
-        when = f"step {self.at_step}" if self.at_step is not None else f"during {self.during}"
-        where = f" node {self.node}" if self.node is not None else ""
-        return f"{self.kind}{where} at {when}"
+        if self.at_step is not None:
+            when = f"at step {self.at_step}"
+        else:
+            when = f"during {self.during}" + (f" ({self.phase})" if self.phase else "")
+        where = ""
+        if self.is_wave:
+            where = f" nodes {','.join(map(str, self.nodes))} within {self.within_s or 0:g} s"
+        elif self.node is not None:
+            where = f" node {self.node}"
+        return f"{self.kind}{where} {when}"
 
 
 @dataclass(frozen=True)
@@ -177,9 +216,23 @@ def _fault(data: dict[str, Any], where: str) -> Fault:
         raise ScenarioError(f"{where}: fault kind {data['kind']!r} is not one this harness runs; "
                             f"expected one of {', '.join(FAULT_KINDS)}")
     _refuse_unknown_keys(data, [f.name for f in fields(Fault)], where)
+    data = dict(data)
     if isinstance(data.get("node"), list):
-        raise ScenarioError(f"{where}: node {data['node']}: this harness takes one node per "
-                            "fault; list one fault per node")
+        if data["kind"] not in WAVE_KINDS:
+            raise ScenarioError(f"{where}: node {data['node']}: a list of nodes (a wave) is for "
+                                f"{', '.join(sorted(WAVE_KINDS))}, not {data['kind']}")
+        if not data["node"] or len(set(data["node"])) != len(data["node"]):
+            raise ScenarioError(f"{where}: node {data['node']}: a wave needs distinct nodes")
+        data["node"] = tuple(data["node"])
+    elif "within_s" in data:
+        raise ScenarioError(f"{where}: within_s {data['within_s']}: only a wave (node: a list) "
+                            "spreads its losses")
+    if "phase" in data and data.get("during") != "reform":
+        raise ScenarioError(f"{where}: phase {data['phase']!r}: only a `during: reform` fault "
+                            "has a phase")
+    if "phase" in data and data["phase"] not in PHASES:
+        raise ScenarioError(f"{where}: phase {data['phase']!r} is not one of "
+                            f"{', '.join(PHASES)}")
     return Fault(**data)
 
 
@@ -203,8 +256,9 @@ def check(s: Scenario, source: str = "scenario") -> None:
     """The rules a schema cannot say: node counts in order, faults that can happen.
 
     Faults are simulated in firing order (at_step faults by step, `during` faults where listed) to
-    check that every targeted node exists and is alive and that the cluster never drops below one
-    node or grows beyond max_nodes."""
+    check that every targeted node exists and is alive, that removals never leave fewer than
+    min_nodes (nor none), that the cluster never grows beyond max_nodes, and that a `during:
+    reform` fault follows a fault that makes the world re-form."""
 
     def fail(msg: str) -> None:
         raise ScenarioError(f"{source}: {msg}")
@@ -216,8 +270,13 @@ def check(s: Scenario, source: str = "scenario") -> None:
         fail("train.steps must be >= 1")
     alive = set(range(s.nodes))
     created = s.nodes
+    previous: Fault | None = None
     for i, f in firing_order(s.faults):
         label = f"faults.{i} ({f.kind})"
+        if f.during == "reform" and (previous is None or previous.kind in NO_REFORM):
+            fail(f"{label}: during reform needs a fault before it that makes the world re-form "
+                 f"(not {previous.kind if previous else 'none'})")
+        previous = f
         if f.at_step is not None and f.at_step >= s.steps:
             fail(f"{label}: at_step {f.at_step} is not before the last step {s.steps}")
         if f.kind == "storage_outage" and s.storage == "file":
@@ -230,13 +289,22 @@ def check(s: Scenario, source: str = "scenario") -> None:
             alive.add(created)
             created += 1
             continue
-        if f.kind in TARGETS_NODE and f.node is not None and f.node not in alive:
-            state = "was already removed" if f.node < created else "does not exist yet"
-            fail(f"{label}: node {f.node} {state}")
+        for node in f.nodes if f.kind in TARGETS_NODE else ():
+            if node not in alive:
+                state = "was already removed" if node < created else "does not exist yet"
+                fail(f"{label}: node {node} {state}")
         if f.kind in REMOVES_NODE:
-            if len(alive) <= 1:
-                fail(f"{label}: removing a node would leave none to train")
-            alive.discard(f.node if f.node is not None else max(alive))
+            lost = set(f.nodes) or {max(alive)}
+            if len(alive) - len(lost) < 1:
+                fail(f"{label}: removing {len(lost)} node(s) would leave none to train")
+            if len(alive) - len(lost) < s.min_nodes:
+                fail(f"{label}: removing {len(lost)} of {len(alive)} node(s) would leave fewer "
+                     f"than min_nodes={s.min_nodes}")
+            alive -= lost
+
+
+NO_REFORM: frozenset[str] = frozenset({"storage_outage"})
+"""Fault kinds after which the world need not re-form (retries absorb an outage)."""
 
 
 def firing_order(faults: tuple[Fault, ...] | list[Fault]) -> list[tuple[int, Fault]]:

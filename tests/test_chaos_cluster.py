@@ -3,6 +3,7 @@ tree, a hung worker is stopped, and closing leaves nothing behind."""
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -10,7 +11,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from chaos.cluster import LocalCluster
+from chaos import invariants
+from chaos.cluster import NODE_ENV, TAG_ENV, ClusterError, LocalCluster
+from chaos.faults import Injector
+from chaos.scenario import Fault
+from elastic_train.node import procs
 from elastic_train.node.rendezvous import RendezvousSettings
 
 SLEEPER = """
@@ -65,6 +70,75 @@ def test_kill_node_takes_every_descendant_and_close_leaves_nothing(tmp_path: Pat
     for pid in seen:
         assert not psutil.pid_exists(pid) or \
             psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, f"pid {pid} outlived close()"
+
+
+def _node_processes(cluster: LocalCluster, index: int) -> list[psutil.Process]:
+    return procs.tagged({TAG_ENV: cluster.tag, NODE_ENV: str(index)})
+
+
+def _tcp_sockets(pid: int) -> int:
+    try:
+        return sum(1 for c in psutil.Process(pid).net_connections("tcp")
+                   if c.status == psutil.CONN_ESTABLISHED)
+    except psutil.NoSuchProcess:
+        return 0
+
+
+@pytest.mark.timeout(180)
+def test_vanish_node_freezes_the_whole_node_keeps_its_sockets_and_close_reaps_it(
+        tmp_path: Path) -> None:
+    script = tmp_path / "sleeper.py"
+    script.write_text(SLEEPER)
+    with LocalCluster(tmp_path / "cluster", [str(script)], min_nodes=1, max_nodes=2) as cluster:
+        for _ in range(2):
+            cluster.add_node()
+        _wait_until(lambda: all(len(_descendants(cluster.node(i).agent.pid)) >= 2
+                                for i in (0, 1)))
+        agent = cluster.node(1).agent.pid
+        sockets = _tcp_sockets(agent)
+        assert sockets >= 1, "the agent talks to the rendezvous store"
+
+        cluster.vanish_node(1)
+
+        frozen = _node_processes(cluster, 1)
+        assert {p.pid for p in frozen} >= {agent} | {p.pid for p in _descendants(agent)}
+        assert all(p.status() == psutil.STATUS_STOPPED for p in frozen), \
+            [(p.pid, p.status()) for p in frozen]
+        # No reset reaches the peers: the frozen agent's connections stay open.
+        assert _tcp_sockets(agent) == sockets
+        assert cluster.live_nodes() == [0]
+        assert all(p.status() != psutil.STATUS_STOPPED for p in _node_processes(cluster, 0))
+        with pytest.raises(ClusterError, match="already removed"):
+            cluster.vanish_node(1)
+    assert cluster.tagged_processes() == []
+    for p in frozen:
+        assert not psutil.pid_exists(p.pid) or p.status() == psutil.STATUS_ZOMBIE
+
+
+class _NoFreezeCluster(LocalCluster):
+    """A cluster whose freeze does nothing (SIGCONT to running processes): a broken fault."""
+
+    freeze_signal = signal.SIGCONT
+
+
+@pytest.mark.timeout(180)
+def test_a_vanish_that_froze_nothing_is_reported_not_counted(tmp_path: Path) -> None:
+    script = tmp_path / "sleeper.py"
+    script.write_text(SLEEPER)
+    lines: list[str] = []
+    with _NoFreezeCluster(tmp_path / "cluster", [str(script)], min_nodes=1,
+                          max_nodes=2) as cluster:
+        for _ in range(2):
+            cluster.add_node()
+        _wait_until(lambda: len(_descendants(cluster.node(1).agent.pid)) >= 2)
+        injector = Injector([Fault("vanish_node", at_step=1, node=1)], cluster,
+                            checkpoint_every=5, steps=10, log=lines.append)
+        (fired,) = injector.observe([{"step": 1, "loss": 1.0, "world_size": 2, "time": 1.0}])
+    assert "not frozen" in fired.detail["error"]
+    assert "FAILED" in lines[0]
+    verdict = invariants.faults_took_effect(
+        [(f.fault.describe(), f.detail.get("error")) for f in injector.fired], [])
+    assert not verdict.ok and "did not take effect" in verdict.detail
 
 
 def test_rendezvous_settings_say_why_and_default_is_torchs() -> None:

@@ -18,7 +18,7 @@ import pytest
 from chaos import report
 from chaos.harness import Options, run_scenario
 from chaos.metrics import read_all
-from chaos.scenario import load
+from chaos.scenario import Fault, Scenario, load
 from elastic_train.metrics import validate_record
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "chaos" / "scenarios"
@@ -41,8 +41,13 @@ def assert_metrics_follow_the_schema(rep: dict) -> None:
 
 
 def run(name: str, out: Path, cache: Path, **options) -> dict:
-    rep = run_scenario(load(SCENARIOS / f"{name}.yaml"),
-                       Options(out=out, cache=cache, timeout_s=RUN_TIMEOUT_S, **options))
+    return run_loaded(load(SCENARIOS / f"{name}.yaml"), out, cache, **options)
+
+
+def run_loaded(scenario: Scenario, out: Path, cache: Path, **options) -> dict:
+    """Run `scenario` and assert what every chaos run must give: every invariant, every fault
+    fired, the final step reached, metrics that follow their schema."""
+    rep = run_scenario(scenario, Options(out=out, cache=cache, timeout_s=RUN_TIMEOUT_S, **options))
     report.validate(json.loads((out / "report.json").read_text()))
     assert (out / "timeline.png").stat().st_size > 1000
     failed = {k: v["detail"] for k, v in rep["invariants"].items() if not v["ok"]}
@@ -99,3 +104,39 @@ def test_storage_outage_and_a_kill_during_upload_on_s3(tmp_path: Path, chaos_cac
 def test_seeded_random_faults(tmp_path: Path, chaos_cache: Path, seed: int) -> None:
     rep = run("ci-random", tmp_path, chaos_cache, seed=seed, random_faults=2)
     assert rep["seed"] == seed and len(rep["faults"]) == 2
+
+
+def test_a_vanished_node_is_detected_without_a_reset(tmp_path: Path, chaos_cache: Path) -> None:
+    """A frozen node sends nothing: the survivor must learn of it from the missing heartbeats
+    and train on alone, with the shipped timeouts."""
+    rep = run("ci-vanish", tmp_path, chaos_cache)
+    (vanish,) = rep["faults"]
+    assert vanish["kind"] == "vanish_node" and vanish["node"] == 1
+    assert (vanish["world_before"], vanish["world_after"]) == (2, 1)
+    assert vanish["recovery_s"] is not None
+    assert rep["invariants"]["faults_took_effect"]["ok"]
+
+
+def test_a_wave_of_two_of_three_nodes_within_two_seconds(tmp_path: Path,
+                                                         chaos_cache: Path) -> None:
+    rep = run("ci-wave", tmp_path, chaos_cache)
+    first, second = rep["faults"]
+    assert {first["node"], second["node"]} == {1, 2}
+    assert first["wave"] == second["wave"] == 0
+    assert 0 <= second["t"] - first["t"] <= 2 + 0.5
+    assert rep["exit_codes"]["0"] == 0 and rep["outcome"] == "done"
+
+
+@pytest.mark.parametrize("phase", ["rendezvous", "workers", "restore"])
+def test_a_node_lost_in_each_phase_of_a_reform(tmp_path: Path, chaos_cache: Path,
+                                               phase: str) -> None:
+    """ci-wave's cluster; node 2 killed, then node 1 frozen in `phase` of the survivors' re-form.
+    (Built here: `during: reform` is this harness's extension of the shared scenario contract,
+    which every shipped scenario file must also meet.)"""
+    scenario = load(SCENARIOS / "ci-wave.yaml").with_faults([
+        Fault("kill_node", at_step=8, node=2),
+        Fault("vanish_node", during="reform", phase=phase, node=1)])
+    rep = run_loaded(scenario, tmp_path, chaos_cache)
+    lost = rep["faults"][1]
+    assert lost["kind"] == "vanish_node" and lost["during"] == "reform"
+    assert lost["phase_seen"] == phase and not lost["after_start"]

@@ -174,9 +174,35 @@ def test_metrics_tail_waits_for_a_torn_line(tmp_path: Path) -> None:
 
 
 class FakeCluster:
-    def __init__(self) -> None:
+    """The injector's target, recording calls. Its "logs" grow by one at each `log_offsets`;
+    `reform_phase` reports the phase last set, only when it was set after `since`."""
+
+    def __init__(self, nodes: int = 2) -> None:
         self.calls: list[tuple] = []
-        self.nodes = [0, 1]
+        self.nodes = list(range(nodes))
+        self.marks = 0
+        self._phase: tuple[int, str | None] = (0, None)
+
+    @property
+    def phase(self) -> str | None:
+        return self._phase[1]
+
+    @phase.setter
+    def phase(self, value: str | None) -> None:
+        self._phase = (self.marks, value)
+
+    def log_offsets(self) -> dict[int, int]:
+        self.marks += 1
+        return {n: self.marks for n in self.nodes}
+
+    def reform_phase(self, since: dict[int, int]) -> str | None:
+        at, phase = self._phase
+        return phase if at >= max(since.values(), default=0) else None
+
+    def vanish_node(self, index: int) -> float:
+        self.calls.append(("vanish", index))
+        self.nodes.remove(index)
+        return 1.0
 
     def live_nodes(self) -> list[int]:
         return list(self.nodes)
@@ -242,3 +268,160 @@ def test_fault_summaries_attribute_restarts_and_validate(tmp_path: Path) -> None
     png = report.plot_timeline(records, entries, t0, 20, tmp_path / "timeline.png", "t")
     assert png.stat().st_size > 1000
     assert "kill_node" in report.summary_table(rep)
+
+
+# --------------------------------------------------------------------------------- waves, reforms
+
+
+@pytest.mark.parametrize(("faults", "message"), [
+    ([{"kind": "kill_worker", "at_step": 3, "node": [0, 1]}],
+     "a list of nodes (a wave) is for kill_node, preempt_node, vanish_node, not kill_worker"),
+    ([{"kind": "kill_node", "at_step": 3, "node": [1, 1]}], "a wave needs distinct nodes"),
+    ([{"kind": "kill_node", "at_step": 3, "node": 1, "within_s": 2}],
+     "within_s 2: only a wave (node: a list) spreads its losses"),
+    ([{"kind": "kill_node", "at_step": 3, "node": 1, "phase": "workers"}],
+     "only a `during: reform` fault has a phase"),
+    ([{"kind": "kill_node", "at_step": 3, "node": [0, 1]}], "would leave none to train"),
+    ([{"kind": "vanish_node", "during": "reform", "node": 1}],
+     "during reform needs a fault before it that makes the world re-form (not none)"),
+    ([{"kind": "storage_outage", "at_step": 3},
+      {"kind": "vanish_node", "during": "reform", "node": 1}], "(not storage_outage)"),
+    ([{"kind": "kill_node", "at_step": 3, "node": 1},
+      {"kind": "vanish_node", "during": "reform", "node": 1}], "node 1 was already removed"),
+])
+def test_bad_waves_and_reform_faults_are_one_line(faults, message) -> None:
+    with pytest.raises(ScenarioError) as err:
+        scenario(faults=faults)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_wave_may_not_leave_fewer_than_min_nodes() -> None:
+    with pytest.raises(ScenarioError, match="would leave fewer than min_nodes=2"):
+        scenario(nodes=3, min_nodes=2, faults=[{"kind": "vanish_node", "at_step": 3,
+                                                 "node": [1, 2]}])
+    ok = scenario(nodes=3, faults=[{"kind": "vanish_node", "at_step": 3, "node": [1, 2],
+                                     "within_s": 1.5}])
+    assert ok.faults[0].nodes == (1, 2)
+    assert ok.to_dict()["faults"][0]["node"] == [1, 2]
+    jsonschema.validate(ok.to_dict(), json.loads((CONTRACTS / "scenario.schema.json").read_text()))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_wave_loses_its_nodes_at_seeded_offsets_within_its_window() -> None:
+    def fire(seed: int) -> tuple[list[tuple], list[float]]:
+        cluster, clock = FakeCluster(nodes=4), Clock()
+        wave = Fault("kill_node", at_step=3, node=(1, 2, 3), within_s=2.0)
+        inj = Injector([wave], cluster, checkpoint_every=5, steps=20, log=lambda m: None,
+                       seed=seed, clock=clock)
+        inj.observe(steps(1, 3))
+        assert cluster.calls == [("kill", 1)] and inj.armed_during
+        offsets = sorted(off for *_, off in inj.later)
+        assert all(0 <= off <= 2.0 for off in offsets)
+        clock.now += offsets[0]
+        inj.observe([])
+        assert len(cluster.calls) == 2
+        clock.now += 2.0
+        inj.observe([])
+        assert not inj.later and not inj.unfired()
+        assert [f.detail["wave"] for f in inj.fired] == [0, 0, 0]
+        return cluster.calls, [f.detail["wave_offset_s"] for f in inj.fired]
+
+    first = fire(7)
+    assert first == fire(7), "the same seed spreads the wave the same way"
+    assert first[0][0] == ("kill", 1) and {c[1] for c in first[0]} == {1, 2, 3}
+    assert first[1] != fire(8)[1]
+
+
+def test_a_reform_fault_waits_for_its_phase_after_the_fault_before_it() -> None:
+    cluster = FakeCluster(nodes=3)
+    faults = [Fault("kill_node", at_step=3, node=2),
+              Fault("vanish_node", during="reform", phase="workers", node=1)]
+    inj = Injector(faults, cluster, checkpoint_every=5, steps=20, log=lambda m: None)
+    cluster.phase = "workers"  # a phase seen before the first fault does not count
+    inj.observe(steps(1, 2))
+    assert cluster.calls == []
+    inj.observe(steps(3, 3))
+    assert cluster.calls == [("kill", 2)] and inj.armed_during
+    cluster.phase = "rendezvous"
+    inj.observe([])
+    assert cluster.calls == [("kill", 2)]
+    cluster.phase = "workers"
+    inj.observe([])
+    assert cluster.calls == [("kill", 2), ("vanish", 1)]
+    assert inj.fired[1].detail == {"phase_seen": "workers", "after_start": False}
+
+
+def test_random_faults_draw_vanished_nodes_and_waves() -> None:
+    s = scenario(nodes=3, max_nodes=4)
+    drawn = [f for seed in range(40) for f in draw_faults(s, 4, seed)]
+    kinds = {f.kind for f in drawn}
+    assert {"vanish_node", "kill_node", "preempt_node", "add_node", "kill_worker",
+            "hang_worker", "storage_outage"} <= kinds
+    waves = [f for f in drawn if f.is_wave]
+    assert waves and all(len(f.nodes) == 2 and 0.5 <= f.within_s <= 3.0 for f in waves)
+    assert {f.kind for f in waves} == {"kill_node", "vanish_node"}
+
+
+# --------------------------------------------------------------------------------- harness, soak
+
+
+class GoneCluster:
+    """Every node is gone; counts how often the harness looks."""
+
+    def __init__(self) -> None:
+        self.looks = 0
+
+    def live_nodes(self) -> list[int]:
+        self.looks += 1
+        if self.looks > 3:
+            raise AssertionError("the harness kept waiting with every node gone")
+        return []
+
+    def exit_codes(self) -> dict[int, int | None]:
+        return {0: 1, 1: -9}
+
+
+def test_the_harness_ends_at_once_when_every_node_is_gone_with_an_add_pending(
+        tmp_path: Path) -> None:
+    from chaos.harness import _drive, _Progress
+
+    lines: list[str] = []
+    inj = Injector([Fault("add_node", at_step=30)], FakeCluster(), checkpoint_every=5, steps=40,
+                   log=lambda m: None)
+    outcome = _drive(GoneCluster(), MetricsTail(tmp_path / "none.jsonl"), inj,
+                     _Progress(lines.append, 0.0, 40), 0.0, timeout_s=1e9)
+    assert outcome == "no nodes left"
+    assert "can no longer fire: add_node at step 30" in lines[-1]
+    verdict = invariants.faults_took_effect([], [f.describe() for f in inj.unfired()])
+    assert not verdict.ok and "never fired" in verdict.detail
+
+
+def test_soak_tally_counts_invariants_and_recovery_percentiles() -> None:
+    from chaos.soak import SoakTally, percentiles, replay_command
+
+    def rep(ok: bool, recoveries: list[float | None]) -> dict:
+        return {"outcome": "done" if ok else "timed out",
+                "invariants": {"completed": {"ok": ok, "detail": "x"},
+                               "no_orphans": {"ok": True, "detail": ""}},
+                "faults": [{"kind": "vanish_node", "recovery_s": r} for r in recoveries]}
+
+    tally = SoakTally()
+    assert tally.add(1, rep(True, [2.0, 4.0]), "replay 1") == []
+    assert tally.add(2, rep(False, [3.0, None]), "replay 2") == ["completed"]
+    assert tally.passes == {"completed": 1, "no_orphans": 2}
+    d = tally.distribution()["vanish_node"]
+    assert (d["n"], d["p50"], d["max"], d["no_restart"]) == (3, 3.0, 4.0, 1)
+    assert 3.0 < d["p95"] <= 4.0
+    assert not tally.ok and tally.failed[0]["seed"] == 2 and tally.failed[0]["replay"] == "replay 2"
+    assert "completed                  1/2" in tally.table()
+    assert percentiles([]) == {"n": 0, "p50": None, "p95": None, "max": None}
+    cmd = replay_command("chaos/scenarios/soak.yaml", 7, 4, Path("runs/soak/seed-7"), 600.0)
+    assert cmd == ("elastic-train chaos run chaos/scenarios/soak.yaml --seed 7 --random-faults 4 "
+                   "--out runs/soak/seed-7")
