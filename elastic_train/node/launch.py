@@ -42,6 +42,7 @@ import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from elastic_train import exit_codes
 from elastic_train.node import prefork, procs
@@ -67,6 +68,11 @@ NOTICE_FILE = "~/.elastic-train/preemption-notice"
 # have joined), so that the job does not start on the nodes that were a second faster.
 RDZV = RendezvousSettings(last_call_timeout=1, first_call_timeout=30, keep_alive_interval=1,
                           keep_alive_max_attempt=5, join_timeout=None)
+
+EXIT_BARRIER_TIMEOUT_S = 10.0
+"""Seconds an agent whose workers finished waits for the other agents to finish too (torch: 300).
+They finish together (the last step's save is a collective), so only a node that vanished at the
+very end is waited for; the rendezvous store does not live in any agent, so none need stay."""
 
 TASK_ENVS = ("BUCKET", "RUN_NAME", "DATA_URI", "CONFIG", "TRAIN_ARGS", "MIN_NODES")
 """The task `envs` this module reads; `sky/train.yaml` declares each."""
@@ -233,12 +239,50 @@ def supervise(cmd: list[str], env: Mapping[str, str], restarts: int) -> int:
               f"starting it again ({attempt}/{restarts})", file=sys.stderr, flush=True)
 
 
+def bounded_agent_class() -> type[Any]:
+    """torch 2.13's LocalElasticAgent without its unbounded or minute-long waits:
+
+    - Re-forming (a node lost or added, a worker failed), it stops its workers with SIGKILL
+      rather than SIGTERM and a hard-coded 30 s grace: a worker blocked in a collective with a
+      vanished peer runs no signal handler until that collective times out, and a stopped
+      worker's state is dropped anyway (every worker resumes from the newest commit). Stopping
+      the node (the agent SIGTERMed) still gives workers `--shutdown-timeout`.
+    - Its exit barrier waits `EXIT_BARRIER_TIMEOUT_S`, not 300 s.
+
+    Rank assignment does not wait on the store either: `AgentCommand.env` sets
+    TORCH_ELASTIC_WORKER_IDENTICAL (every node runs the same number of workers). These are
+    private methods of torch's agent; tests/test_field_failures.py fails if an upgrade moves
+    them."""
+    from torch.distributed.elastic.agent.server.api import WorkerGroup
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    class BoundedAgent(LocalElasticAgent):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["exit_barrier_timeout"] = EXIT_BARRIER_TIMEOUT_S
+            super().__init__(*args, **kwargs)
+
+        def _stop_workers(self, worker_group: WorkerGroup) -> None:
+            self._shutdown(signal.SIGKILL, timeout=self._shutdown_timeout)
+
+    return BoundedAgent
+
+
 def run_agent(args: list[str]) -> int:
     """torchrun's elastic agent, in this process, so that the workers' own exit codes reach us
-    (torchrun's command exits 1 for any worker failure). Must run in the main thread."""
+    (torchrun's command exits 1 for any worker failure). Must run in the main thread.
+
+    Returns COLLECTIVE_TIMEOUT (which SkyPilot recovers on) when the job cannot go on from
+    here: fewer than min_nodes nodes joined within the join timeout, or the rendezvous store
+    stopped answering."""
     with gc_paused():  # a node that comes back joins sooner (see gc_paused)
+        import torch.distributed.launcher.api as launcher
+        from torch.distributed import DistError
         from torch.distributed.elastic.multiprocessing.api import SignalException
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        from torch.distributed.elastic.rendezvous import (
+            RendezvousClosedError,
+            RendezvousError,
+        )
         from torch.distributed.run import parse_args, run
 
         from elastic_train.node.watchdog import start_watchdog
@@ -255,10 +299,18 @@ def run_agent(args: list[str]) -> int:
     # import torch twice at once, which on a busy node delays its joining.
     timer_file = os.environ.get(TIMER_FILE_ENV, "")
     watchdog = start_watchdog(timer_file) if timer_file else None
+    launcher.LocalElasticAgent = bounded_agent_class()  # what torchrun's `run` constructs
     try:
         run(parse_args(args))
     except ChildFailedError as e:
         return exit_code_of({rank: f.exitcode for rank, f in e.failures.items()})
+    except RendezvousClosedError:
+        raise  # another agent ended the job (finished, or gave up with its own exit code)
+    except (RendezvousError, DistError) as e:
+        print(f"elastic-train agent: the job cannot go on from this node: "
+              f"{type(e).__name__}: {' '.join(str(e).split())[:500]}", file=sys.stderr,
+              flush=True)
+        return exit_codes.COLLECTIVE_TIMEOUT
     except SignalException as e:
         # A worker with a preemption notice saves, then SIGTERMs its agent (this process) so the
         # node leaves instead of rejoining; any other signal is SkyPilot stopping the job.
