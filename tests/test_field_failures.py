@@ -193,3 +193,66 @@ def test_an_unrecoverable_rendezvous_exits_with_a_code_skypilot_recovers_on(
     assert code == 75
     yaml = (Path(__file__).parents[1] / "sky" / "train.yaml").read_text()
     assert "recover_on_exit_codes: [75" in yaml
+
+
+class _Client:
+    """Records what a FileTimerClient would send to the node's watchdog."""
+
+    def __init__(self) -> None:
+        self.acquired: list[float] = []
+
+    def acquire(self, scope: str, expires_at: float) -> None:
+        self.acquired.append(expires_at - time.time())
+
+    def release(self, scope: str) -> None:
+        pass
+
+
+def _run_steps(timer: Any, durations: list[float]) -> None:
+    clock = iter(t for d in durations for t in (0.0, d))
+    timer.clock = lambda: next(clock)
+    for _ in durations:
+        with timer():
+            pass
+
+
+def test_the_step_timer_is_on_by_default_and_sized_from_measured_steps() -> None:
+    from elastic_train.config import ParallelConfig
+    from elastic_train.trainer import HANG_STEP_FACTOR, HANG_WINDOW, StepTimer
+
+    cfg = ParallelConfig()
+    assert cfg.hang_timeout_s > 0
+    # Longer than the heartbeat lapse on a cloud node: a vanished peer re-forms the world first.
+    rdzv = launch.RDZV
+    assert cfg.hang_timeout_s > rdzv.keep_alive_interval * rdzv.keep_alive_max_attempt
+    client = _Client()
+    timer = StepTimer(cfg.hang_timeout_s, first_steps_s=20.0, client=client)
+    # A slow first step (compilation, allocation) and the warmup ones get the first-steps bound,
+    # and the first one does not count towards the p99.
+    _run_steps(timer, [15.0, 0.1, 0.1])
+    assert [round(a) for a in client.acquired] == [20, 20, 20]
+    assert timer.timeout_s() == cfg.hang_timeout_s  # fast steps: the floor
+    _run_steps(timer, [4.0] * 5)
+    assert timer.timeout_s() == pytest.approx(HANG_STEP_FACTOR * 4.0)  # slow steps: k x p99
+    _run_steps(timer, [0.1] * HANG_WINDOW)  # the window moves on
+    assert timer.timeout_s() == cfg.hang_timeout_s
+    assert StepTimer(0.0, 20.0, client).timeout_s() == 0.0  # 0 turns it off
+
+
+def test_checkpoint_collectives_are_bounded_by_the_configured_timeout(tmp_path: Path) -> None:
+    from elastic_train import distributed
+    from elastic_train.config import Config
+    from elastic_train.trainer import build_checkpointer
+
+    config = Config()
+    config.run.dir = str(tmp_path)
+    config.parallel.collective_timeout_s = 7.0
+    world = distributed.World(0, 0, 1, __import__("torch").device("cpu"), "gloo")
+    manager = build_checkpointer(config, world, lambda _e: None)
+    try:
+        assert manager.config.collective_timeout_s == 7.0
+    finally:
+        manager.close()
+    config.parallel.collective_timeout_s = 0.0
+    assert distributed.collective_timeout(config.parallel, "gloo") == 20.0
+    assert distributed.collective_timeout(config.parallel, "nccl") == 600.0
