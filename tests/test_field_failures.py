@@ -19,7 +19,7 @@ from chaos.backends import prepared_data
 from chaos.cluster import LocalCluster
 from chaos.metrics import MetricsTail
 from elastic_train.events import Event
-from elastic_train.node import launch
+from elastic_train.node import launch, procs
 from elastic_train.node.agent import AgentCommand
 from elastic_train.node.rendezvous import RendezvousSettings
 
@@ -58,16 +58,6 @@ class Metrics:
         return [r for r in self.records() if "step" in r and "event" not in r]
 
 
-def _freeze_tree(cluster: LocalCluster, index: int) -> list[psutil.Process]:
-    """SIGSTOP the node's agent and every process it started (prefork server, workers): what a
-    reclaimed VM looks like to its peers. The cluster's close() SIGKILLs them."""
-    agent = psutil.Process(cluster.node(index).agent.pid)
-    tree = [agent, *agent.children(recursive=True)]
-    for proc in tree:
-        proc.send_signal(signal.SIGSTOP)
-    return tree
-
-
 @pytest.mark.timeout(300)
 def test_a_frozen_node_is_dropped_by_its_lapsed_heartbeat_and_the_survivor_trains_on(
         tmp_path: Path) -> None:
@@ -81,7 +71,7 @@ def test_a_frozen_node_is_dropped_by_its_lapsed_heartbeat_and_the_survivor_train
         _wait_until(lambda: any(r.get("event") == Event.COMMIT for r in metrics.records()) and
                     any(r["world_size"] == 2 for r in metrics.steps()), 180,
                     "two nodes training, a checkpoint committed")
-        frozen = _freeze_tree(cluster, 1)
+        frozen = procs.signal_tree(cluster.node(1).agent.pid, signal.SIGSTOP)
         t_freeze = time.time()
         _wait_until(lambda: any(s["time"] > t_freeze and s["world_size"] == 1
                                 for s in metrics.starts()), 120, "a world of one after the freeze")
