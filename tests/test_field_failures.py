@@ -5,7 +5,8 @@ the survivor re-forms. Plus the agent's bounded waits, as a unit."""
 
 from __future__ import annotations
 
-import random
+import base64
+import pickle
 import signal
 import time
 from collections.abc import Callable
@@ -89,13 +90,29 @@ def test_a_frozen_node_is_dropped_by_its_lapsed_heartbeat_and_the_survivor_train
         assert start["restored_step"] is not None and after[0]["step"] == start["restored_step"] + 1
 
 
+class RendezvousState:
+    """The job's rendezvous state as the agents share it in the store (torch 2.13's c10d backend:
+    a base64 pickle of `_RendezvousState` under `torch.rendezvous.RUN_ID`), read-only."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        from torch.distributed import TCPStore
+
+        assert cluster.store_port is not None
+        self.store = TCPStore("127.0.0.1", cluster.store_port, is_master=False,
+                              wait_for_workers=False)
+        self.key = f"torch.rendezvous.{cluster.run_id}"
+
+    def read(self) -> Any:
+        return pickle.loads(base64.b64decode(self.store.get(self.key)))
+
+
 @pytest.mark.timeout(420)
 def test_two_of_three_nodes_lost_the_second_during_the_re_form_the_survivor_finishes(
         tmp_path: Path) -> None:
-    """The second node dies once the survivor's agent is re-forming (its log says so), within
-    a seeded fraction of a second: the survivor must not wait for it in rank assignment (torch
-    waited 60 s there, then the agent died with exit code 1); it re-forms again and finishes."""
-    rng = random.Random(12)
+    """Node 1 dies; node 2 dies once it has joined the survivors' next round, before that round
+    completes: the round completes with a dead participant. The survivor must not wait for it
+    in rank assignment (torch waited 60 s there for its role info, then the agent died with
+    exit code 1); it re-forms again without it and finishes."""
     metrics = Metrics(tmp_path)
     steps = 60
     with LocalCluster(tmp_path / "cluster", _entry(tmp_path, steps), min_nodes=1,
@@ -104,19 +121,22 @@ def test_two_of_three_nodes_lost_the_second_during_the_re_form_the_survivor_fini
             cluster.add_node()
         _wait_until(lambda: any(r["world_size"] == 3 for r in metrics.steps()), 240,
                     "three nodes training")
-        log = cluster.node(0).log_path
-        reforms = log.read_text().count("Rendezvous'ing worker group")
+        rdzv = RendezvousState(cluster)
+        formed = rdzv.read()
+        assert formed.complete and len(formed.participants) == 3
         cluster.kill_node(1)
-        _wait_until(lambda: log.read_text().count("Rendezvous'ing worker group") > reforms, 60,
-                    "the survivor re-forming")
-        time.sleep(rng.uniform(0.0, 0.4))
+
+        def both_survivors_joined_the_next_round() -> bool:
+            state = rdzv.read()
+            return state.round > formed.round and not state.complete and \
+                len(state.participants) == 2
+
+        _wait_until(both_survivors_joined_the_next_round, 60, "the survivors re-forming")
         cluster.kill_node(2)
         assert cluster.wait(300), "the survivor did not finish"
-        assert cluster.exit_codes()[0] == 0, log.read_text()[-3000:]
+        assert cluster.exit_codes()[0] == 0, cluster.node(0).log_path.read_text()[-3000:]
     records = metrics.records()
     assert any(r.get("event") == Event.DONE and r["step"] == steps for r in records)
-    assert max(r["world_size"] for r in records if r.get("event") == Event.START
-               and r["time"] > records[0]["time"]) >= 1
 
 
 def test_the_agent_command_takes_no_store_wait_for_ranks() -> None:
@@ -157,11 +177,6 @@ def test_bounded_agent_assigns_ranks_without_the_store_and_kills_workers_on_re_f
     agent._shutdown = lambda sig, timeout: calls.append((sig, timeout))  # type: ignore
     agent._stop_workers(None)
     assert calls == [(signal.SIGKILL, 5)]
-    init_kwargs: dict[str, Any] = {}
-    monkeypatch.setattr(agent_class.__mro__[1], "__init__",
-                        lambda self, *a, **kw: init_kwargs.update(kw))
-    agent_class(spec=spec, logs_specs=None)
-    assert init_kwargs["exit_barrier_timeout"] == launch.EXIT_BARRIER_TIMEOUT_S
 
 
 def test_an_unrecoverable_rendezvous_exits_with_a_code_skypilot_recovers_on(

@@ -95,6 +95,11 @@ def test_a_participant_whose_heartbeat_lapsed_makes_the_others_re_form() -> None
         vanished._stop_heartbeats()  # frozen: no more keep-alives, no goodbye
         _wait_until(lambda: survivor.num_nodes_waiting() >= 1)
         assert survivor.lost_peers() == {vanished._this_node}
+        # A job that is ending (an agent whose workers finished closed the rendezvous) loses
+        # nobody: the last node still writing its final weights is not stopped.
+        vanished.shutdown()
+        _wait_until(lambda: survivor.num_nodes_waiting() == 0)
+        assert not survivor.lost_peers()
     finally:
         for handler in handlers:
             handler.shutdown()

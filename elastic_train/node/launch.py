@@ -69,11 +69,6 @@ NOTICE_FILE = "~/.elastic-train/preemption-notice"
 RDZV = RendezvousSettings(last_call_timeout=1, first_call_timeout=30, keep_alive_interval=1,
                           keep_alive_max_attempt=5, join_timeout=None)
 
-EXIT_BARRIER_TIMEOUT_S = 10.0
-"""Seconds an agent whose workers finished waits for the other agents to finish too (torch: 300).
-They finish together (the last step's save is a collective), so only a node that vanished at the
-very end is waited for; the rendezvous store does not live in any agent, so none need stay."""
-
 TASK_ENVS = ("BUCKET", "RUN_NAME", "DATA_URI", "CONFIG", "TRAIN_ARGS", "MIN_NODES")
 """The task `envs` this module reads; `sky/train.yaml` declares each."""
 
@@ -240,14 +235,17 @@ def supervise(cmd: list[str], env: Mapping[str, str], restarts: int) -> int:
 
 
 def bounded_agent_class() -> type[Any]:
-    """torch 2.13's LocalElasticAgent without its unbounded or minute-long waits:
+    """torch 2.13's LocalElasticAgent, re-forming without its hard-coded 30 s wait.
 
-    - Re-forming (a node lost or added, a worker failed), it stops its workers with SIGKILL
-      rather than SIGTERM and a hard-coded 30 s grace: a worker blocked in a collective with a
-      vanished peer runs no signal handler until that collective times out, and a stopped
-      worker's state is dropped anyway (every worker resumes from the newest commit). Stopping
-      the node (the agent SIGTERMed) still gives workers `--shutdown-timeout`.
-    - Its exit barrier waits `EXIT_BARRIER_TIMEOUT_S`, not 300 s.
+    Re-forming (a node lost or added, a worker failed), it stops its workers with SIGKILL rather
+    than SIGTERM and that grace: a worker blocked in a collective with a vanished peer runs no
+    signal handler until the collective times out, and a stopped worker's state is dropped
+    anyway (every worker resumes from the newest commit). Stopping the node (the agent
+    SIGTERMed) still gives workers `--shutdown-timeout`.
+
+    Its exit barrier keeps torch's 300 s: the agents whose workers finished wait there for the
+    node of global rank 0, which writes the final weights after the last collective (minutes for
+    a large model); on the head node the rendezvous store must outlive that.
 
     Rank assignment does not wait on the store either: `AgentCommand.env` sets
     TORCH_ELASTIC_WORKER_IDENTICAL (every node runs the same number of workers). These are
@@ -257,10 +255,6 @@ def bounded_agent_class() -> type[Any]:
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 
     class BoundedAgent(LocalElasticAgent):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs["exit_barrier_timeout"] = EXIT_BARRIER_TIMEOUT_S
-            super().__init__(*args, **kwargs)
-
         def _stop_workers(self, worker_group: WorkerGroup) -> None:
             self._shutdown(signal.SIGKILL, timeout=self._shutdown_timeout)
 

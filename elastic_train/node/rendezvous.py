@@ -191,6 +191,8 @@ def _handler_class() -> type[Any]:
                 return frozenset()
             round_, formed = self._formed
             state = self._state_holder.state
+            if state.closed:  # the job is ending: an agent whose workers finished has left
+                return frozenset()
             if state.round != round_:  # every node left that round: all must re-form
                 return formed
             return formed - frozenset(state.participants)
