@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -152,6 +153,11 @@ def _handler_class() -> type[Any]:
 
         def next_rendezvous(self) -> Any:
             info = super().next_rendezvous()
+            # A heartbeat now: torch's next one comes a keep-alive interval after the round
+            # completed, and the last one of its join loop may be that old already; on a busy
+            # node the gap outgrew the lapse, and the others dropped this node from the world
+            # it had just joined.
+            self._keep_alive()
             state = self._state_holder.state
             self._formed = (state.round, frozenset(state.participants))
             # Inherited by the workers this agent starts next: where to hear join requests.
@@ -170,7 +176,13 @@ def _handler_class() -> type[Any]:
             Else the nodes waiting to join, but 0 (hold them back) while this world's rank 0
             saves for them. A store error lets a waiting node in."""
             waiting = super().num_nodes_waiting()
-            if self.lost_peers():
+            if lost := self.lost_peers():
+                state = self._state_holder.state
+                print(f"c10d-fast: re-forming: {len(lost)} node(s) of round {self._formed[0]} "
+                      f"gone (keep-alive lapsed, or left to rejoin): "
+                      f"{', '.join(sorted(str(n) for n in lost))}; now round {state.round}, "
+                      f"{len(state.participants)} participant(s), {waiting} waiting",
+                      file=sys.stderr, flush=True)
                 return max(waiting, 1)
             if waiting == 0 or self._holds_back():
                 return 0
