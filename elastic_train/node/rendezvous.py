@@ -19,7 +19,14 @@ A round re-formed for a joining node completes as soon as every node it expects 
 not a last call later: the agents that let the node in write how many nodes the next round
 expects (the world plus the waiting nodes) into the store, and the node whose joining makes the
 count complete marks the round complete. Any other re-form (a node lost, a worker failed) waits
-out the last call as torch does: nobody knows yet how many nodes are still alive."""
+out the last call as torch does: nobody knows yet how many nodes are still alive.
+
+A node lost without a word (a reclaimed VM resets no socket) is found by its heartbeats: torch
+drops a participant whose keep-alive lapsed from the shared state, and this handler then tells
+its agent that the world's membership changed (`num_nodes_waiting` > 0), so the agent stops its
+workers, which would otherwise block in a collective until it timed out, and re-forms at once
+without spending a restart. The same holds for a participant that left to rejoin, or when this
+node itself was dropped (the others formed a world without it)."""
 
 from __future__ import annotations
 
@@ -153,13 +160,13 @@ def _handler_class() -> type[Any]:
 
         def next_rendezvous(self) -> Any:
             info = super().next_rendezvous()
+            state = self._state_holder.state  # as the round completed: the world of `info`
+            self._formed = (state.round, frozenset(state.participants))
             # A heartbeat now: torch's next one comes a keep-alive interval after the round
             # completed, and the last one of its join loop may be that old already; on a busy
             # node the gap outgrew the lapse, and the others dropped this node from the world
             # it had just joined.
             self._keep_alive()
-            state = self._state_holder.state
-            self._formed = (state.round, frozenset(state.participants))
             # Inherited by the workers this agent starts next: where to hear join requests.
             os.environ[contract.RDZV_STORE_ENV] = self.endpoint
             os.environ[contract.JOIN_KEY_ENV] = contract.round_key(self._settings.run_id,
