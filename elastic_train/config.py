@@ -119,9 +119,15 @@ class ParallelConfig:
     """auto: fp32 on CPU (bf16 is slower without bf16 instructions); bf16 params with fp32
     gradient reduction on GPU."""
     collective_timeout_s: float = 0.0
-    """A collective that takes longer fails the worker. 0: 20 s with gloo, 600 s with NCCL."""
-    hang_timeout_s: float = 0.0
-    """A step that takes longer is a hang: torchrun's file timer kills the worker. 0: off."""
+    """A collective that takes longer fails the worker, the checkpoint's included. 0: 20 s with
+    gloo, 600 s with NCCL (communicator setup and a save's upload skew wait in collectives).
+    The last resort: a vanished node is found by its heartbeats and a hung step by the step
+    timer, both sooner (docs/internals.md, "Timeouts")."""
+    hang_timeout_s: float = 8.0
+    """The least time a step may take before it is a hang and the node's watchdog kills the
+    worker; slow steps get 5 x the p99 of recent ones instead, and a process's first steps the
+    collective timeout. Longer than a lapsed rendezvous heartbeat (a vanished peer re-forms the
+    world first, spending no restart). 0: off."""
 
 
 @dataclass

@@ -6,10 +6,14 @@ small all-reduce that carries the loss and the save policy's votes (whether any 
 preemption notice, whether rank 0 wants this step saved).
 
 What happens on failure:
-- A peer vanishes or hangs: the next collective raises (or times out after
-  `parallel.collective_timeout_s`); the worker exits with `COLLECTIVE_TIMEOUT` and torchrun
-  re-forms the world. Every worker then resumes from the newest committed checkpoint.
-- A step exceeds `parallel.hang_timeout_s`: torchrun's file timer kills the worker (SIGKILL).
+- A peer's node vanishes: its agent's heartbeats stop, and every surviving agent stops its
+  workers (SIGKILL) and re-forms the world without it. A peer that crashed: the next collective
+  raises; the worker exits with `COLLECTIVE_TIMEOUT` and torchrun re-forms the world. Either way
+  every worker then resumes from the newest committed checkpoint.
+- A step overruns its timer (`StepTimer`: at least `parallel.hang_timeout_s`, more for slow
+  steps): the node's watchdog kills the worker (SIGKILL). A collective slower than
+  `parallel.collective_timeout_s` fails the worker. docs/internals.md, "Timeouts", has the
+  order in which these fire.
 - SIGTERM (torchrun stopping the group): the worker exits at once, doing no collective work,
   so the agent never waits out its 30 s shutdown grace. An upload in flight is abandoned; it
   was never committed, so nobody will load it.
@@ -19,11 +23,14 @@ What happens on failure:
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import signal
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import torch
@@ -34,7 +41,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from checkpointing import CheckpointManager, ModelOptimizerState
 from elastic_train import data, distributed, exit_codes
-from elastic_train.config import Config, validate
+from elastic_train.config import Config, ParallelConfig, validate
 from elastic_train.events import Event
 from elastic_train.goodput import store
 from elastic_train.metrics import MetricsLog, progress_line, say
@@ -54,39 +61,88 @@ def _exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda *_: os._exit(128 + signal.SIGTERM))
 
 
-def build_step_timer(seconds: float) -> Callable[[], AbstractContextManager[object]]:
-    """A context factory: the node's watchdog (elastic_train/node/watchdog.py, serving the FIFO at
-    TORCHELASTIC_TIMER_FILE) SIGKILLs this worker if a step takes longer than `seconds` (a hung
-    peer, or this process stopped). A no-op when `seconds` is 0 or no watchdog serves a FIFO.
-    A watchdog that is not (or no longer) there leaves steps untimed, with one warning, rather
-    than failing them: it starts alongside the node's agent, not before it."""
-    path = os.environ.get("TORCHELASTIC_TIMER_FILE")
-    if seconds <= 0 or not path:
-        return lambda: nullcontext()
-    from torch.distributed.elastic.timer import FileTimerClient
+HANG_STEP_FACTOR = 5.0
+"""A step counts as a hang once it took this many times the p99 of the recent steps (and at least
+`parallel.hang_timeout_s`): room for a GC pause, a deferred checkpoint copy or a slow batch."""
+HANG_WINDOW = 100
+"""Recent steps the p99 is taken over."""
+HANG_WARMUP_STEPS = 2
+"""Steps measured, after the first, before the timer sizes itself from them."""
 
-    client = FileTimerClient(path)
-    warned = False
+
+class StepTimer:
+    """Bounds every step: the node's watchdog (elastic_train/node/watchdog.py, serving the FIFO at
+    TORCHELASTIC_TIMER_FILE) SIGKILLs this worker when a step overruns `timeout_s()` (a hung
+    peer or local hang, or this process stopped); its agent then restarts the node's workers.
+
+    The bound is max(`floor_s`, HANG_STEP_FACTOR x p99 of the last HANG_WINDOW steps), measured in
+    this process (a new world has new step times). The first steps of a process compile,
+    allocate and connect: until HANG_WARMUP_STEPS steps after the first one are measured, a step
+    may take `first_steps_s` (the collective timeout, which bounds them anyway). A checkpoint
+    load runs before the first step and a save between steps: neither is timed.
+
+    Disabled when `floor_s` is 0 or no watchdog serves a FIFO. A watchdog that is not (or no
+    longer) there leaves steps untimed, with one warning, rather than failing them: it starts
+    alongside the node's agent, not before it."""
+
+    def __init__(self, floor_s: float, first_steps_s: float, client: Any = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.floor_s, self.first_steps_s = floor_s, first_steps_s
+        self.client = client
+        self.clock = clock
+        self.recent: deque[float] = deque(maxlen=HANG_WINDOW)
+        self.measured = 0
+        self._warned = False
+
+    def timeout_s(self) -> float:
+        """Seconds the next step may take (0: untimed)."""
+        if self.floor_s <= 0:
+            return 0.0
+        if len(self.recent) < HANG_WARMUP_STEPS:
+            return max(self.floor_s, self.first_steps_s)
+        ordered = sorted(self.recent)
+        p99 = ordered[math.ceil(0.99 * len(ordered)) - 1]
+        return max(self.floor_s, HANG_STEP_FACTOR * p99)
+
+    def observe(self, seconds: float) -> None:
+        """A step took `seconds`; the first one of the process is not counted (see above)."""
+        self.measured += 1
+        if self.measured > 1:
+            self.recent.append(seconds)
 
     @contextmanager
-    def step_timer() -> Iterator[None]:
-        nonlocal warned
-        try:
-            client.acquire("step", time.time() + seconds)
-            armed = True
-        except BrokenPipeError:
-            armed = False
-            if not warned:
-                say(f"warning: no hang watchdog serves {path} yet; this step runs untimed")
-                warned = True
+    def __call__(self) -> Iterator[None]:
+        """Time one step: armed on entry, released and measured on exit."""
+        timeout = self.timeout_s()
+        armed = False
+        if timeout > 0 and self.client is not None:
+            try:
+                self.client.acquire("step", time.time() + timeout)
+                armed = True
+            except BrokenPipeError:
+                if not self._warned:
+                    say("warning: no hang watchdog serves TORCHELASTIC_TIMER_FILE yet; "
+                        "this step runs untimed")
+                    self._warned = True
+        began = self.clock()
         try:
             yield
         finally:
+            self.observe(self.clock() - began)
             if armed:
                 with suppress(BrokenPipeError):
-                    client.release("step")
+                    self.client.release("step")
 
-    return step_timer
+
+def build_step_timer(cfg: ParallelConfig, backend: str) -> StepTimer:
+    """The step timer of `parallel.hang_timeout_s`, on the FIFO at TORCHELASTIC_TIMER_FILE."""
+    path = os.environ.get("TORCHELASTIC_TIMER_FILE")
+    client = None
+    if cfg.hang_timeout_s > 0 and path:
+        from torch.distributed.elastic.timer import FileTimerClient
+
+        client = FileTimerClient(path)
+    return StepTimer(cfg.hang_timeout_s, distributed.collective_timeout(cfg, backend), client)
 
 
 def _process_age_s() -> float:
@@ -124,10 +180,13 @@ def build_token_store(config: Config, world: distributed.World) -> data.TokenSto
     return data.TokenStore(uri)
 
 
-def build_checkpointer(config: Config, on_event: Callable[[dict[str, Any]], None]
-                       ) -> CheckpointManager:
-    """The run's checkpoint manager (collective: build it on every rank, in the same order)."""
-    return CheckpointManager(checkpoint_uri(config), config.checkpoint,
+def build_checkpointer(config: Config, world: distributed.World,
+                       on_event: Callable[[dict[str, Any]], None]) -> CheckpointManager:
+    """The run's checkpoint manager (collective: build it on every rank, in the same order). Its
+    collectives (DCP's included) wait for a peer as long as the training ones do."""
+    timeout_s = distributed.collective_timeout(config.parallel, world.backend)
+    return CheckpointManager(checkpoint_uri(config),
+                             dataclasses.replace(config.checkpoint, collective_timeout_s=timeout_s),
                              config_digest=config.digest(), on_event=on_event)
 
 
@@ -173,10 +232,10 @@ class Trainer(Stateful):
         self.save_policy = build_save_policy(config.checkpoint, config.steps, self.world.is_main,
                                              self.world.device)
         self.ledger = build_ledger(config, self.metrics, self.world)
-        self.checkpoints = build_checkpointer(config, self._on_checkpoint_event)
+        self.checkpoints = build_checkpointer(config, self.world, self._on_checkpoint_event)
         self.state = {"app": ModelOptimizerState(self.model, self.optimizer), "trainer": self,
                       POLICY_KEY: self.save_policy}
-        self.step_timer = build_step_timer(config.parallel.hang_timeout_s)
+        self.step_timer = build_step_timer(config.parallel, self.world.backend)
         self.startup["model"] = time.time()
 
     # -- Stateful: the checkpoint's "trainer" entry ----------------------------------------------

@@ -74,6 +74,37 @@ def test_nodes_form_one_world_on_the_fast_backend() -> None:
     assert sorted(results) == [(0, 2), (1, 2)]
 
 
+def test_a_participant_whose_heartbeat_lapsed_makes_the_others_re_form() -> None:
+    """A vanished node sends nothing: its peers learn of it from its lapsed keep-alive. Their
+    handler then reports a membership change (what torchrun's agent polls while its workers
+    are healthy), even though no node waits to join, and never while every node is alive."""
+    store = host_store("127.0.0.1", 0)
+    conf = _conf(RendezvousSettings(last_call_timeout=0.2, keep_alive_interval=0.2,
+                                    keep_alive_max_attempt=3))
+    handlers = [get_rendezvous_handler(_params(store.port, **conf)) for _ in range(2)]
+    threads = [threading.Thread(target=h.next_rendezvous) for h in handlers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    survivor, vanished = handlers
+    try:
+        for _ in range(5):  # several heartbeat periods: all alive, no change
+            assert survivor.num_nodes_waiting() == 0 and not survivor.lost_peers()
+            time.sleep(0.2)
+        vanished._stop_heartbeats()  # frozen: no more keep-alives, no goodbye
+        _wait_until(lambda: survivor.num_nodes_waiting() >= 1)
+        assert survivor.lost_peers() == {vanished._this_node}
+        # A job that is ending (an agent whose workers finished closed the rendezvous) loses
+        # nobody: the last node still writing its final weights is not stopped.
+        vanished.shutdown()
+        _wait_until(lambda: survivor.num_nodes_waiting() == 0)
+        assert not survivor.lost_peers()
+    finally:
+        for handler in handlers:
+            handler.shutdown()
+
+
 @pytest.mark.parametrize(("key", "value"), [("poll_interval", "fast"),
                                             ("keep_alive_interval", "0"),
                                             ("last_call_timeout", "-1"),

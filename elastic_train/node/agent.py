@@ -101,6 +101,10 @@ class AgentCommand:
             # Without this, workers share the agent's rendezvous store, and a node joining a
             # running job deadlocks (then the job dies after 60 s).
             "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+            # Every node runs procs_per_node workers: torchrun then computes ranks from the
+            # node's group rank instead of waiting on the store for every node's role info,
+            # a wait that outlived a node lost mid re-form by 60 s, then killed the agent.
+            "TORCH_ELASTIC_WORKER_IDENTICAL": "1",
             # Workers arm a step timer on this FIFO (`--parallel.hang_timeout_s`); the agent's
             # watchdog (elastic_train/node/watchdog.py) SIGKILLs a worker whose step overran it.
             # Not TORCHELASTIC_ENABLE_FILE_TIMER: torch 2.13's timer server in the agent then

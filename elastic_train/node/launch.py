@@ -42,6 +42,7 @@ import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from elastic_train import exit_codes
 from elastic_train.node import prefork, procs
@@ -233,12 +234,49 @@ def supervise(cmd: list[str], env: Mapping[str, str], restarts: int) -> int:
               f"starting it again ({attempt}/{restarts})", file=sys.stderr, flush=True)
 
 
+def bounded_agent_class() -> type[Any]:
+    """torch 2.13's LocalElasticAgent, re-forming without its hard-coded 30 s wait.
+
+    Re-forming (a node lost or added, a worker failed), it stops its workers with SIGKILL rather
+    than SIGTERM and that grace: a worker blocked in a collective with a vanished peer runs no
+    signal handler until the collective times out, and a stopped worker's state is dropped
+    anyway (every worker resumes from the newest commit). Stopping the node (the agent
+    SIGTERMed) still gives workers `--shutdown-timeout`.
+
+    Its exit barrier keeps torch's 300 s: the agents whose workers finished wait there for the
+    node of global rank 0, which writes the final weights after the last collective (minutes for
+    a large model); on the head node the rendezvous store must outlive that.
+
+    Rank assignment does not wait on the store either: `AgentCommand.env` sets
+    TORCH_ELASTIC_WORKER_IDENTICAL (every node runs the same number of workers). These are
+    private methods of torch's agent; tests/test_field_failures.py fails if an upgrade moves
+    them."""
+    from torch.distributed.elastic.agent.server.api import WorkerGroup
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    class BoundedAgent(LocalElasticAgent):
+        def _stop_workers(self, worker_group: WorkerGroup) -> None:
+            self._shutdown(signal.SIGKILL, timeout=self._shutdown_timeout)
+
+    return BoundedAgent
+
+
 def run_agent(args: list[str]) -> int:
     """torchrun's elastic agent, in this process, so that the workers' own exit codes reach us
-    (torchrun's command exits 1 for any worker failure). Must run in the main thread."""
+    (torchrun's command exits 1 for any worker failure). Must run in the main thread.
+
+    Returns COLLECTIVE_TIMEOUT (which SkyPilot recovers on) when the job cannot go on from
+    here: fewer than min_nodes nodes joined within the join timeout, or the rendezvous store
+    stopped answering."""
     with gc_paused():  # a node that comes back joins sooner (see gc_paused)
+        import torch.distributed.launcher.api as launcher
+        from torch.distributed import DistError
         from torch.distributed.elastic.multiprocessing.api import SignalException
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        from torch.distributed.elastic.rendezvous import (
+            RendezvousClosedError,
+            RendezvousError,
+        )
         from torch.distributed.run import parse_args, run
 
         from elastic_train.node.watchdog import start_watchdog
@@ -255,10 +293,18 @@ def run_agent(args: list[str]) -> int:
     # import torch twice at once, which on a busy node delays its joining.
     timer_file = os.environ.get(TIMER_FILE_ENV, "")
     watchdog = start_watchdog(timer_file) if timer_file else None
+    launcher.LocalElasticAgent = bounded_agent_class()  # what torchrun's `run` constructs
     try:
         run(parse_args(args))
     except ChildFailedError as e:
         return exit_code_of({rank: f.exitcode for rank, f in e.failures.items()})
+    except RendezvousClosedError:
+        raise  # another agent ended the job (finished, or gave up with its own exit code)
+    except (RendezvousError, DistError) as e:
+        print(f"elastic-train agent: the job cannot go on from this node: "
+              f"{type(e).__name__}: {' '.join(str(e).split())[:500]}", file=sys.stderr,
+              flush=True)
+        return exit_codes.COLLECTIVE_TIMEOUT
     except SignalException as e:
         # A worker with a preemption notice saves, then SIGTERMs its agent (this process) so the
         # node leaves instead of rejoining; any other signal is SkyPilot stopping the job.

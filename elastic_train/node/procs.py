@@ -33,6 +33,25 @@ def signal_quietly(pid: int, sig: int) -> bool:
     return True
 
 
+def signal_tree(pid: int, sig: int) -> list[psutil.Process]:
+    """Send `sig` to `pid` and every process it started, parent first; return them. SIGSTOP
+    freezes a node the way a reclaimed VM looks to its peers: sockets open, heartbeats stopped,
+    nothing sent. A process that vanished meanwhile is skipped; no such `pid`: an empty list."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    for proc in tree:
+        try:
+            proc.send_signal(sig)
+        except psutil.NoSuchProcess:
+            continue
+    return tree
+
+
 def tagged(tags: Mapping[str, str]) -> list[psutil.Process]:
     """Every live process but this one whose environment carries every `NAME=value` of `tags`.
 

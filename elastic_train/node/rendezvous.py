@@ -19,12 +19,20 @@ A round re-formed for a joining node completes as soon as every node it expects 
 not a last call later: the agents that let the node in write how many nodes the next round
 expects (the world plus the waiting nodes) into the store, and the node whose joining makes the
 count complete marks the round complete. Any other re-form (a node lost, a worker failed) waits
-out the last call as torch does: nobody knows yet how many nodes are still alive."""
+out the last call as torch does: nobody knows yet how many nodes are still alive.
+
+A node lost without a word (a reclaimed VM resets no socket) is found by its heartbeats: torch
+drops a participant whose keep-alive lapsed from the shared state, and this handler then tells
+its agent that the world's membership changed (`num_nodes_waiting` > 0), so the agent stops its
+workers, which would otherwise block in a collective until it timed out, and re-forms at once
+without spending a restart. The same holds for a participant that left to rejoin, or when this
+node itself was dropped (the others formed a world without it)."""
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -70,6 +78,10 @@ class RendezvousSettings:
     save_before_join_s: float | None = None
     """Longest a joining node waits for rank 0's save (None: the handler's 10 s; 0: no save, the
     grown world resumes from the newest commit)."""
+    read_timeout: int | None = 10
+    """Whole seconds any one operation of an agent on the rendezvous store may take (torch: 60).
+    Only a store that stopped answering (its node vanished) takes this long: the agent then
+    fails, and its node exits with a code SkyPilot recovers on, instead of hanging a minute."""
 
     @classmethod
     def fast(cls) -> RendezvousSettings:
@@ -77,7 +89,7 @@ class RendezvousSettings:
 
     @classmethod
     def torch_default(cls) -> RendezvousSettings:
-        return cls("c10d", None, None, None, None, None, None, None)
+        return cls("c10d", **{f.name: None for f in fields(cls) if f.name != "backend"})
 
     def conf(self) -> str:
         # is_host=false: no agent hosts the c10d store; our standalone store process does, so any
@@ -143,18 +155,42 @@ def _handler_class() -> type[Any]:
         """Seconds, for the save's wait; a test holds it still to see both sides of the wait."""
         _asked: tuple[str, float] | None = None
 
+        _formed: tuple[int, frozenset[Any]] | None = None
+        """(round, participants) of the world this agent's workers run in."""
+
         def next_rendezvous(self) -> Any:
             info = super().next_rendezvous()
+            state = self._state_holder.state  # as the round completed: the world of `info`
+            self._formed = (state.round, frozenset(state.participants))
+            # A heartbeat now: torch's next one comes a keep-alive interval after the round
+            # completed, and the last one of its join loop may be that old already; on a busy
+            # node the gap outgrew the lapse, and the others dropped this node from the world
+            # it had just joined.
+            self._keep_alive()
             # Inherited by the workers this agent starts next: where to hear join requests.
             os.environ[contract.RDZV_STORE_ENV] = self.endpoint
             os.environ[contract.JOIN_KEY_ENV] = contract.round_key(self._settings.run_id,
-                                                 self._state_holder.state.round)
+                                                 state.round)
             return info
 
         def num_nodes_waiting(self) -> int:
-            """What torchrun's agent polls to re-form for a joining node: 0 (hold it back)
-            while this world's rank 0 saves for it. A store error lets the node in."""
+            """What torchrun's agent polls, every monitor interval while its workers are
+            healthy, to decide whether to re-form now (> 0) without spending a restart.
+
+            At least 1 when a node of this world is gone from the rendezvous: its keep-alive
+            lapsed (torch's sync then drops it: a vanished VM, which resets no socket, so the
+            workers here would block in a collective until it times out), or it left to rejoin.
+            Else the nodes waiting to join, but 0 (hold them back) while this world's rank 0
+            saves for them. A store error lets a waiting node in."""
             waiting = super().num_nodes_waiting()
+            if lost := self.lost_peers():
+                state = self._state_holder.state
+                print(f"c10d-fast: re-forming: {len(lost)} node(s) of round {self._formed[0]} "
+                      f"gone (keep-alive lapsed, or left to rejoin): "
+                      f"{', '.join(sorted(str(n) for n in lost))}; now round {state.round}, "
+                      f"{len(state.participants)} participant(s), {waiting} waiting",
+                      file=sys.stderr, flush=True)
+                return max(waiting, 1)
             if waiting == 0 or self._holds_back():
                 return 0
             state = self._state_holder.state
@@ -166,6 +202,19 @@ def _handler_class() -> type[Any]:
                 except Exception:  # noqa: BLE001 - the round then waits out its last call
                     pass
             return waiting
+
+        def lost_peers(self) -> frozenset[Any]:
+            """Nodes of the world this agent formed that are no longer participants of its
+            round (as of the last sync, which drops a node whose keep-alive lapsed)."""
+            if self._formed is None:
+                return frozenset()
+            round_, formed = self._formed
+            state = self._state_holder.state
+            if state.closed:  # the job is ending: an agent whose workers finished has left
+                return frozenset()
+            if state.round != round_:  # every node left that round: all must re-form
+                return formed
+            return formed - frozenset(state.participants)
 
         def _holds_back(self) -> bool:
             key = os.environ.get(contract.JOIN_KEY_ENV, "")
