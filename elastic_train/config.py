@@ -21,14 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from checkpointing import config as checkpointing_config
+from elastic_train import spec
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-MODEL_SIZES = ("tiny", "small", "base")
-
 
 class ConfigError(ValueError):
     """A configuration the run cannot start with; the message is one line for the user."""
@@ -53,6 +51,10 @@ class DataConfig:
     """Tokens per sample (a sample holds seq_len + 1 tokens: inputs and shifted targets)."""
     batch_size: int = 16
     """Global batch in samples. Independent of the world size: ranks split it between them."""
+    micro_batch: int = 0
+    """Samples per forward/backward on one rank (fixes memory per rank). Each step runs
+    ceil(batch_size / (world x micro_batch)) micro-batches and accumulates their gradients, so a
+    shrinking world lengthens the step instead of growing it. 0: a rank's whole share at once."""
     prefetch: int = 2
     """Steps of data fetched ahead in a background thread."""
 
@@ -122,12 +124,19 @@ class ParallelConfig:
     """A collective that takes longer fails the worker. 0: 20 s with gloo, 600 s with NCCL."""
     hang_timeout_s: float = 0.0
     """A step that takes longer is a hang: torchrun's file timer kills the worker. 0: off."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them: less
+    memory for about one more forward."""
+    compile: bool = False
+    """torch.compile each block (needs a C++ compiler on CPU, Triton on GPU); the first steps
+    are slower while it compiles."""
 
 
 @dataclass
 class Config:
     model: str = "tiny"
-    """Model size: tiny (~1M params), small (~10M), base (~100M)."""
+    """The train spec: a registered name (built-in GPT sizes tiny ~1M params, small ~10M,
+    base ~100M) or package.module:NAME."""
     steps: int = 200
     """Optimizer steps of the whole run (the target step)."""
     seed: int = 0
@@ -145,6 +154,7 @@ class Config:
         """A hash of everything that changes the math of the run (not where files go)."""
         d = self.to_dict()
         math = {k: d[k] for k in ("model", "steps", "seed", "optim", "parallel")}
+        # micro_batch is left out: it changes memory, not the step's gradient (up to rounding).
         math["data"] = {k: d["data"][k] for k in ("seq_len", "batch_size")}
         return hashlib.sha256(json.dumps(math, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -267,11 +277,14 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Co
 def validate(config: Config, world_size: int | None = None) -> None:
     """Raise ConfigError for values no run can start with (world_size: checked when known)."""
     checks: list[tuple[bool, str]] = [
-        (config.model in MODEL_SIZES,
-         f"model={config.model!r} is not a known size; expected one of {', '.join(MODEL_SIZES)}"),
+        (spec.is_reference(config.model),
+         f"model={config.model!r} is not a registered spec; expected one of "
+         f"{', '.join(spec.names())} or package.module:NAME"),
         (config.steps >= 1, f"steps={config.steps} must be >= 1"),
         (config.data.seq_len >= 1, f"data.seq_len={config.data.seq_len} must be >= 1"),
         (config.data.batch_size >= 1, f"data.batch_size={config.data.batch_size} must be >= 1"),
+        (config.data.micro_batch >= 0,
+         f"data.micro_batch={config.data.micro_batch} must be >= 0 (0: no accumulation)"),
         (config.data.prefetch >= 0, f"data.prefetch={config.data.prefetch} must be >= 0"),
         (config.optim.lr > 0, f"optim.lr={config.optim.lr} must be > 0"),
         (0 <= config.optim.min_lr_ratio <= 1,

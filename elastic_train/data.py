@@ -25,6 +25,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -256,29 +257,62 @@ def batch_digest(ids: list[int]) -> str:
     return hashlib.sha256(np.asarray(ids, dtype="<i8").tobytes()).hexdigest()[:16]
 
 
+class TokenDataset:
+    """A prepared token dataset as a map-style dataset: item `i` is (inputs, targets) of sample
+    `i`, each `seq_len` tokens, the targets shifted by one."""
+
+    def __init__(self, store: TokenStore, seq_len: int) -> None:
+        self.store, self.seq_len = store, seq_len
+
+    def __len__(self) -> int:
+        return self.store.num_samples(self.seq_len)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.from_numpy(self.store.sample(index, self.seq_len))
+        return tokens[:-1], tokens[1:]
+
+
+def micro_batch_count(batch_size: int, world_size: int, micro_batch: int) -> int:
+    """Micro-batches every rank runs per step: enough for the largest share, the same on every
+    rank (each one's forward and backward are collectives). 0 means one: the whole share."""
+    if micro_batch <= 0:
+        return 1
+    return -(-batch_size // (world_size * micro_batch))
+
+
+def micro_slices(share: int, count: int) -> list[slice]:
+    """`share` items cut into `count` consecutive micro-batches whose sizes differ by at most
+    one, the longer first. A share shorter than `count` leaves empty slices at the end."""
+    q, r = divmod(share, count)
+    return [slice(i * q + min(i, r), (i + 1) * q + min(i + 1, r)) for i in range(count)]
+
+
 @dataclass
 class Batch:
     step: int
     """0-based index of the global batch (the optimizer step this batch feeds, minus one)."""
     global_ids: list[int]
-    inputs: torch.Tensor  # (b, T) this rank's share
-    targets: torch.Tensor  # (b, T)
+    items: list[Any]
+    """This rank's share: the dataset's items, not yet collated."""
 
 
 class DataStream:
-    """This rank's batches from global step `start_step` on, fetched `prefetch` steps ahead.
+    """This rank's share of global batch `start_step`, then of each next one, fetched `prefetch`
+    steps ahead. Items come from any map-style `dataset` (len and getitem), chosen by the pure
+    function `global_batch(step, ...)`, so the stream after a restart at any world size is the
+    one an uninterrupted run would have seen.
 
     A fetch error (storage down) is raised from `next()` on the step that needed it, never lost.
     """
 
     def __init__(
-        self, store: TokenStore, *, seq_len: int, batch_size: int, seed: int,
+        self, dataset: Any, *, batch_size: int, seed: int,
         rank: int, world_size: int, start_step: int, prefetch: int = 2,
     ) -> None:
-        self.store, self.seq_len, self.batch_size, self.seed = store, seq_len, batch_size, seed
-        self.num_samples = store.num_samples(seq_len)
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.num_samples = len(dataset)
         if self.num_samples < 1:
-            raise ValueError(f"dataset {store.uri!r} is shorter than one sample of {seq_len + 1}")
+            raise ValueError(f"dataset {dataset!r} has no samples")
         self.share = rank_slice(batch_size, world_size, rank)
         self._next_step = start_step
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
@@ -292,10 +326,7 @@ class DataStream:
 
     def _load(self, step: int) -> Batch:
         ids = global_batch(step, self.batch_size, self.num_samples, self.seed)
-        mine = ids[self.share]
-        samples = np.stack([self.store.sample(i, self.seq_len) for i in mine])
-        tensor = torch.from_numpy(samples)
-        return Batch(step, ids, tensor[:, :-1].contiguous(), tensor[:, 1:].contiguous())
+        return Batch(step, ids, [self.dataset[i] for i in ids[self.share]])
 
     def _produce(self, step: int) -> None:
         while not self._stop.is_set():

@@ -55,13 +55,14 @@ def test_stream_resumed_at_step_s_equals_the_uninterrupted_stream(
     corpus: data.TokenStore, world_before: int, world_after: int
 ):
     def global_view(world: int, start: int, n: int) -> list[tuple[str, np.ndarray]]:
-        streams = [data.DataStream(corpus, seq_len=64, batch_size=10, seed=0, rank=r,
+        samples = data.TokenDataset(corpus, seq_len=64)
+        streams = [data.DataStream(samples, batch_size=10, seed=0, rank=r,
                                    world_size=world, start_step=start, prefetch=2)
                    for r in range(world)]
         out = []
         for _ in range(n):
             parts = [next(s) for s in streams]
-            inputs = np.concatenate([p.inputs.numpy() for p in parts])
+            inputs = np.stack([x.numpy() for p in parts for x, _ in p.items])
             out.append((data.batch_digest(parts[0].global_ids), inputs))
         for s in streams:
             s.close()
@@ -85,10 +86,61 @@ def test_samples_are_contiguous_text_across_shard_borders(corpus: data.TokenStor
 
 
 def test_targets_are_inputs_shifted_by_one(corpus: data.TokenStore):
-    stream = data.DataStream(corpus, seq_len=32, batch_size=4, seed=0, rank=0, world_size=1,
-                             start_step=0, prefetch=0)
-    batch = next(stream)
-    assert (batch.inputs[:, 1:] == batch.targets[:, :-1]).all()
+    stream = data.DataStream(data.TokenDataset(corpus, seq_len=32), batch_size=4, seed=0,
+                             rank=0, world_size=1, start_step=0, prefetch=0)
+    for inputs, targets in next(stream).items:
+        assert inputs.shape == targets.shape == (32,)
+        assert (inputs[1:] == targets[:-1]).all()
+
+
+class Squares:
+    """A map-style dataset that is not text: item i is (i, i * i)."""
+
+    def __len__(self) -> int:
+        return 37
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        return i, i * i
+
+
+@pytest.mark.parametrize("world_before,world_after", [(1, 3), (4, 2)])
+def test_a_map_style_dataset_resumes_exactly_at_another_world_size(
+    world_before: int, world_after: int
+):
+    def items(world: int, start: int, n: int) -> list[list[tuple[int, int]]]:
+        streams = [data.DataStream(Squares(), batch_size=8, seed=3, rank=r, world_size=world,
+                                   start_step=start, prefetch=1) for r in range(world)]
+        out = [[item for s in streams for item in next(s).items] for _ in range(n)]
+        for s in streams:
+            s.close()
+        return out
+
+    uninterrupted = items(world_before, 0, 10)
+    assert items(world_before, 0, 4) + items(world_after, 4, 6) == uninterrupted
+    seen = [i for batch in uninterrupted[:5] for i, _ in batch]
+    assert sorted(seen[:37]) == list(range(37))  # one epoch visits every item once
+
+
+@pytest.mark.parametrize("batch,world,micro", [(16, 1, 4), (16, 2, 4), (16, 3, 4), (10, 4, 2),
+                                               (5, 2, 1), (16, 2, 0), (7, 7, 3)])
+def test_micro_batches_are_the_same_count_on_every_rank_and_never_exceed_micro_batch(
+    batch: int, world: int, micro: int
+):
+    count = data.micro_batch_count(batch, world, micro)
+    for rank in range(world):
+        share = data.rank_slice(batch, world, rank)
+        parts = data.micro_slices(share.stop - share.start, count)
+        sizes = [p.stop - p.start for p in parts]
+        assert len(parts) == count
+        assert sum(sizes) == share.stop - share.start
+        assert sizes == sorted(sizes, reverse=True) and sizes[0] - sizes[-1] <= 1
+        if micro:
+            assert max(sizes) <= micro
+
+
+def test_shrinking_the_world_lengthens_the_step_not_the_micro_batch():
+    counts = [data.micro_batch_count(64, world, 4) for world in (8, 6, 4, 2, 1)]
+    assert counts == [2, 3, 4, 8, 16]
 
 
 def test_reader_fetches_ranges_not_the_whole_dataset(tmp_path):
