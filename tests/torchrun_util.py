@@ -38,3 +38,9 @@ def events(run_dir: Path, name: str) -> list[dict]:
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "final_model.pt", weights_only=True)
+
+
+def prepend_pythonpath(monkeypatch, directory: Path) -> None:
+    """Let torchrun's workers import modules from `directory` (a spec's package)."""
+    path = os.environ.get("PYTHONPATH", "")
+    monkeypatch.setenv("PYTHONPATH", f"{directory}{os.pathsep}{path}" if path else str(directory))
