@@ -10,12 +10,16 @@ SkyPilot YAMLs set them by these names.
 
 from __future__ import annotations
 
+import argparse
+import ast
 import copy
 import dataclasses
 import difflib
 import hashlib
+import inspect
 import json
 import sys
+import textwrap
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -175,6 +179,100 @@ def _all_keys(cls: type = Config, prefix: str = "") -> dict[str, type]:
     return keys
 
 
+@dataclass(frozen=True)
+class KeyDoc:
+    """One config key as `--help` and the README show it."""
+
+    key: str
+    type: str
+    """int, float, str, bool, or the allowed values a|b|c."""
+    default: Any
+    doc: str
+    """The field's attribute docstring, on one line."""
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """Field name -> the docstring under it in the class body (and its bases'), one line each."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object or not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0]
+        assert isinstance(body, ast.ClassDef)
+        for node, after in zip(body.body, body.body[1:], strict=False):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _type_name(t: Any) -> str:
+    if typing.get_origin(t) is Literal:
+        return "|".join(map(str, typing.get_args(t)))
+    return getattr(t, "__name__", str(t))
+
+
+def describe(cls: type = Config, prefix: str = "", instance: Any = None) -> list[KeyDoc]:
+    """Every key of the config in declaration order, with type, default and doc: the one source
+    of `train --help` and the README's table."""
+    instance = cls() if instance is None else instance
+    hints = typing.get_type_hints(cls)
+    docs = _attribute_docs(cls)
+    out: list[KeyDoc] = []
+    for f in dataclasses.fields(cls):
+        if checkpointing_config.is_tuning(f):
+            continue
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += describe(hints[f.name], f"{prefix}{f.name}.", value)
+        else:
+            out.append(KeyDoc(f"{prefix}{f.name}", _type_name(hints[f.name]), value,
+                              docs.get(f.name, "")))
+    return out
+
+
+def markdown_table() -> str:
+    """The README's configuration table (`python -m elastic_train.config` prints it)."""
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for k in describe():
+        default = f"`{k.default}`" if k.default != "" else '`""`'
+        rows.append(f"| `{k.key}` | {k.type} | {default} | {k.doc.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
+
+
+OVERRIDE_DEST = "config:"
+"""Prefix of the argparse destinations that hold config overrides (see `add_arguments`)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--config FILE` and one option per key, grouped by section, for `--help`. Values stay
+    strings (`load` types and checks them, with its one-line errors); an option not given is
+    absent from the namespace. Collect them with `overrides_from`."""
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="TOML file of keys below (sections as tables); the command line "
+                             "beats the file, which beats the defaults")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for k in describe():
+        section = k.key.split(".")[0] if "." in k.key else ""
+        if section not in groups:
+            groups[section] = parser.add_argument_group(
+                f"[{section}]" if section else "run-wide keys")
+        metavar = "{" + k.type.replace("|", ",") + "}" if "|" in k.type else k.type.upper()
+        groups[section].add_argument(
+            f"--{k.key}", dest=OVERRIDE_DEST + k.key, default=argparse.SUPPRESS,
+            metavar=metavar, help=f"{k.doc} (default: {k.default!r})".replace("%", "%%"))
+
+
+def overrides_from(args: argparse.Namespace, rest: list[str]) -> dict[str, Any]:
+    """The overrides of a command line parsed with `add_arguments`: the options argparse took,
+    then the rest (`--section.key=value` spelled with dashes, or an unknown key, which `load`
+    then names)."""
+    taken = {name[len(OVERRIDE_DEST):]: value for name, value in vars(args).items()
+             if name.startswith(OVERRIDE_DEST)}
+    return {**taken, **parse_overrides(rest)}
+
+
 def _coerce(key: str, value: Any, t: type) -> Any:
     """Turn a TOML value or a command-line string into the field's type, or say why not."""
     origin = typing.get_origin(t)
@@ -308,3 +406,7 @@ def validate(config: Config, world_size: int | None = None) -> None:
         config.checkpoint.validate(prefix="checkpoint.")
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")
