@@ -124,7 +124,7 @@ def gpt_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
     """Next-token cross-entropy summed over the micro-batch's tokens, and their count."""
     inputs, targets = batch
     logits = model(inputs)
-    loss_sum = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1),
+    loss_sum = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                reduction="sum")
     return loss_sum, targets.numel()
 
