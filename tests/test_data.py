@@ -3,6 +3,8 @@ stream resumed at step s is the uninterrupted stream from s on."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -164,12 +166,82 @@ def test_prepare_with_a_hugging_face_tokenizer(tmp_path):
     tok = tokenizers.Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator([data.embedded_corpus()[:100_000]],
-                            trainers.BpeTrainer(vocab_size=500, special_tokens=["[UNK]"]))
+                            trainers.BpeTrainer(vocab_size=500,
+                                                special_tokens=["[UNK]", "</s>"]))
     tok.save(str(tmp_path / "tok.json"))
     (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog " * 200)
     index = data.prepare(str(tmp_path / "out"), [str(tmp_path / "a.txt")],
                          tokenizer_path=str(tmp_path / "tok.json"))
     assert index["vocab_size"] == tok.get_vocab_size()
+    assert index["eot"] == tok.token_to_id("</s>")
     store = data.TokenStore(str(tmp_path / "out"))
     expected = tok.encode("the quick brown fox").ids
     assert store.tokens(0, len(expected)).tolist() == expected
+    assert store.tokens(store.total_tokens - 1, 1).tolist() == [index["eot"]]
+
+
+DOCS = ["first document\nwith two lines", "second, ünïcödé", "", "third"]
+
+
+def write_inputs(tmp_path) -> dict[str, str]:
+    """The same documents as .txt files, one .jsonl and one .parquet (two row groups)."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    paths = {"txt": [], "jsonl": str(tmp_path / "docs.jsonl"),
+             "parquet": str(tmp_path / "docs.parquet")}
+    for i, doc in enumerate(DOCS):
+        (tmp_path / f"{i}.txt").write_text(doc, encoding="utf-8")
+        paths["txt"].append(str(tmp_path / f"{i}.txt"))
+    with open(paths["jsonl"], "w", encoding="utf-8") as f:
+        for doc in DOCS:
+            f.write(json.dumps({"id": 1, "body": doc}) + "\n")
+    pq.write_table(pa.table({"body": DOCS, "n": list(range(len(DOCS)))}), paths["parquet"],
+                   row_group_size=2)
+    return paths
+
+
+def shard_bytes(out) -> bytes:
+    store = data.TokenStore(str(out))
+    return store.tokens(0, store.total_tokens).tobytes()
+
+
+def test_txt_jsonl_and_parquet_of_the_same_documents_give_the_same_shards(tmp_path):
+    paths = write_inputs(tmp_path)
+    data.prepare(str(tmp_path / "txt"), paths["txt"])
+    data.prepare(str(tmp_path / "jsonl"), [paths["jsonl"]], field="body")
+    data.prepare(str(tmp_path / "parquet"), [paths["parquet"]], field="body", progress=True)
+    expected = b"".join(d.encode() + b"\0" for d in DOCS)
+    store = data.TokenStore(str(tmp_path / "txt"))
+    assert bytes(store.tokens(0, store.total_tokens).astype(np.uint8)) == expected
+    assert shard_bytes(tmp_path / "jsonl") == shard_bytes(tmp_path / "txt")
+    assert shard_bytes(tmp_path / "parquet") == shard_bytes(tmp_path / "txt")
+
+
+def test_preparing_the_same_inputs_twice_writes_the_same_files(tmp_path):
+    paths = write_inputs(tmp_path)
+    inputs = [paths["jsonl"], paths["parquet"], *paths["txt"]]
+    for out in ("a", "b"):
+        data.prepare(str(tmp_path / out), inputs * 50, shard_tokens=1000, field="body")
+    a, b = sorted((tmp_path / "a").iterdir()), sorted((tmp_path / "b").iterdir())
+    assert [p.name for p in a] == [p.name for p in b] and len(a) > 2
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("name,content,field,message", [
+    ("bad.jsonl", '{"text": "ok"}\nnot json\n', "text", r"bad.jsonl:2 is not a JSON object"),
+    ("bad.jsonl", '{"body": "ok"}\n', "text", r"bad.jsonl:1 is not a JSON object .* 'text'"),
+    ("bad.jsonl", '{"text": 3}\n', "text", r"field 'text' is a int, expected a string"),
+    ("docs.csv", "a,b\n", "text", r"docs.csv: unknown input format; expected .*\.jsonl"),
+])
+def test_a_bad_input_is_named_in_one_line(tmp_path, name, content, field, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ValueError, match=message):
+        data.prepare(str(tmp_path / "out"), [str(tmp_path / name)], field=field)
+    assert not data.is_prepared(str(tmp_path / "out"))
+
+
+def test_a_parquet_file_without_the_column_names_its_columns(tmp_path):
+    paths = write_inputs(tmp_path)
+    with pytest.raises(ValueError, match=r"has no column 'text'; its columns: body, n"):
+        data.prepare(str(tmp_path / "out"), [paths["parquet"]])
