@@ -137,6 +137,30 @@ class ParallelConfig:
 
 
 @dataclass
+class NoticesConfig:
+    """Where the worker looks for preemption notices (elastic_train/notices.py). The `file`
+    source's path is not a key: the node launcher sets ELASTIC_TRAIN_NOTICE_FILE for its
+    workers."""
+
+    sources: str = ""
+    """Comma-separated sources polled (aws, gcp, azure, skypilot, file, signal). Empty:
+    file, signal, skypilot and the cloud SkyPilot names in SKYPILOT_CLUSTER_INFO. file and
+    signal are always added."""
+    interval_s: float = 1.0
+    """Seconds between two polls of every source."""
+    timeout_s: float = 0.3
+    """HTTP timeout of one metadata-server request."""
+    aws_url: str = ""
+    """Base URL of EC2's instance metadata service. Empty: the link-local address."""
+    gcp_url: str = ""
+    """Base URL of GCE's metadata server. Empty: the link-local address."""
+    azure_url: str = ""
+    """Base URL of Azure's instance metadata service. Empty: the link-local address."""
+    skypilot_claim_file: str = ""
+    """The file skylet writes before running preemption hooks. Empty: SkyPilot's own path."""
+
+
+@dataclass
 class Config:
     model: str = "tiny"
     """The train spec: a registered name (built-in GPT sizes tiny ~1M params, small ~10M,
@@ -150,6 +174,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    notices: NoticesConfig = field(default_factory=NoticesConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -392,6 +417,10 @@ def validate(config: Config, world_size: int | None = None) -> None:
         (config.optim.grad_clip >= 0, f"optim.grad_clip={config.optim.grad_clip} must be >= 0"),
         (config.run.log_every >= 1, f"run.log_every={config.run.log_every} must be >= 1"),
         (config.run.threads >= 1, f"run.threads={config.run.threads} must be >= 1"),
+        (config.notices.interval_s > 0,
+         f"notices.interval_s={config.notices.interval_s} must be > 0"),
+        (config.notices.timeout_s > 0,
+         f"notices.timeout_s={config.notices.timeout_s} must be > 0"),
     ]
     if world_size is not None:
         checks.append((

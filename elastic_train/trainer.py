@@ -215,8 +215,8 @@ class Trainer(Stateful):
                                                     config.data.micro_batch)
         # Only rank 0 decides when to save (the others learn it in the step's all-reduce), so
         # only rank 0 keeps the adaptive interval and the ledger.
-        self.save_policy = build_save_policy(config.checkpoint, config.steps, self.world.is_main,
-                                             self.world.device)
+        self.save_policy = build_save_policy(config.checkpoint, config.notices, config.steps,
+                                             self.world.is_main, self.world.device)
         self.ledger = build_ledger(config, self.metrics, self.world)
         self.checkpoints = build_checkpointer(config, self._on_checkpoint_event)
         self.state = {"app": ModelOptimizerState(self.model, self.optimizer), "trainer": self,
