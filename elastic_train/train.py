@@ -9,7 +9,7 @@ import sys
 
 from elastic_train import config as config_lib
 from elastic_train import exit_codes
-from elastic_train.startup import gc_paused
+from elastic_train.startup import gc_paused, torch_outside_tested_range
 
 
 def run(config_path: str | None, overrides: dict[str, str]) -> int:
@@ -21,10 +21,15 @@ def run(config_path: str | None, overrides: dict[str, str]) -> int:
     # Imported here so that `--help` and config errors answer without loading torch.
     # On a cold start these are bulk imports (a warm fork has them already): see gc_paused.
     with gc_paused():
+        import torch
         import torch.distributed as dist
 
         from checkpointing import SaveFailed
         from elastic_train.trainer import Trainer
+
+    if (warning := torch_outside_tested_range(torch.__version__)) and \
+            os.environ.get("RANK", "0") == "0":
+        print(f"elastic-train: {warning}", file=sys.stderr, flush=True)
 
     trainer = None
     try:

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from elastic_train import config as cfg
 from elastic_train import spec
 from elastic_train.distributed import checkpoint_activations
 from elastic_train.model import TINY, gpt_loss
+from elastic_train.startup import TESTED_TORCH, torch_outside_tested_range
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -83,3 +85,24 @@ def test_activation_checkpointing_keeps_names_and_gradients():
     assert plain.keys() == recomputed.keys()
     for name in plain:
         torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
+def test_pyproject_and_the_sky_setups_install_the_tested_torch_range():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert f"torch{TESTED_TORCH}" in project["dependencies"]
+    for task in sorted((ROOT / "sky").glob("*.yaml")):
+        for doc in yaml.safe_load_all(task.read_text()):
+            if doc and "setup" in doc:
+                # The project's own install brings pyproject's torch range.
+                assert "pip install -q -e '." in doc["setup"], task.name
+
+
+@pytest.mark.parametrize("version,inside", [("2.13.0", True), ("2.13.1+cpu", True),
+                                            ("2.13.0+cu126", True), ("2.14.0", False),
+                                            ("2.12.1", False), ("2.14.0.dev20260101", False),
+                                            ("garbage", False)])
+def test_a_torch_outside_the_tested_range_is_said_in_one_line(version: str, inside: bool):
+    warning = torch_outside_tested_range(version)
+    assert (warning is None) == inside
+    if warning:
+        assert "\n" not in warning and version in warning and TESTED_TORCH in warning
