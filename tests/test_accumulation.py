@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from torchrun_util import final_weights, prepend_pythonpath, steps, train
+from torchrun_util import final_weights, steps, train
 
 TESTS = Path(__file__).resolve().parent
 # Five samples do not divide among two ranks nor into micro-batches of 2 or 3: shares of 2 and 3,
@@ -16,27 +16,23 @@ ONE_STEP = ("--model=sgd_specs:TINY_SGD", "--steps=1", "--checkpoint.every=0",
             "--optim.warmup_steps=0", "--optim.grad_clip=0")
 
 
-@pytest.fixture
-def on_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    prepend_pythonpath(monkeypatch, TESTS)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One rank, the whole batch in one forward: the plain full-batch gradient."""
     run = tmp_path_factory.mktemp("accum") / "w1"
-    with pytest.MonkeyPatch.context() as mp:
-        prepend_pythonpath(mp, TESTS)
-        train(run, 1, *ONE_STEP)
+    train(run, 1, *ONE_STEP, pythonpath=TESTS)
     return run
 
 
-@pytest.mark.parametrize("world,micro", [(1, 2), (2, 0), (2, 1), (2, 3)])
+@pytest.mark.parametrize("world,micro,recompute", [(1, 2, False), (2, 0, False), (2, 1, False),
+                                                   (2, 3, False), (2, 2, True)])
 def test_one_step_gives_the_same_weights_at_any_world_size_and_micro_batch(
-    reference: Path, on_path: None, tmp_path: Path, world: int, micro: int
+    reference: Path, tmp_path: Path, world: int, micro: int, recompute: bool
 ):
+    """Also with activation checkpointing on: recomputed blocks give the same gradient."""
     run = tmp_path / "run"
-    out = train(run, world, *ONE_STEP, f"--data.micro_batch={micro}")
+    out = train(run, world, *ONE_STEP, f"--data.micro_batch={micro}",
+                f"--parallel.activation_checkpointing={recompute}", pythonpath=TESTS)
     expected_micro = -(-5 // (world * micro)) if micro else 1
     assert f"{expected_micro} micro-batch(es) per step" in out.stdout
     ref, got = steps(reference)[0], steps(run)[0]

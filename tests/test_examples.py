@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from torchrun_util import final_weights, prepend_pythonpath, steps, train
+from torchrun_util import final_weights, steps, train
 
 from chaos.harness import Options, run_scenario
 from chaos.scenario import load
@@ -22,25 +23,18 @@ COMMON = (f"--config={SPIRAL / 'spiral.toml'}", f"--steps={STEPS}", "--checkpoin
           "--data.batch_size=24", "--data.micro_batch=5", "--optim.warmup_steps=4")
 
 
-@pytest.fixture(autouse=True)
-def spiral_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    prepend_pythonpath(monkeypatch, SPIRAL)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted two-rank run of the example."""
     run = tmp_path_factory.mktemp("spiral") / "w2"
-    with pytest.MonkeyPatch.context() as mp:
-        prepend_pythonpath(mp, SPIRAL)
-        train(run, 2, *COMMON)
+    train(run, 2, *COMMON, pythonpath=SPIRAL)
     return run
 
 
 def resume_from_step_10(reference: Path, run: Path, world: int) -> list[dict]:
     step10 = Path("checkpoints") / "step_00000010"
     shutil.copytree(reference / step10, run / step10)
-    out = train(run, world, *COMMON)
+    out = train(run, world, *COMMON, pythonpath=SPIRAL)
     assert "training spiral" in out.stdout and "from step 10" in out.stdout
     return steps(run)
 
@@ -78,7 +72,12 @@ def test_the_example_resumed_at_one_rank_sees_the_same_data_and_agrees(
 
 @pytest.mark.chaos
 @pytest.mark.timeout(900)
-def test_the_example_keeps_every_invariant_under_faults(tmp_path: Path):
+def test_the_example_keeps_every_invariant_under_faults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # The harness's nodes inherit this environment; their workers import `spiral`.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        filter(None, [str(SPIRAL), os.environ.get("PYTHONPATH")])))
     rep = run_scenario(load(SPIRAL / "chaos.yaml"),
                        Options(out=tmp_path / "out", cache=tmp_path / "cache", timeout_s=300.0))
     json.loads((tmp_path / "out" / "report.json").read_text())
