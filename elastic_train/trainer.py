@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import default_collate
 
 from checkpointing import CheckpointManager, ModelOptimizerState
@@ -49,7 +50,7 @@ from elastic_train.node.contract import AGENT_PID_ENV
 from elastic_train.notices import Notice
 from elastic_train.optim import build_optimizer, lr_at
 from elastic_train.save_policy import Save, build_save_policy
-from elastic_train.spec import ModelContext, SpecError, TrainSpec, resolve
+from elastic_train.spec import Dataset, ModelContext, SpecError, TrainSpec, resolve
 
 POLICY_KEY = "policy"
 """The save policy's entry in a checkpoint, beside "app" (model and optimizer) and "trainer"."""
@@ -138,7 +139,7 @@ def build_spec(config: Config) -> TrainSpec:
 
 
 def build_dataset(config: Config, spec: TrainSpec, world: distributed.World
-                  ) -> tuple[data.Dataset, int | None]:
+                  ) -> tuple[Dataset, int | None]:
     """The spec's own map-style dataset (vocabulary None), else the prepared token shards at
     `data.uri`, or the embedded corpus prepared under run.dir on first use. Each node's first
     worker prepares it (identical bytes, atomic writes), then all wait (a collective: raises as
@@ -263,16 +264,19 @@ class Trainer(Stateful):
             items, weight = (batch.items[part], 1) if part.stop > part.start else \
                 (batch.items[:1], 0)
             micro = _to_device(default_collate(items), device)
-            model.set_requires_gradient_sync(i == len(slices) - 1)
+            if isinstance(model, FSDPModule):  # a spec's own plan may leave the root unsharded
+                # Reduce-scatter once, after the last micro-batch; until then gradients add up
+                # unsharded on each rank.
+                model.set_requires_gradient_sync(i == len(slices) - 1)
             part_sum, part_count = self.spec.loss(model, micro)
             if weight == 0:
                 part_sum, part_count = part_sum * 0, 0
             part_sum.backward()
             loss_sum += part_sum.detach().float()
             count += int(part_count)
-        votes = torch.tensor(self.save_policy.votes(step, notice), device=device)
-        stats = torch.cat([torch.stack([loss_sum, torch.tensor(float(count), device=device)]),
-                           votes])
+        # float64: a count of tokens stays exact far beyond fp32's 2**24.
+        stats = torch.cat([loss_sum.double().view(1), torch.tensor(
+            [count, *self.save_policy.votes(step, notice)], dtype=torch.float64, device=device)])
         dist.all_reduce(stats)
         total, global_count, *summed = stats.tolist()
         if global_count <= 0:
