@@ -179,7 +179,8 @@ def prepare(
     Documents are encoded in batches (in parallel where the tokenizer can), in input order, so
     the same inputs give the same shards, byte for byte (safe when nodes race to it). Writes
     shards first and `index.json` last: a reader never sees a half-prepared dataset. `progress`
-    shows a bar of documents on stderr. Raises ValueError when there is no text, or as
+    shows a bar of documents on stderr when it is a terminal. Raises ValueError when there is no
+    text, or as
     `read_documents` does for a bad input; nothing is left that a reader would take as prepared.
     """
     from tqdm import tqdm
@@ -208,7 +209,9 @@ def prepare(
             pending, pending_len = ([rest] if rest.size else []), int(rest.size)
 
     eot = np.asarray([tok.eot], dtype=np.int64)
-    with tqdm(desc="tokenizing", unit=" docs", disable=not progress, leave=False) as bar:
+    # disable=None: tqdm draws only on a terminal, so logs and pipes get no bar lines.
+    with tqdm(desc="tokenizing", unit=" docs", disable=None if progress else True,
+              leave=False) as bar:
         for batch in _batches(docs, 256):
             for tokens in tok.encode_batch(batch):
                 pending += [tokens, eot]

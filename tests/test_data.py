@@ -4,6 +4,8 @@ stream resumed at step s is the uninterrupted stream from s on."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -245,3 +247,13 @@ def test_a_parquet_file_without_the_column_names_its_columns(tmp_path):
     paths = write_inputs(tmp_path)
     with pytest.raises(ValueError, match=r"has no column 'text'; its columns: body, n"):
         data.prepare(str(tmp_path / "out"), [paths["parquet"]])
+
+
+def test_the_prepare_command_names_a_bad_input_in_one_line_and_exits_2(tmp_path):
+    (tmp_path / "docs.jsonl").write_text('{"body": "x"}\n')
+    proc = subprocess.run([sys.executable, "-m", "elastic_train.cli", "data", "prepare",
+                           "--out", str(tmp_path / "out"), str(tmp_path / "docs.jsonl")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"elastic-train: error: {tmp_path / 'docs.jsonl'}:1 is not a "
+                                   "JSON object with a string field 'text'")
