@@ -180,8 +180,8 @@ def prepare(
     the same inputs give the same shards, byte for byte (safe when nodes race to it). Writes
     shards first and `index.json` last: a reader never sees a half-prepared dataset. `progress`
     shows a bar of documents on stderr when it is a terminal. Raises ValueError when there is no
-    text, or as
-    `read_documents` does for a bad input; nothing is left that a reader would take as prepared.
+    text, or as `read_documents` does for a bad input; nothing is left that a reader would take
+    as prepared.
     """
     from tqdm import tqdm
 
