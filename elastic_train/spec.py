@@ -29,6 +29,7 @@ A minimal spec, a classifier on a dataset it generates:
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -152,8 +153,10 @@ def resolve(ref: str) -> TrainSpec:
     found = getattr(module, attr, None)
     if found is None:
         raise SpecError(f"model={ref!r}: module {module_name!r} has no attribute {attr!r}")
-    if not isinstance(found, TrainSpec) and callable(found):
+    if inspect.isfunction(found):
         found = found()
     if not isinstance(found, TrainSpec):
-        raise SpecError(f"model={ref!r} is a {type(found).__name__}, expected a TrainSpec")
+        what = f"class {found.__name__}" if isinstance(found, type) else type(found).__name__
+        raise SpecError(f"model={ref!r} is a {what}, expected a TrainSpec (or a function of no "
+                        "arguments that returns one)")
     return found

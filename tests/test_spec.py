@@ -53,7 +53,10 @@ def test_the_built_in_sizes_are_registered_as_entry_points_in_pyproject():
                              "(is it installed or on PYTHONPATH?)"),
     ("elastic_train.model:HUGE", "model='elastic_train.model:HUGE': module "
                                  "'elastic_train.model' has no attribute 'HUGE'"),
-    ("test_spec:NOT_A_SPEC", "model='test_spec:NOT_A_SPEC' is a int, expected a TrainSpec"),
+    ("test_spec:NOT_A_SPEC", "model='test_spec:NOT_A_SPEC' is a int, expected a TrainSpec (or a "
+                             "function of no arguments that returns one)"),
+    ("elastic_train.model:GPT", "model='elastic_train.model:GPT' is a class GPT, expected a "
+                                "TrainSpec (or a function of no arguments that returns one)"),
 ])
 def test_a_reference_that_names_no_spec_fails_with_one_line(ref: str, message: str):
     with pytest.raises(spec.SpecError) as e:
