@@ -1,8 +1,10 @@
 # The two commands of the README. Each makes (or reuses) .venv and installs what it needs.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# A CPU build of torch; on a GPU machine set TORCH_SPEC to the build you want.
+# torch from PyPI: on Linux x86-64 that is a CUDA build (runs on CPU too, ~3 GB of wheels).
+# A CPU-only machine can take the small CPU build: TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint
@@ -10,8 +12,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[test,sky,hf]'
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e '.[test,sky,hf,parquet]'
 	touch $@
 
 demo: $(STAMP)

@@ -2,6 +2,9 @@
 model, measured in the same run, alternating the two to share the machine's noise.
 
     .venv/bin/python bench/trainer_overhead.py [--model tiny] [--nproc 2] [--steps 60] [--rounds 3]
+        [--micro-batch 0]
+
+`--micro-batch N` turns gradient accumulation on in both (N samples per rank per forward).
 
 Both run under real torchrun with gloo on CPU. The first 10 steps of every run are warm-up and
 not counted. Ends with one JSON line: median step times and `ratio` = ours steps/s ÷ plain.
@@ -33,18 +36,21 @@ def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def ours(model: str, nproc: int, steps: int, batch: int, seq_len: int) -> list[float]:
+def ours(model: str, nproc: int, steps: int, batch: int, seq_len: int, micro: int
+         ) -> list[float]:
     with tempfile.TemporaryDirectory() as run_dir:
         torchrun(nproc, "-m", "elastic_train.train", f"--run.dir={run_dir}", f"--model={model}",
                  f"--steps={steps}", "--checkpoint.every=0", f"--data.batch_size={batch}",
-                 f"--data.seq_len={seq_len}", "--run.log_every=1000")
+                 f"--data.seq_len={seq_len}", f"--data.micro_batch={micro}",
+                 "--run.log_every=1000")
         lines = map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
         return [r["step_time_s"] for r in lines if "step" in r and "event" not in r]
 
 
-def plain(model: str, nproc: int, steps: int, batch: int, seq_len: int) -> list[float]:
+def plain(model: str, nproc: int, steps: int, batch: int, seq_len: int, micro: int
+          ) -> list[float]:
     proc = torchrun(nproc, str(HERE / "plain_fsdp_loop.py"), model, str(steps), str(batch),
-                    str(seq_len))
+                    str(seq_len), str(micro))
     return json.loads(proc.stdout.strip().splitlines()[-1])["step_times"]
 
 
@@ -56,8 +62,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--micro-batch", type=int, default=0, help="samples per rank per forward")
     a = p.parse_args()
-    shape = (a.model, a.nproc, a.steps, a.batch, a.seq_len)
+    shape = (a.model, a.nproc, a.steps, a.batch, a.seq_len, a.micro_batch)
     ours_t, plain_t = [], []
     for r in range(a.rounds):
         ours_t += ours(*shape)[WARMUP:]
@@ -67,6 +74,7 @@ def main() -> None:
     ours_s, plain_s = statistics.median(ours_t), statistics.median(plain_t)
     print(json.dumps({
         "bench": "trainer_overhead", "model": a.model, "nproc": a.nproc,
+        "micro_batch": a.micro_batch,
         "ours_step_s": round(ours_s, 5), "plain_step_s": round(plain_s, 5),
         "ours_steps_per_s": round(1 / ours_s, 3), "plain_steps_per_s": round(1 / plain_s, 3),
         "ratio": round(plain_s / ours_s, 3), "target": 0.95,

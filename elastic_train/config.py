@@ -10,25 +10,27 @@ SkyPilot YAMLs set them by these names.
 
 from __future__ import annotations
 
+import argparse
+import ast
 import copy
 import dataclasses
 import difflib
 import hashlib
+import inspect
 import json
 import sys
+import textwrap
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from checkpointing import config as checkpointing_config
+from elastic_train import spec
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-MODEL_SIZES = ("tiny", "small", "base")
-
 
 class ConfigError(ValueError):
     """A configuration the run cannot start with; the message is one line for the user."""
@@ -53,6 +55,10 @@ class DataConfig:
     """Tokens per sample (a sample holds seq_len + 1 tokens: inputs and shifted targets)."""
     batch_size: int = 16
     """Global batch in samples. Independent of the world size: ranks split it between them."""
+    micro_batch: int = 0
+    """Samples per forward/backward on one rank (fixes memory per rank). Each step runs
+    ceil(batch_size / (world x micro_batch)) micro-batches and accumulates their gradients, so a
+    shrinking world lengthens the step instead of growing it. 0: a rank's whole share at once."""
     prefetch: int = 2
     """Steps of data fetched ahead in a background thread."""
 
@@ -128,12 +134,43 @@ class ParallelConfig:
     worker; slow steps get 5 x the p99 of recent ones instead, and a process's first steps the
     collective timeout. Longer than a lapsed rendezvous heartbeat (a vanished peer re-forms the
     world first, spending no restart). 0: off."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them: less
+    memory for about one more forward."""
+    compile: bool = False
+    """torch.compile each block (needs a C++ compiler on CPU, Triton on GPU); the first steps
+    are slower while it compiles."""
+
+
+@dataclass
+class NoticesConfig:
+    """Where the worker looks for preemption notices (elastic_train/notices.py). The `file`
+    source's path is not a key: the node launcher sets ELASTIC_TRAIN_NOTICE_FILE for its
+    workers."""
+
+    sources: str = ""
+    """Comma-separated sources polled (aws, gcp, azure, skypilot, file, signal). Empty:
+    file, signal, skypilot and the cloud SkyPilot names in SKYPILOT_CLUSTER_INFO. file and
+    signal are always added."""
+    interval_s: float = 1.0
+    """Seconds between two polls of every source."""
+    timeout_s: float = 0.3
+    """HTTP timeout of one metadata-server request."""
+    aws_url: str = ""
+    """Base URL of EC2's instance metadata service. Empty: the link-local address."""
+    gcp_url: str = ""
+    """Base URL of GCE's metadata server. Empty: the link-local address."""
+    azure_url: str = ""
+    """Base URL of Azure's instance metadata service. Empty: the link-local address."""
+    skypilot_claim_file: str = ""
+    """The file skylet writes before running preemption hooks. Empty: SkyPilot's own path."""
 
 
 @dataclass
 class Config:
     model: str = "tiny"
-    """Model size: tiny (~1M params), small (~10M), base (~100M)."""
+    """The train spec: a registered name (built-in GPT sizes tiny ~1M params, small ~10M,
+    base ~100M) or package.module:NAME."""
     steps: int = 200
     """Optimizer steps of the whole run (the target step)."""
     seed: int = 0
@@ -143,6 +180,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    notices: NoticesConfig = field(default_factory=NoticesConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -151,6 +189,7 @@ class Config:
         """A hash of everything that changes the math of the run (not where files go)."""
         d = self.to_dict()
         math = {k: d[k] for k in ("model", "steps", "seed", "optim", "parallel")}
+        # micro_batch is left out: it changes memory, not the step's gradient (up to rounding).
         math["data"] = {k: d["data"][k] for k in ("seq_len", "batch_size")}
         return hashlib.sha256(json.dumps(math, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -169,6 +208,100 @@ def _all_keys(cls: type = Config, prefix: str = "") -> dict[str, type]:
         else:
             keys[f"{prefix}{f.name}"] = t
     return keys
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """One config key as `--help` and the README show it."""
+
+    key: str
+    type: str
+    """int, float, str, bool, or the allowed values a|b|c."""
+    default: Any
+    doc: str
+    """The field's attribute docstring, on one line."""
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """Field name -> the docstring under it in the class body (and its bases'), one line each."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object or not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0]
+        assert isinstance(body, ast.ClassDef)
+        for node, after in zip(body.body, body.body[1:], strict=False):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _type_name(t: Any) -> str:
+    if typing.get_origin(t) is Literal:
+        return "|".join(map(str, typing.get_args(t)))
+    return getattr(t, "__name__", str(t))
+
+
+def describe(cls: type = Config, prefix: str = "", instance: Any = None) -> list[KeyDoc]:
+    """Every key of the config in declaration order, with type, default and doc: the one source
+    of `train --help` and the README's table."""
+    instance = cls() if instance is None else instance
+    hints = typing.get_type_hints(cls)
+    docs = _attribute_docs(cls)
+    out: list[KeyDoc] = []
+    for f in dataclasses.fields(cls):
+        if checkpointing_config.is_tuning(f):
+            continue
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += describe(hints[f.name], f"{prefix}{f.name}.", value)
+        else:
+            out.append(KeyDoc(f"{prefix}{f.name}", _type_name(hints[f.name]), value,
+                              docs.get(f.name, "")))
+    return out
+
+
+def markdown_table() -> str:
+    """The README's configuration table (`python -m elastic_train.config` prints it)."""
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for k in describe():
+        default = f"`{k.default}`" if k.default != "" else '`""`'
+        rows.append(f"| `{k.key}` | {k.type} | {default} | {k.doc.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
+
+
+OVERRIDE_DEST = "config:"
+"""Prefix of the argparse destinations that hold config overrides (see `add_arguments`)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--config FILE` and one option per key, grouped by section, for `--help`. Values stay
+    strings (`load` types and checks them, with its one-line errors); an option not given is
+    absent from the namespace. Collect them with `overrides_from`."""
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="TOML file of keys below (sections as tables); the command line "
+                             "beats the file, which beats the defaults")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for k in describe():
+        section = k.key.split(".")[0] if "." in k.key else ""
+        if section not in groups:
+            groups[section] = parser.add_argument_group(
+                f"[{section}]" if section else "run-wide keys")
+        metavar = "{" + k.type.replace("|", ",") + "}" if "|" in k.type else k.type.upper()
+        groups[section].add_argument(
+            f"--{k.key}", dest=OVERRIDE_DEST + k.key, default=argparse.SUPPRESS,
+            metavar=metavar, help=f"{k.doc} (default: {k.default!r})".replace("%", "%%"))
+
+
+def overrides_from(args: argparse.Namespace, rest: list[str]) -> dict[str, Any]:
+    """The overrides of a command line parsed with `add_arguments`: the options argparse took,
+    then the rest (`--section.key=value` spelled with dashes, or an unknown key, which `load`
+    then names)."""
+    taken = {name[len(OVERRIDE_DEST):]: value for name, value in vars(args).items()
+             if name.startswith(OVERRIDE_DEST)}
+    return {**taken, **parse_overrides(rest)}
 
 
 def _coerce(key: str, value: Any, t: type) -> Any:
@@ -273,11 +406,14 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Co
 def validate(config: Config, world_size: int | None = None) -> None:
     """Raise ConfigError for values no run can start with (world_size: checked when known)."""
     checks: list[tuple[bool, str]] = [
-        (config.model in MODEL_SIZES,
-         f"model={config.model!r} is not a known size; expected one of {', '.join(MODEL_SIZES)}"),
+        (spec.is_reference(config.model),
+         f"model={config.model!r} is not a registered spec; expected one of "
+         f"{', '.join(spec.names())} or package.module:NAME"),
         (config.steps >= 1, f"steps={config.steps} must be >= 1"),
         (config.data.seq_len >= 1, f"data.seq_len={config.data.seq_len} must be >= 1"),
         (config.data.batch_size >= 1, f"data.batch_size={config.data.batch_size} must be >= 1"),
+        (config.data.micro_batch >= 0,
+         f"data.micro_batch={config.data.micro_batch} must be >= 0 (0: no accumulation)"),
         (config.data.prefetch >= 0, f"data.prefetch={config.data.prefetch} must be >= 0"),
         (config.optim.lr > 0, f"optim.lr={config.optim.lr} must be > 0"),
         (0 <= config.optim.min_lr_ratio <= 1,
@@ -287,6 +423,10 @@ def validate(config: Config, world_size: int | None = None) -> None:
         (config.optim.grad_clip >= 0, f"optim.grad_clip={config.optim.grad_clip} must be >= 0"),
         (config.run.log_every >= 1, f"run.log_every={config.run.log_every} must be >= 1"),
         (config.run.threads >= 1, f"run.threads={config.run.threads} must be >= 1"),
+        (config.notices.interval_s > 0,
+         f"notices.interval_s={config.notices.interval_s} must be > 0"),
+        (config.notices.timeout_s > 0,
+         f"notices.timeout_s={config.notices.timeout_s} must be > 0"),
     ]
     if world_size is not None:
         checks.append((
@@ -301,3 +441,7 @@ def validate(config: Config, world_size: int | None = None) -> None:
         config.checkpoint.validate(prefix="checkpoint.")
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")

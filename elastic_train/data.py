@@ -20,11 +20,13 @@ import hashlib
 import json
 import os
 import queue
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -41,17 +43,27 @@ SHARD_TOKENS = 1 << 22
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as tokens: vocabulary 256, nothing to download."""
+    """UTF-8 bytes as tokens: vocabulary 256, nothing to download. End of text is byte 0 (NUL),
+    which text files do not contain."""
 
     name = "byte"
     vocab_size = 256
+    eot = 0
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
+
+
+EOT_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
+"""End-of-text tokens looked up, in this order, in a Hugging Face tokenizer's vocabulary."""
+
 
 class HFTokenizer:
-    """A Hugging Face `tokenizers` JSON file (local path or fsspec URL)."""
+    """A Hugging Face `tokenizers` JSON file (local path or fsspec URL). Raises ValueError naming
+    the file when its vocabulary has none of `EOT_TOKENS`."""
 
     def __init__(self, path: str) -> None:
         from tokenizers import Tokenizer
@@ -60,9 +72,18 @@ class HFTokenizer:
             self._tok = Tokenizer.from_str(f.read())
         self.name = f"hf:{os.path.basename(path)}"
         self.vocab_size = self._tok.get_vocab_size()
+        found = [i for t in EOT_TOKENS if (i := self._tok.token_to_id(t)) is not None]
+        if not found:
+            raise ValueError(f"tokenizer {path!r} has no end-of-text token; expected one of "
+                             f"{', '.join(EOT_TOKENS)}")
+        self.eot = found[0]
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text).ids, dtype=np.int64)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Encoded on all cores by the tokenizers library (its own thread pool), in order."""
+        return [np.asarray(e.ids, dtype=np.int64) for e in self._tok.encode_batch(texts)]
 
 
 def embedded_corpus() -> str:
@@ -89,30 +110,89 @@ def _write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None
         fs.pipe_file(path, data)
 
 
+FORMATS = (".txt", ".jsonl", ".parquet")
+"""Input files `prepare` reads, by name ending: a whole text file is one document; a JSON Lines
+file has one document per line (in `field`); a Parquet file one per row (in column `field`)."""
+
+
+def read_documents(url: str, field: str = "text") -> Iterator[str]:
+    """The documents of one input file, in file order. Raises ValueError naming the file (and
+    line) for an unknown format, a line that is not JSON or lacks `field`, or a Parquet file
+    without column `field`; ImportError naming the extra when pyarrow is not installed."""
+    if url.endswith(".jsonl"):
+        with fsspec.open(url, "r", encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)[field]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"{url}:{number} is not a JSON object with a string field "
+                                     f"{field!r}") from None
+                if not isinstance(value, str):
+                    raise ValueError(f"{url}:{number}: field {field!r} is a "
+                                     f"{type(value).__name__}, expected a string")
+                yield value
+    elif url.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError(f"reading {url} needs pyarrow: pip install "
+                              "'elastic-train[parquet]'") from None
+        with fsspec.open(url, "rb") as f:
+            table = pq.ParquetFile(f)
+            if field not in table.schema_arrow.names:
+                raise ValueError(f"{url} has no column {field!r}; its columns: "
+                                 f"{', '.join(table.schema_arrow.names)}")
+            for batch in table.iter_batches(columns=[field]):
+                yield from (v for v in batch.column(0).to_pylist() if v is not None)
+    elif url.endswith(".txt") or "." not in os.path.basename(url):
+        with fsspec.open(url, "r", encoding="utf-8", errors="replace") as f:
+            yield f.read()
+    else:
+        raise ValueError(f"{url}: unknown input format; expected a file ending in "
+                         f"{', '.join(FORMATS)}")
+
+
+def _batches(docs: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def prepare(
     out: str,
     inputs: Iterable[str] = (),
     tokenizer_path: str | None = None,
     shard_tokens: int = SHARD_TOKENS,
+    field: str = "text",
+    progress: bool = False,
 ) -> dict:
-    """Tokenize `inputs` (text files, any fsspec URL; none: the embedded corpus) into `out`.
+    """Tokenize the documents of `inputs` (see `FORMATS`; any fsspec URL; none: the embedded
+    corpus) into `out`, each document followed by the tokenizer's end-of-text token.
 
-    Writes shards first and `index.json` last, so a reader never sees a half-prepared dataset.
-    Running it twice with the same inputs writes the same bytes (safe when nodes race to it).
+    Documents are encoded in batches (in parallel where the tokenizer can), in input order, so
+    the same inputs give the same shards, byte for byte (safe when nodes race to it). Writes
+    shards first and `index.json` last: a reader never sees a half-prepared dataset. `progress`
+    shows a bar of documents on stderr when it is a terminal. Raises ValueError when there is no
+    text, or as `read_documents` does for a bad input; nothing is left that a reader would take
+    as prepared.
     """
+    from tqdm import tqdm
+
     tok = HFTokenizer(tokenizer_path) if tokenizer_path else ByteTokenizer()
     dtype = np.dtype("<u2") if tok.vocab_size <= 1 << 16 else np.dtype("<u4")
     fs, root = fsspec.core.url_to_fs(out)
-    texts: Iterable[str]
     inputs = list(inputs)
-    if inputs:
-        def read_all() -> Iterator[str]:
-            for url in inputs:
-                with fsspec.open(url, "r", encoding="utf-8", errors="replace") as f:
-                    yield f.read()
-        texts = read_all()
-    else:
-        texts = [embedded_corpus()]
+    docs: Iterable[str] = (
+        (d for url in inputs for d in read_documents(url, field)) if inputs
+        else [embedded_corpus()]
+    )
 
     shards: list[dict] = []
     pending: list[np.ndarray] = []
@@ -128,19 +208,24 @@ def prepare(
             shards.append({"path": name, "tokens": int(chunk.size)})
             pending, pending_len = ([rest] if rest.size else []), int(rest.size)
 
-    separator = tok.encode("\n\n")
-    for i, text in enumerate(texts):
-        tokens = tok.encode(text)
-        pending += [separator, tokens] if i else [tokens]
-        pending_len += int(tokens.size) + (int(separator.size) if i else 0)
-        flush(final=False)
+    eot = np.asarray([tok.eot], dtype=np.int64)
+    # disable=None: tqdm draws only on a terminal, so logs and pipes get no bar lines.
+    with tqdm(desc="tokenizing", unit=" docs", disable=None if progress else True,
+              leave=False) as bar:
+        for batch in _batches(docs, 256):
+            for tokens in tok.encode_batch(batch):
+                pending += [tokens, eot]
+                pending_len += int(tokens.size) + 1
+            bar.update(len(batch))
+            flush(final=False)
     flush(final=True)
     if not shards:
         raise ValueError(f"no text found in {inputs or ['the embedded corpus']}")
     index = {
-        "version": 1,
+        "version": 2,
         "tokenizer": tok.name,
         "vocab_size": tok.vocab_size,
+        "eot": int(tok.eot),
         "dtype": dtype.name,
         "shards": shards,
         "total_tokens": sum(s["tokens"] for s in shards),
@@ -256,29 +341,62 @@ def batch_digest(ids: list[int]) -> str:
     return hashlib.sha256(np.asarray(ids, dtype="<i8").tobytes()).hexdigest()[:16]
 
 
+class TokenDataset:
+    """A prepared token dataset as a map-style dataset: item `i` is (inputs, targets) of sample
+    `i`, each `seq_len` tokens, the targets shifted by one."""
+
+    def __init__(self, store: TokenStore, seq_len: int) -> None:
+        self.store, self.seq_len = store, seq_len
+
+    def __len__(self) -> int:
+        return self.store.num_samples(self.seq_len)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.from_numpy(self.store.sample(index, self.seq_len))
+        return tokens[:-1], tokens[1:]
+
+
+def micro_batch_count(batch_size: int, world_size: int, micro_batch: int) -> int:
+    """Micro-batches every rank runs per step: enough for the largest share, the same on every
+    rank (each one's forward and backward are collectives). 0 means one: the whole share."""
+    if micro_batch <= 0:
+        return 1
+    return -(-batch_size // (world_size * micro_batch))
+
+
+def micro_slices(share: int, count: int) -> list[slice]:
+    """`share` items cut into `count` consecutive micro-batches whose sizes differ by at most
+    one, the longer first. A share shorter than `count` leaves empty slices at the end."""
+    q, r = divmod(share, count)
+    return [slice(i * q + min(i, r), (i + 1) * q + min(i + 1, r)) for i in range(count)]
+
+
 @dataclass
 class Batch:
     step: int
     """0-based index of the global batch (the optimizer step this batch feeds, minus one)."""
     global_ids: list[int]
-    inputs: torch.Tensor  # (b, T) this rank's share
-    targets: torch.Tensor  # (b, T)
+    items: list[Any]
+    """This rank's share: the dataset's items, not yet collated."""
 
 
 class DataStream:
-    """This rank's batches from global step `start_step` on, fetched `prefetch` steps ahead.
+    """This rank's share of global batch `start_step`, then of each next one, fetched `prefetch`
+    steps ahead. Items come from any map-style `dataset` (len and getitem), chosen by the pure
+    function `global_batch(step, ...)`, so the stream after a restart at any world size is the
+    one an uninterrupted run would have seen.
 
     A fetch error (storage down) is raised from `next()` on the step that needed it, never lost.
     """
 
     def __init__(
-        self, store: TokenStore, *, seq_len: int, batch_size: int, seed: int,
+        self, dataset: Any, *, batch_size: int, seed: int,
         rank: int, world_size: int, start_step: int, prefetch: int = 2,
     ) -> None:
-        self.store, self.seq_len, self.batch_size, self.seed = store, seq_len, batch_size, seed
-        self.num_samples = store.num_samples(seq_len)
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.num_samples = len(dataset)
         if self.num_samples < 1:
-            raise ValueError(f"dataset {store.uri!r} is shorter than one sample of {seq_len + 1}")
+            raise ValueError(f"dataset {dataset!r} has no samples")
         self.share = rank_slice(batch_size, world_size, rank)
         self._next_step = start_step
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
@@ -292,10 +410,7 @@ class DataStream:
 
     def _load(self, step: int) -> Batch:
         ids = global_batch(step, self.batch_size, self.num_samples, self.seed)
-        mine = ids[self.share]
-        samples = np.stack([self.store.sample(i, self.seq_len) for i in mine])
-        tensor = torch.from_numpy(samples)
-        return Batch(step, ids, tensor[:, :-1].contiguous(), tensor[:, 1:].contiguous())
+        return Batch(step, ids, [self.dataset[i] for i in ids[self.share]])
 
     def _produce(self, step: int) -> None:
         while not self._stop.is_set():
@@ -339,7 +454,12 @@ class DataStream:
 
 
 def _prepare_command(args: argparse.Namespace) -> int:
-    index = prepare(args.out, args.inputs, args.tokenizer, args.shard_tokens)
+    try:
+        index = prepare(args.out, args.inputs, args.tokenizer, args.shard_tokens, args.field,
+                        progress=True)
+    except (ValueError, ImportError, FileNotFoundError) as e:
+        print(f"elastic-train: error: {e}", file=sys.stderr)
+        return 2
     print(
         f"prepared {index['total_tokens']:,} tokens ({index['tokenizer']}, vocab "
         f"{index['vocab_size']}) in {len(index['shards'])} shard(s) at {args.out}"
@@ -350,9 +470,13 @@ def _prepare_command(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="prepare token shards for training")
     sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
-    p = sub.add_parser("prepare", help="tokenize text files into shards + index.json at --out")
+    p = sub.add_parser("prepare", help="tokenize documents into shards + index.json at --out")
     p.add_argument("--out", required=True, help="destination URI (s3://, gs://, file://, path)")
-    p.add_argument("inputs", nargs="*", help="text files (paths or fsspec URLs); none: embedded")
+    p.add_argument("inputs", nargs="*",
+                   help="files ending in .txt (one document each), .jsonl (one per line) or "
+                        ".parquet (one per row); paths or fsspec URLs; none: the embedded corpus")
+    p.add_argument("--field", default="text",
+                   help="the JSON field or Parquet column holding the text (default: text)")
     p.add_argument(
         "--tokenizer", default=None, help="Hugging Face tokenizers JSON file (default: bytes)",
     )

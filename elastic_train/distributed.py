@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
+from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from elastic_train.config import ParallelConfig
-from elastic_train.model import GPT
 from elastic_train.node import contract
+from elastic_train.spec import TrainSpec
 
 
 @dataclass(frozen=True)
@@ -91,17 +95,45 @@ def mixed_precision(cfg: ParallelConfig, device: torch.device) -> MixedPrecision
     return MixedPrecisionPolicy()
 
 
-def shard(model: GPT, world: World, cfg: ParallelConfig) -> GPT:
-    """`model` moved to the world's device and sharded with FSDP2 over a 1-D mesh of the whole
-    world: each block, then the root (embeddings, head).
+def shard_per_block(model: nn.Module, blocks: Sequence[nn.Module],
+                    fsdp_kwargs: dict[str, Any]) -> None:
+    """The default sharding plan: `fully_shard` each block, then the root (what is left:
+    embeddings, head, norms), so that one block's parameters are gathered at a time."""
+    for block in blocks:
+        fully_shard(block, **fsdp_kwargs)
+    fully_shard(model, **fsdp_kwargs)
+
+
+def checkpoint_activations(block: nn.Module) -> None:
+    """Recompute `block`'s activations in the backward pass instead of keeping them: the
+    block's own forward is replaced by a non-reentrant `torch.utils.checkpoint` of it. Parameter
+    names and the state dict are unchanged (no wrapper module), and FSDP2's hooks, which run
+    around the module's call, still gather the parameters for the recomputation."""
+    forward = block.forward
+
+    def recomputed(*args: Any, **kwargs: Any) -> Any:
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    block.forward = recomputed  # type: ignore[method-assign]
+
+
+def shard(model: nn.Module, spec: TrainSpec, world: World, cfg: ParallelConfig) -> nn.Module:
+    """`model` moved to the world's device, with activation checkpointing and `torch.compile`
+    applied per block when configured, then sharded over a 1-D mesh of the whole world by the
+    spec's plan (default `shard_per_block`).
 
     FSDP2 averages gradients over the world (gloo has no pre-multiplied sum, so the divide
-    factor stays); the trainer scales its loss by the world size to turn that back into a sum.
-    """
+    factor stays); the trainer scales the summed gradient by the world size to undo that.
+    A `torch.compile` that cannot compile (no C++ compiler for a CPU build) fails at the first
+    forward, not here."""
     model = model.to(world.device)
+    blocks = list(spec.blocks(model))
+    for block in blocks:
+        if cfg.activation_checkpointing:
+            checkpoint_activations(block)
+        if cfg.compile:
+            block.compile()
     mesh = init_device_mesh(world.device.type, (world.size,))
-    mp = mixed_precision(cfg, world.device)
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    plan = spec.shard or shard_per_block
+    plan(model, blocks, {"mesh": mesh, "mp_policy": mixed_precision(cfg, world.device)})
     return model

@@ -1,8 +1,8 @@
 """A small GPT: a decoder-only transformer, read top to bottom.
 
 Built bottom-up: attention, MLP, a block of both, then the model. No distributed code here: the
-trainer shards the blocks with FSDP2. Shapes in comments use B (batch), T (sequence), C (width),
-H (heads), V (vocabulary).
+trainer shards the blocks with FSDP2 through the specs at the end of this file.
+Shapes in comments use B (batch), T (sequence), C (width), H (heads), V (vocabulary).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from elastic_train.spec import ModelContext, TrainSpec
 
 
 @dataclass(frozen=True)
@@ -112,12 +114,33 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
-def build_model(size: str, block_size: int, vocab_size: int, seed: int) -> GPT:
-    """A GPT of a named size on the CPU, initialised from `seed` (the same full model on every
-    rank; the trainer shards it). Raises ValueError for an unknown size."""
-    torch.manual_seed(seed)
-    return GPT(config_for(size, block_size, vocab_size))
+# ---------------------------------------------------------------------------------------------
+# The built-in sizes as train specs (registered under `elastic_train.specs` in pyproject.toml)
+# ---------------------------------------------------------------------------------------------
 
 
-def num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def gpt_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+             ) -> tuple[torch.Tensor, int]:
+    """Next-token cross-entropy summed over the micro-batch's tokens, and their count."""
+    inputs, targets = batch
+    logits = model(inputs)
+    loss_sum = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               reduction="sum")
+    return loss_sum, targets.numel()
+
+
+def gpt_spec(size: str) -> TrainSpec:
+    """The GPT of a named size, on prepared token shards (`data.seq_len` is its block size)."""
+
+    def build(ctx: ModelContext) -> nn.Module:
+        if ctx.vocab_size is None:
+            raise ValueError(f"the {size} GPT trains on prepared token shards; set data.uri")
+        return GPT(config_for(size, ctx.config.data.seq_len, ctx.vocab_size))
+
+    return TrainSpec(name=f"gpt-{size}", build_model=build, loss=gpt_loss,
+                     blocks=lambda model: model.blocks)
+
+
+TINY = gpt_spec("tiny")
+SMALL = gpt_spec("small")
+BASE = gpt_spec("base")

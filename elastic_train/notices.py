@@ -54,6 +54,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from elastic_train.config import NoticesConfig
+from elastic_train.node.contract import NOTICE_FILE_ENV
+
 log = logging.getLogger(__name__)
 
 # Documented warning times, used only when a source gives no deadline of its own.
@@ -533,30 +536,25 @@ class NoticeWatcher:
         self._fired.set()
 
 
-def build_sources(names: Iterable[str], env: dict[str, str] | None = None,
-                  timeout_s: float = 0.3) -> list[NoticeSource]:
-    """Sources by name (see `SOURCE_NAMES`). Base URLs come from `ELASTIC_TRAIN_AWS_IMDS_URL`,
-    `ELASTIC_TRAIN_GCP_METADATA_URL`, `ELASTIC_TRAIN_AZURE_IMDS_URL`; the skypilot claim file from
-    `ELASTIC_TRAIN_SKYPILOT_CLAIM_FILE`. `file` is skipped when `ELASTIC_TRAIN_NOTICE_FILE` is
-    unset. Raises ValueError naming an unknown source."""
-    env = dict(os.environ) if env is None else env
+def build_sources(names: Iterable[str], cfg: NoticesConfig | None = None,
+                  notice_file: str = "") -> list[NoticeSource]:
+    """Sources by name (see `SOURCE_NAMES`), with base URLs, claim file and timeout from `cfg`
+    (empty: the clouds' own addresses). `file` is skipped when `notice_file` is empty.
+    Raises ValueError naming an unknown source."""
+    cfg = NoticesConfig() if cfg is None else cfg
     sources: list[NoticeSource] = []
     for name in dict.fromkeys(n.strip().lower() for n in names if n.strip()):
         if name == "aws":
-            sources.append(AwsSource(env.get("ELASTIC_TRAIN_AWS_IMDS_URL", AWS_BASE_URL),
-                                     timeout_s))
+            sources.append(AwsSource(cfg.aws_url or AWS_BASE_URL, cfg.timeout_s))
         elif name == "gcp":
-            sources.append(GcpSource(env.get("ELASTIC_TRAIN_GCP_METADATA_URL", GCP_BASE_URL),
-                                     timeout_s))
+            sources.append(GcpSource(cfg.gcp_url or GCP_BASE_URL, cfg.timeout_s))
         elif name == "azure":
-            sources.append(AzureSource(env.get("ELASTIC_TRAIN_AZURE_IMDS_URL", AZURE_BASE_URL),
-                                       max(timeout_s, 0.5)))
+            sources.append(AzureSource(cfg.azure_url or AZURE_BASE_URL, max(cfg.timeout_s, 0.5)))
         elif name == "skypilot":
-            sources.append(SkyPilotSource(env.get("ELASTIC_TRAIN_SKYPILOT_CLAIM_FILE",
-                                                  SKYPILOT_CLAIM_FILE)))
+            sources.append(SkyPilotSource(cfg.skypilot_claim_file or SKYPILOT_CLAIM_FILE))
         elif name == "file":
-            if env.get("ELASTIC_TRAIN_NOTICE_FILE"):
-                sources.append(FileSource(env["ELASTIC_TRAIN_NOTICE_FILE"]))
+            if notice_file:
+                sources.append(FileSource(notice_file))
         elif name == "signal":
             sources.append(SignalSource())
         else:
@@ -565,21 +563,20 @@ def build_sources(names: Iterable[str], env: dict[str, str] | None = None,
     return sources
 
 
-def build_watcher_from_env(env: dict[str, str] | None = None, start: bool = True
-                           ) -> NoticeWatcher:
-    """The watcher a trainer worker wants.
+def build_watcher(cfg: NoticesConfig, env: dict[str, str] | None = None, start: bool = True
+                  ) -> NoticeWatcher:
+    """The watcher a trainer worker wants, from the `[notices]` config section and the two
+    variables others set: ELASTIC_TRAIN_NOTICE_FILE (the node launcher) and
+    SKYPILOT_CLUSTER_INFO (SkyPilot).
 
-    Sources: `ELASTIC_TRAIN_NOTICE_SOURCES` (comma-separated, e.g. `aws,gcp,azure,file,signal`);
-    unset: `file,signal,skypilot`, plus the cloud named in SkyPilot's `SKYPILOT_CLUSTER_INFO`
-    when it is one of aws/gcp/azure. `file` and `signal` are always added: they cost nothing.
-    `ELASTIC_TRAIN_NOTICE_INTERVAL_S` (default 1.0) and `ELASTIC_TRAIN_NOTICE_TIMEOUT_S`
-    (default 0.3) tune polling. The signal source is dropped, with a log line, when not called
-    from the main thread. Raises ValueError for an unknown source name.
+    Sources: `cfg.sources`; empty: `file,signal,skypilot`, plus the cloud named in
+    SKYPILOT_CLUSTER_INFO when it is one of aws/gcp/azure. `file` and `signal` are always added:
+    they cost nothing. The signal source is dropped, with a log line, when not called from the
+    main thread. Raises ValueError for an unknown source name.
     """
     env = dict(os.environ) if env is None else env
-    spec = env.get("ELASTIC_TRAIN_NOTICE_SOURCES", "").strip()
-    if spec:
-        names = [n for n in spec.split(",") if n.strip()]
+    if cfg.sources.strip():
+        names = [n for n in cfg.sources.split(",") if n.strip()]
     else:
         names = list(DEFAULT_SOURCES)
         with contextlib.suppress(ValueError, TypeError, AttributeError):
@@ -587,9 +584,9 @@ def build_watcher_from_env(env: dict[str, str] | None = None, start: bool = True
             if cloud.lower() in ("aws", "gcp", "azure"):
                 names.append(cloud.lower())
     names += ["file", "signal"]
-    sources = build_sources(names, env, float(env.get("ELASTIC_TRAIN_NOTICE_TIMEOUT_S", 0.3)))
+    sources = build_sources(names, cfg, env.get(NOTICE_FILE_ENV, ""))
     if threading.current_thread() is not threading.main_thread():
         log.info("notice watcher built outside the main thread: no signal source")
         sources = [s for s in sources if not isinstance(s, SignalSource)]
-    watcher = NoticeWatcher(sources, float(env.get("ELASTIC_TRAIN_NOTICE_INTERVAL_S", 1.0)))
+    watcher = NoticeWatcher(sources, cfg.interval_s)
     return watcher.start() if start else watcher

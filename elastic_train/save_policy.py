@@ -30,11 +30,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
-from elastic_train.config import CheckpointConfig
+from elastic_train.config import CheckpointConfig, NoticesConfig
 from elastic_train.interval import AdaptiveInterval
 from elastic_train.join_requests import JoinRequests
 from elastic_train.metrics import say
-from elastic_train.notices import Notice, NoticeWatcher, build_watcher_from_env
+from elastic_train.notices import Notice, NoticeWatcher, build_watcher
 
 
 class Save(Enum):
@@ -165,9 +165,9 @@ class SavePolicy(Stateful):
             self.join_requests.close()
 
 
-def build_save_policy(cfg: CheckpointConfig, total_steps: int, is_main: bool,
-                      device: torch.device) -> SavePolicy:
-    """The policy a trainer worker wants: the notice watcher from the environment on every rank;
+def build_save_policy(cfg: CheckpointConfig, notices: NoticesConfig, total_steps: int,
+                      is_main: bool, device: torch.device) -> SavePolicy:
+    """The policy a trainer worker wants: the notice watcher (`notices`) on every rank;
     on rank 0, the adaptive interval (when configured) and the join requests (when its agent runs
     the `c10d-fast` rendezvous). Raises ValueError for an unknown notice source."""
     interval = None
@@ -177,5 +177,5 @@ def build_save_policy(cfg: CheckpointConfig, total_steps: int, is_main: bool,
     # A node waiting to join makes torchrun restart every worker from the newest commit: rank 0
     # saves first when the agents ask (elastic_train.node.rendezvous).
     join_requests = JoinRequests.from_env() if is_main else None
-    return SavePolicy(total_steps, build_watcher_from_env(), every=cfg.every, interval=interval,
+    return SavePolicy(total_steps, build_watcher(notices), every=cfg.every, interval=interval,
                       join_requests=join_requests, is_main=is_main, device=device)

@@ -26,3 +26,25 @@ def gc_paused() -> Iterator[None]:
         gc.freeze()
         if enabled:
             gc.enable()
+
+
+TESTED_TORCH = ">=2.13,<2.14"
+"""The torch releases this code is tested with: the rendezvous handler and DCP I/O reach private
+torch names that move between releases. pyproject.toml requires the same range."""
+
+
+def torch_outside_tested_range(version: str) -> str | None:
+    """One line saying that torch `version` is outside `TESTED_TORCH`, or None when it is
+    inside (a local build suffix such as +cpu or +cu126 is ignored). An unparsable version is
+    reported as outside."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        release = Version(Version(version).base_version)
+    except InvalidVersion:
+        release = None
+    if release is not None and release in SpecifierSet(TESTED_TORCH):
+        return None
+    return (f"warning: torch {version} is outside the tested range torch{TESTED_TORCH}; "
+            "rendezvous and checkpoint I/O use private torch names that may have moved")

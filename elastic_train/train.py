@@ -9,22 +9,27 @@ import sys
 
 from elastic_train import config as config_lib
 from elastic_train import exit_codes
-from elastic_train.startup import gc_paused
+from elastic_train.startup import gc_paused, torch_outside_tested_range
 
 
-def run(config_path: str | None, overrides: list[str]) -> int:
+def run(config_path: str | None, overrides: dict[str, str]) -> int:
     try:
-        config = config_lib.load(config_path, config_lib.parse_overrides(overrides))
+        config = config_lib.load(config_path, overrides)
     except config_lib.ConfigError as e:
         print(f"elastic-train: error: {e}", file=sys.stderr)
         return exit_codes.BAD_CONFIG
     # Imported here so that `--help` and config errors answer without loading torch.
     # On a cold start these are bulk imports (a warm fork has them already): see gc_paused.
     with gc_paused():
+        import torch
         import torch.distributed as dist
 
         from checkpointing import SaveFailed
         from elastic_train.trainer import Trainer
+
+    if (warning := torch_outside_tested_range(torch.__version__)) and \
+            os.environ.get("RANK", "0") == "0":
+        print(f"elastic-train: {warning}", file=sys.stderr, flush=True)
 
     trainer = None
     try:
@@ -63,23 +68,34 @@ def _is_collective_failure(error: BaseException) -> bool:
 
 
 def _train_command(args: argparse.Namespace) -> int:
-    return run(args.config, args.overrides)
+    try:
+        overrides = config_lib.overrides_from(args, args.overrides)
+    except config_lib.ConfigError as e:
+        print(f"elastic-train: error: {e}", file=sys.stderr)
+        return exit_codes.BAD_CONFIG
+    return run(args.config, overrides)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "train", help="train (under torchrun, or as a world of one)",
-        description="Overrides: --section.key=value (e.g. --model small --checkpoint.every 20).",
+        "train", help="train (under torchrun, or as a world of one)", description=DESCRIPTION,
+        allow_abbrev=False,
     )
-    p.add_argument("--config", default=None, help="TOML config file")
+    config_lib.add_arguments(p)
     p.set_defaults(func=_train_command, accepts_overrides=True)
 
 
+DESCRIPTION = ("Every key below is also a TOML key (sections as tables); give it as "
+               "--section.key=value or --section.key value.")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m elastic_train.train")
-    parser.add_argument("--config", default=None, help="TOML config file")
+    parser = argparse.ArgumentParser(prog="python -m elastic_train.train",
+                                     description=DESCRIPTION, allow_abbrev=False)
+    config_lib.add_arguments(parser)
     args, rest = parser.parse_known_args(argv)
-    return run(args.config, rest)
+    args.overrides = rest
+    return _train_command(args)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,15 @@
 """The Trainer: composes model, data stream, optimizer and checkpoints into the step loop.
 
-One step, on every rank: take this rank's share of global batch `s`, forward and backward with
-the loss normalised by the global token count, let FSDP2 sum the gradients, clip, step, then one
-small all-reduce that carries the loss and the save policy's votes (whether any node has a
-preemption notice, whether rank 0 wants this step saved).
+The model, its loss, optimizer and schedule come from the train spec (`elastic_train.spec`) that
+`model` names; nothing here knows which model it trains.
+
+One step, on every rank: take this rank's share of global batch `s`, cut it into the same number
+of micro-batches on every rank (`data.micro_batch`), forward and backward each with the loss
+summed, gradient sync only on the last, then one small all-reduce that carries the loss, the
+count it normalises by (tokens or samples of the whole global batch) and the save policy's votes
+(whether any node has a preemption notice, whether rank 0 wants this step saved). The summed
+gradient is divided by that count, clipped, and the optimizer steps: the step's gradient is the
+full batch's mean at any world size and micro-batch size.
 
 What happens on failure:
 - A peer's node vanishes: its agent's heartbeats stop, and every surviving agent stops its
@@ -35,21 +41,23 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.fsdp import FSDPModule
+from torch.utils.data import default_collate
 
 from checkpointing import CheckpointManager, ModelOptimizerState
 from elastic_train import data, distributed, exit_codes
-from elastic_train.config import Config, ParallelConfig, validate
+from elastic_train.config import Config, ConfigError, ParallelConfig, validate
 from elastic_train.events import Event
 from elastic_train.goodput import store
 from elastic_train.metrics import MetricsLog, progress_line, say
-from elastic_train.model import build_model, num_params
 from elastic_train.node.contract import AGENT_PID_ENV
 from elastic_train.notices import Notice
 from elastic_train.optim import build_optimizer, lr_at
 from elastic_train.save_policy import Save, build_save_policy
+from elastic_train.spec import Dataset, ModelContext, SpecError, TrainSpec, resolve
 
 POLICY_KEY = "policy"
 """The save policy's entry in a checkpoint, beside "app" (model and optimizer) and "trainer"."""
@@ -155,6 +163,17 @@ def _process_age_s() -> float:
         return 0.0
 
 
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """A collated micro-batch (tensors in tuples, lists, dicts) with its tensors on `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
 def checkpoint_uri(config: Config) -> str:
     """`checkpoint.uri`, or `{run.dir}/checkpoints` when it is empty."""
     if config.checkpoint.uri:
@@ -167,17 +186,40 @@ def build_metrics(config: Config, world: distributed.World) -> MetricsLog:
     return MetricsLog(os.path.join(config.run.dir, "metrics.jsonl") if world.is_main else None)
 
 
-def build_token_store(config: Config, world: distributed.World) -> data.TokenStore:
-    """The configured dataset, or the embedded corpus prepared under run.dir on first use.
-    Each node's first worker prepares it (identical bytes, atomic writes), then all wait (a
-    collective: raises as one does when a peer is gone)."""
+def build_spec(config: Config) -> TrainSpec:
+    """The train spec `model` names; raises ConfigError (one line) when it names none."""
+    try:
+        return resolve(config.model)
+    except SpecError as e:
+        raise ConfigError(str(e)) from None
+
+
+def build_dataset(config: Config, spec: TrainSpec, world: distributed.World
+                  ) -> tuple[Dataset, int | None]:
+    """The spec's own map-style dataset (vocabulary None), else the prepared token shards at
+    `data.uri`, or the embedded corpus prepared under run.dir on first use. Each node's first
+    worker prepares it (identical bytes, atomic writes), then all wait (a collective: raises as
+    one does when a peer is gone)."""
+    if spec.dataset is not None:
+        return spec.dataset(config), None
     uri = config.data.uri
     if not uri:
         uri = os.path.abspath(os.path.join(config.run.dir, "data"))
         if world.local_rank == 0 and not data.is_prepared(uri):
             data.prepare(uri)
         dist.barrier()
-    return data.TokenStore(uri)
+    store = data.TokenStore(uri)
+    return data.TokenDataset(store, config.data.seq_len), store.vocab_size
+
+
+def build_model(config: Config, spec: TrainSpec, vocab_size: int | None,
+                world: distributed.World) -> tuple[nn.Module, int]:
+    """The spec's model built from `seed` (the same full model on every rank), then moved and
+    sharded; with its parameter count."""
+    torch.manual_seed(config.seed)
+    model = spec.build_model(ModelContext(config, vocab_size))
+    n_params = sum(p.numel() for p in model.parameters())
+    return distributed.shard(model, spec, world, config.parallel), n_params
 
 
 def build_checkpointer(config: Config, world: distributed.World,
@@ -215,6 +257,8 @@ class Trainer(Stateful):
         self.config = config
         self.config_digest = config.digest()
         self.step = 0
+        self.last_count = 0
+        """The global batch's count (tokens or samples) of the last step."""
         self.world = distributed.init(config.parallel)
         self.startup["process_group"] = time.time()
         validate(config, self.world.size)
@@ -222,15 +266,17 @@ class Trainer(Stateful):
             torch.set_num_threads(config.run.threads)
         os.makedirs(config.run.dir, exist_ok=True)
         self.metrics = build_metrics(config, self.world)
-        self.store = build_token_store(config, self.world)
-        model = build_model(config.model, config.data.seq_len, self.store.vocab_size, config.seed)
-        self.n_params = num_params(model)
-        self.model = distributed.shard(model, self.world, config.parallel)
-        self.optimizer = build_optimizer(self.model, config.optim)
+        self.spec = build_spec(config)
+        self.dataset, vocab_size = build_dataset(config, self.spec, self.world)
+        self.model, self.n_params = build_model(config, self.spec, vocab_size, self.world)
+        self.optimizer = (self.spec.build_optimizer or build_optimizer)(self.model, config.optim)
+        self.lr_at = self.spec.lr_at or lr_at
+        self.micro_batches = data.micro_batch_count(config.data.batch_size, self.world.size,
+                                                    config.data.micro_batch)
         # Only rank 0 decides when to save (the others learn it in the step's all-reduce), so
         # only rank 0 keeps the adaptive interval and the ledger.
-        self.save_policy = build_save_policy(config.checkpoint, config.steps, self.world.is_main,
-                                             self.world.device)
+        self.save_policy = build_save_policy(config.checkpoint, config.notices, config.steps,
+                                             self.world.is_main, self.world.device)
         self.ledger = build_ledger(config, self.metrics, self.world)
         self.checkpoints = build_checkpointer(config, self.world, self._on_checkpoint_event)
         self.state = {"app": ModelOptimizerState(self.model, self.optimizer), "trainer": self,
@@ -262,28 +308,51 @@ class Trainer(Stateful):
     def _train_step(self, step: int, batch: data.Batch, lr: float, notice: Notice | None
                     ) -> tuple[float, Save]:
         """One optimizer step. Returns the global mean loss and what all ranks agreed, in the
-        same all-reduce, to do about saving this step (`SavePolicy.votes`)."""
+        same all-reduce, to do about saving this step (`SavePolicy.votes`).
+        Raises ValueError when the global batch's count is 0 (the spec's loss counted nothing)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        inputs = batch.inputs.to(self.world.device, non_blocking=True)
-        targets = batch.targets.to(self.world.device, non_blocking=True)
-        logits = self.model(inputs)
-        loss_sum = F.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), targets.view(-1), reduction="sum"
-        )
-        global_tokens = self.config.data.batch_size * self.config.data.seq_len
-        # Each rank's loss is its share of the global mean; FSDP2 averages gradients over the
-        # world, so scaling by the world size makes that average the full-batch gradient.
-        (loss_sum * (self.world.size / global_tokens)).backward()
+        model, device = self.model, self.world.device
+        slices = data.micro_slices(len(batch.items), self.micro_batches)
+        loss_sum = torch.zeros((), device=device)
+        count = 0
+        for i, part in enumerate(slices):
+            # Every rank runs the same number of micro-batches (each is a collective). A share
+            # too short for one of them repeats its first item with weight 0: it takes part in
+            # the collectives and adds nothing to the gradient.
+            items, weight = (batch.items[part], 1) if part.stop > part.start else \
+                (batch.items[:1], 0)
+            micro = _to_device(default_collate(items), device)
+            if isinstance(model, FSDPModule):  # a spec's own plan may leave the root unsharded
+                # Reduce-scatter once, after the last micro-batch; until then gradients add up
+                # unsharded on each rank.
+                model.set_requires_gradient_sync(i == len(slices) - 1)
+            part_sum, part_count = self.spec.loss(model, micro)
+            if weight == 0:
+                part_sum, part_count = part_sum * 0, 0
+            part_sum.backward()
+            loss_sum += part_sum.detach().float()
+            count += int(part_count)
+        # float64: a count of tokens stays exact far beyond fp32's 2**24.
+        stats = torch.cat([loss_sum.double().view(1), torch.tensor(
+            [count, *self.save_policy.votes(step, notice)], dtype=torch.float64, device=device)])
+        dist.all_reduce(stats)
+        total, global_count, *summed = stats.tolist()
+        if global_count <= 0:
+            raise ValueError(f"the spec {self.spec.name!r} counted 0 for global batch {step - 1}: "
+                             "its loss must return the number it normalises by")
+        # FSDP2 averaged the gradients over the world: times the world size it is the gradient
+        # of the global loss sum; over the global count, that of the global mean.
+        scale = self.world.size / global_count
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
         if self.config.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.config.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        votes = torch.tensor(self.save_policy.votes(step, notice), device=self.world.device)
-        stats = torch.cat([loss_sum.detach().float().view(1), votes])
-        dist.all_reduce(stats)
-        loss, *summed = stats.tolist()
-        return loss / global_tokens, self.save_policy.decide(summed)
+        self.last_count = int(global_count)
+        return total / global_count, self.save_policy.decide(summed)
 
     def run(self) -> int:
         """Train from the newest commit to `steps`, save the final step, write final_model.pt.
@@ -301,24 +370,25 @@ class Trainer(Stateful):
                                       for i, (name, t) in enumerate(marks) if i > 0})
         if world.is_main:
             where = f"step {restored}" if restored is not None else "scratch"
-            say(f"training {cfg.model} ({self.n_params / 1e6:.1f}M params) on {world.size} "
-                f"{world.device.type} rank(s) from {where} to step {cfg.steps}")
+            say(f"training {self.spec.name} ({self.n_params / 1e6:.1f}M params) on "
+                f"{world.size} {world.device.type} rank(s), {self.micro_batches} micro-batch(es) "
+                f"per step, from {where} to step {cfg.steps}")
         stream = data.DataStream(
-            self.store, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
-            seed=cfg.seed, rank=world.rank, world_size=world.size, start_step=start,
-            prefetch=cfg.data.prefetch,
+            self.dataset, batch_size=cfg.data.batch_size, seed=cfg.seed, rank=world.rank,
+            world_size=world.size, start_step=start, prefetch=cfg.data.prefetch,
         )
-        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         t_start, t_last = time.time(), time.time()
         try:
             for step in range(start + 1, cfg.steps + 1):
                 notice = self.save_policy.pending_notice()
                 with self.step_timer():
                     batch = next(stream)
-                    lr = lr_at(step - 1, cfg.steps, cfg.optim)
+                    lr = self.lr_at(step - 1, cfg.steps, cfg.optim)
                     loss, save = self._train_step(step, batch, lr, notice)
                 now = time.time()
                 step_time, t_last = now - t_last, now
+                # The loss's own unit: tokens for a language model, samples for a classifier.
+                tokens_per_step = self.last_count
                 self.step = step
                 self.save_policy.observe_step_time(step_time)
                 self.metrics.write({

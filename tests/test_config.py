@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import sys
@@ -77,7 +78,9 @@ def test_the_checkpoint_section_is_what_the_manager_takes():
 @pytest.mark.parametrize("overrides,message", [
     ({"checkpont.every": "5"},
      "unknown config key 'checkpont.every' (did you mean 'checkpoint.every'?)"),
-    ({"model": "huge"}, "model='huge' is not a known size; expected one of tiny, small, base"),
+    ({"model": "huge"}, "model='huge' is not a registered spec; expected one of base, small, "
+                        "tiny or package.module:NAME"),
+    ({"data.micro_batch": "-1"}, "data.micro_batch=-1 must be >= 0 (0: no accumulation)"),
     ({"steps": "0"}, "steps=0 must be >= 1"),
     ({"steps": "ten"}, "steps='ten' is not a valid int"),
     ({"checkpoint.mode": "later"}, "checkpoint.mode='later' is not one of async, sync"),
@@ -114,7 +117,33 @@ def test_cli_prints_one_line_and_exits_2_on_a_bad_key(tmp_path: Path):
         "elastic-train: error: unknown config key 'stepz' (did you mean 'steps'?)"
 
 
-def test_readme_documents_every_config_key():
+def test_readme_table_is_the_one_generated_from_the_dataclasses():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    missing = [k for k in cfg._all_keys() if f"| `{k}` |" not in readme]
-    assert not missing, f"README's configuration table lacks {missing}"
+    assert cfg.markdown_table() in readme, \
+        "README's configuration table is stale: paste `python -m elastic_train.config`"
+    assert [k.key for k in cfg.describe()] == list(cfg._all_keys())
+    assert all(k.doc for k in cfg.describe()), "every key needs a docstring"
+
+
+def test_train_help_lists_every_key_with_type_default_and_doc():
+    proc = subprocess.run([sys.executable, "-m", "elastic_train.cli", "train", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    for k in cfg.describe():
+        assert f"--{k.key} " in text, k.key
+        assert f"(default: {k.default!r})" in text, k.key
+        assert " ".join(k.doc.split()[:4]) in text, k.key
+    assert "--checkpoint.mode {async,sync}" in text
+
+
+@pytest.mark.parametrize("argv", [
+    ["--model", "small", "--checkpoint.every=20", "--data.seq-len", "64"],
+    ["--model=small", "--checkpoint.every", "20", "--data.seq_len=64"],
+])
+def test_both_override_spellings_reach_the_config(argv: list[str]):
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    cfg.add_arguments(parser)
+    args, rest = parser.parse_known_args(argv)
+    c = cfg.load(args.config, cfg.overrides_from(args, rest))
+    assert (c.model, c.checkpoint.every, c.data.seq_len) == ("small", 20, 64)

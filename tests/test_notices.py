@@ -14,6 +14,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from elastic_train.config import NoticesConfig
+from elastic_train.config import load as load_config
+from elastic_train.node.contract import NOTICE_FILE_ENV
 from elastic_train.notices import (
     AwsSource,
     AzureSource,
@@ -24,7 +27,7 @@ from elastic_train.notices import (
     NoticeWatcher,
     SignalSource,
     SkyPilotSource,
-    build_watcher_from_env,
+    build_watcher,
 )
 
 
@@ -397,23 +400,22 @@ def test_a_broken_source_does_not_kill_the_watcher(tmp_path):
         assert watcher.wait(2.0) is not None
 
 
-def test_build_watcher_from_env_picks_sources(tmp_path, serve):
+def test_build_watcher_picks_sources_from_config_and_skypilot(tmp_path, serve):
     cloud = serve(aws_imds)
-    env = {"ELASTIC_TRAIN_NOTICE_SOURCES": "aws", "ELASTIC_TRAIN_AWS_IMDS_URL": cloud.url,
-           "ELASTIC_TRAIN_NOTICE_FILE": str(tmp_path / "n")}
-    watcher = build_watcher_from_env(env, start=False)
+    cfg = load_config(None, {"notices.sources": "aws", "notices.aws_url": cloud.url}).notices
+    watcher = build_watcher(cfg, {NOTICE_FILE_ENV: str(tmp_path / "n")}, start=False)
     assert watcher.sources == ["aws", "file", "signal"]
     env = {"SKYPILOT_CLUSTER_INFO": json.dumps({"cloud": "GCP", "region": "us-central1"})}
-    assert sorted(build_watcher_from_env(env, start=False).sources) == ["gcp", "signal", "skypilot"]
+    assert sorted(build_watcher(NoticesConfig(), env, start=False).sources) == \
+        ["gcp", "signal", "skypilot"]
     with pytest.raises(ValueError, match="unknown notice source 'ibm'"):
-        build_watcher_from_env({"ELASTIC_TRAIN_NOTICE_SOURCES": "aws,ibm"}, start=False)
+        build_watcher(NoticesConfig(sources="aws,ibm"), {}, start=False)
 
 
-def test_build_watcher_from_env_end_to_end_with_a_file(tmp_path):
+def test_build_watcher_end_to_end_with_a_file(tmp_path):
     path = tmp_path / "notice"
-    env = {"ELASTIC_TRAIN_NOTICE_FILE": str(path), "ELASTIC_TRAIN_NOTICE_INTERVAL_S": "0.02",
-           "ELASTIC_TRAIN_SKYPILOT_CLAIM_FILE": str(tmp_path / "claim")}
-    with build_watcher_from_env(env) as watcher:
+    cfg = NoticesConfig(interval_s=0.02, skypilot_claim_file=str(tmp_path / "claim"))
+    with build_watcher(cfg, {NOTICE_FILE_ENV: str(path)}) as watcher:
         assert watcher.pending() is None
         deadline = time.time() + 10
         tmp = tmp_path / "notice.tmp"

@@ -1,0 +1,1 @@
+"""A classifier of points on interleaved spirals, trained elastically by elastic-train."""
