@@ -42,6 +42,21 @@ class RunConfig:
     """Rank 0 prints a progress line every this many steps."""
     threads: int = 1
     """torch intra-op threads per worker (CPU). Keep workers x threads <= cores."""
+    name: str = ""
+    """The run's name (the W&B run id). Empty: made from the checkpoint URI, which is the same
+    on every relaunch."""
+    flush_s: float = 5.0
+    """Rank 0 writes the metrics lines it holds as a new segment under the checkpoint URI this
+    often (and at once after a commit). A killed rank 0 loses at most this many seconds of
+    lines that were not committed."""
+    tensorboard: bool = False
+    """Write TensorBoard event files under `{checkpoint.uri}/tensorboard/` (extra
+    `tensorboard`)."""
+    wandb: bool = False
+    """Log to Weights & Biases, run id `run.name`, resumed on relaunch (extra `wandb`; W&B
+    reads WANDB_API_KEY / WANDB_MODE from the environment)."""
+    wandb_project: str = "elastic-train"
+    """The W&B project of the run."""
 
 
 @dataclass
@@ -281,6 +296,7 @@ def validate(config: Config, world_size: int | None = None) -> None:
         (config.optim.grad_clip >= 0, f"optim.grad_clip={config.optim.grad_clip} must be >= 0"),
         (config.run.log_every >= 1, f"run.log_every={config.run.log_every} must be >= 1"),
         (config.run.threads >= 1, f"run.threads={config.run.threads} must be >= 1"),
+        (config.run.flush_s > 0, f"run.flush_s={config.run.flush_s} must be > 0"),
     ]
     if world_size is not None:
         checks.append((
