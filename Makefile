@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[test,sky,hf]'
+	$(PY) -m pip install -q -e '.[test,sky,hf,tensorboard,wandb]'
 	touch $@
 
 demo: $(STAMP)

@@ -142,9 +142,15 @@ class WandbRun:
                 self.last_step = step
 
     def close(self) -> None:
+        """Finish the run and wait until W&B has written (or sent) all of it."""
         if self.run is not None:
+            import wandb
+
             self.run.finish()
             self.run = None
+            # finish() may return before W&B's service has written the last records; the
+            # teardown waits for it (this process's only W&B run is over).
+            wandb.teardown()
 
 
 def run_name(config: Config, run_uri: str) -> str:
