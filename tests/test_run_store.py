@@ -183,3 +183,69 @@ def test_layout_names_sort_by_time(two_clusters) -> None:
     firsts = [json.loads(Storage(uri).read_bytes(f"{METRICS_DIR}/{n}").split(b"\n")[0])["time"]
               for n in names]
     assert firsts == sorted(firsts)
+
+
+# --- a chaos run whose rank 0 moves, then another cluster --------------------------------------
+
+MOVING_RANK0 = {
+    "name": "rank0-moves", "nodes": 2, "min_nodes": 1, "max_nodes": 2, "storage": "file",
+    "seed": 5,
+    "train": {"model": "tiny", "steps": 16, "checkpoint.every": 4, "data.batch_size": 4,
+              "data.seq_len": 32, "run.tensorboard": True, "run.flush_s": 0.5},
+    # Node 0 holds rank 0: killing it (SIGKILL, no notice) makes node 1's worker rank 0.
+    "faults": [{"kind": "kill_node", "node": 0, "at_step": 10}],
+}
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(900)
+def test_rank0_moving_and_another_cluster_keep_one_history(tmp_path: Path) -> None:
+    from chaos import scenario as scenario_lib
+    from chaos.backends import prepared_data
+    from chaos.harness import Options, run_scenario
+
+    cache = tmp_path / "cache"
+    rep = run_scenario(scenario_lib.from_dict(MOVING_RANK0, "test"),
+                       Options(out=tmp_path / "chaos", cache=cache, timeout_s=300,
+                               log=lambda message: None))
+    failed = {k: v["detail"] for k, v in rep["invariants"].items() if not v["ok"]}
+    assert not failed and rep["faults_not_fired"] == [], failed
+    uri = rep["run_uri"]
+    # "Another cluster": its own run.dir, the same run URI, after the first stopped.
+    other = tmp_path / "other-cluster"
+    train(other, 1, f"--checkpoint.uri={uri}", "--steps=24", f"--data.uri={prepared_data(cache)}",
+          "--run.tensorboard=true", *SHAPE)
+
+    history = RunStore(uri).records()
+    for record in history:
+        validate_record(record)
+    steps = [int(r["step"]) for r in history if is_step(r)]
+    assert sorted(set(steps)) == list(range(1, 25)), "every step is in the history"
+    starts = [(r["world_size"], r["restored_step"]) for r in history
+              if r.get("event") == Event.START]
+    assert starts[0] == (2, None) and starts[-1] == (1, 16)
+    moved = [restored for world, restored in starts[1:-1] if world == 1]
+    assert moved and moved[0] is not None, \
+        "after node 0 died, the worker on node 1 (now rank 0) resumed from a commit"
+    # Steps written twice are only those a restart rolled back (after its commit).
+    assert all(moved[0] < s <= 16 for s in steps if steps.count(s) > 1)
+
+    kept = ledger_store.read_ledger(uri)
+    assert kept is not None and kept.state == "done" and kept.last_step == 24
+    assert kept.steps.useful == 24 and len(kept.incarnations) >= 3
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    copy = tmp_path / "tb"
+    storage = Storage(uri)
+    for name in storage.list_files("tensorboard"):
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        (copy / name).write_bytes(storage.read_bytes(f"tensorboard/{name}"))
+    acc = EventAccumulator(str(copy))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 25))
+
+    uploaded = RunStore(uri).read_final_weights()
+    final = final_weights(other)
+    assert set(uploaded) == set(final)
+    assert all(torch.equal(uploaded[k], final[k]) for k in final)
