@@ -194,10 +194,11 @@ class SegmentSink:
         """Flush what is left and stop the thread; consumers are closed if they can be."""
         if self._closing:
             return
+        deadline = time.monotonic() + self.close_timeout_s
         self.flush()
         self._closing = True
         self._wake.set()
-        self._thread.join(timeout=self.close_timeout_s)
+        self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
         for consumer in self.consumers:
             close = getattr(consumer, "close", None)
             if close is not None:
