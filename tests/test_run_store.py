@@ -141,7 +141,11 @@ def test_the_ledger_and_report_cover_both_clusters(two_clusters, tmp_path: Path,
     doc = json.loads(capsys.readouterr().out)
     assert doc["last_step"] == 12 and len(doc["incarnations"]) == 2
     assert main(["report", uri, "--plot", str(tmp_path / "l.png")]) == 0
-    assert "state: done" in capsys.readouterr().out and (tmp_path / "l.png").exists()
+    table = capsys.readouterr().out
+    assert "state: done" in table and (tmp_path / "l.png").exists()
+    assert "history: 2 incarnation(s)" in table
+    assert "world 2, from scratch: steps 1-8" in table
+    assert "world 1, from step 8: steps 9-12" in table
 
 
 def test_tensorboard_reader_shows_every_step_once(two_clusters, tmp_path: Path) -> None:

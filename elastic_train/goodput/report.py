@@ -78,7 +78,23 @@ def format_table(ledger: Ledger, title: str) -> str:
         out.append(f"spot / on-demand: {c.spot_over_on_demand:.2f}")
     if c.spot_usd is None and c.on_demand_fault_free_usd is None:
         out.append("cost: no prices given (--spot-price, --on-demand-price, USD per node-hour)")
+    out += ["", *format_history(ledger)]
     return "\n".join(out)
+
+
+def format_history(ledger: Ledger, most: int = 20) -> list[str]:
+    """One line per incarnation (each start, on whichever cluster): when, world size, what it
+    restored and which steps it ran; the last `most` when there are more."""
+    incs = ledger.incarnations
+    lines = [f"history: {len(incs)} incarnation(s)"]
+    if len(incs) > most:
+        lines.append(f"  ... {len(incs) - most} earlier ones")
+    t0 = ledger.first_time or 0.0
+    for inc in incs[-most:]:
+        restored = "scratch" if inc.restored_step is None else f"step {inc.restored_step}"
+        ran = "no steps" if inc.first_step is None else f"steps {inc.first_step}-{inc.last_step}"
+        lines.append(f"  +{_hms(inc.start - t0)} world {inc.world_size}, from {restored}: {ran}")
+    return lines
 
 
 def plot(ledger: Ledger, path: str, title: str = "") -> str:
