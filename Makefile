@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q -e '.[test,sky,hf,parquet]'
+	$(PY) -m pip install -q -e '.[test,sky,hf,parquet,tensorboard,wandb]'
 	touch $@
 
 demo: $(STAMP)

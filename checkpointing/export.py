@@ -15,6 +15,7 @@ failed export never leaves a half-written file under the name asked for.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 from pathlib import Path
 from typing import Literal
@@ -63,6 +64,17 @@ def read_model_weights(storage: Storage, step: int | None = None, prefix: str = 
         raise ValueError(f"step {info.step} under {storage.url} has no tensors under {prefix!r}")
     dcp.load(weights, storage_reader=reader, no_dist=True)
     return info.step, {fqn[len(head):]: t for fqn, t in weights.items()}
+
+
+def encode_weights(weights: dict[str, torch.Tensor], fmt: Format) -> bytes:
+    """`weights` as the bytes of a safetensors or `torch.save` file (for an object store)."""
+    if fmt == "safetensors":
+        from safetensors.torch import save
+
+        return save({k: v.contiguous() for k, v in weights.items()})
+    buffer = io.BytesIO()
+    torch.save(weights, buffer)
+    return buffer.getvalue()
 
 
 def write_weights(weights: dict[str, torch.Tensor], out: Path, fmt: Format) -> None:

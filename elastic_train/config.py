@@ -44,6 +44,21 @@ class RunConfig:
     """Rank 0 prints a progress line every this many steps."""
     threads: int = 1
     """torch intra-op threads per worker (CPU). Keep workers x threads <= cores."""
+    name: str = ""
+    """The run's name (the W&B run id). Empty: made from the checkpoint URI, which is the same
+    on every relaunch."""
+    flush_s: float = 5.0
+    """Rank 0 writes the metrics lines it holds as a new segment under the checkpoint URI this
+    often (and at once after a commit). A killed rank 0 loses at most this many seconds of
+    lines that were not committed."""
+    tensorboard: bool = False
+    """Write TensorBoard event files under `{checkpoint.uri}/tensorboard/` (extra
+    `tensorboard`)."""
+    wandb: bool = False
+    """Log to Weights & Biases, run id `run.name`, resumed on relaunch (extra `wandb`; W&B
+    reads WANDB_API_KEY / WANDB_MODE from the environment)."""
+    wandb_project: str = "elastic-train"
+    """The W&B project of the run."""
 
 
 @dataclass
@@ -427,6 +442,7 @@ def validate(config: Config, world_size: int | None = None) -> None:
          f"notices.interval_s={config.notices.interval_s} must be > 0"),
         (config.notices.timeout_s > 0,
          f"notices.timeout_s={config.notices.timeout_s} must be > 0"),
+        (config.run.flush_s > 0, f"run.flush_s={config.run.flush_s} must be > 0"),
     ]
     if world_size is not None:
         checks.append((

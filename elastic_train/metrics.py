@@ -14,9 +14,9 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
 from elastic_train.events import Event
 
@@ -27,15 +27,27 @@ STEP = "step"
 """The schema's name for a step line (it has no `"event"`)."""
 
 
-class MetricsLog:
-    """Appends JSON lines to `path`. Thread-safe: checkpoint events arrive from a background
-    thread. Each line is flushed at once, so a killed worker loses at most the line it was
-    writing, and readers (the chaos harness) may tail the file while the run goes on."""
+class MetricsSink(Protocol):
+    """Somewhere else each line goes (the run's segments under its URI: `run_store`)."""
 
-    def __init__(self, path: str | None) -> None:
+    def add(self, record: Mapping[str, Any]) -> None:
+        """Take one stamped line; must return at once (the step loop is waiting)."""
+
+    def close(self) -> None:
+        """Deliver what is left; must not raise."""
+
+
+class MetricsLog:
+    """Appends JSON lines to `path`, and hands each to `sinks`. Thread-safe: checkpoint events
+    arrive from a background thread. Each line is flushed at once, so a killed worker loses at
+    most the line it was writing, and readers (the chaos harness) may tail the file while the
+    run goes on."""
+
+    def __init__(self, path: str | None, sinks: Sequence[MetricsSink] = ()) -> None:
         self._lock = threading.Lock()
         self._file = None
         self.path = path
+        self.sinks = list(sinks)
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self._file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
@@ -45,19 +57,25 @@ class MetricsLog:
         without a path; raises OSError when the disk refuses the line."""
         if self._file is None:
             return
-        line = json.dumps({**record, "time": record.get("time", time.time())})
+        stamped = {**record, "time": record.get("time", time.time())}
+        line = json.dumps(stamped)
         with self._lock:
             self._file.write(line + "\n")
+        for sink in self.sinks:
+            sink.add(stamped)
 
     def event(self, name: Event, **fields: Any) -> None:
         """Append an event line: `{"event": name, **fields}` (the fields its schema asks for)."""
         self.write({"event": name, **fields})
 
     def close(self) -> None:
+        """Close the file, then the sinks (each delivers what it holds)."""
         with self._lock:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+        for sink in self.sinks:
+            sink.close()
 
 
 # --- reading ---------------------------------------------------------------------------------

@@ -48,14 +48,17 @@ from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import default_collate
 
 from checkpointing import CheckpointManager, ModelOptimizerState
+from checkpointing.errors import StorageError
 from elastic_train import data, distributed, exit_codes
 from elastic_train.config import Config, ConfigError, ParallelConfig, validate
+from elastic_train.dashboards import build_dashboards, check_packages
 from elastic_train.events import Event
 from elastic_train.goodput import store
 from elastic_train.metrics import MetricsLog, progress_line, say
 from elastic_train.node.contract import AGENT_PID_ENV
 from elastic_train.notices import Notice
 from elastic_train.optim import build_optimizer, lr_at
+from elastic_train.run_store import RunStore, SegmentSink
 from elastic_train.save_policy import Save, build_save_policy
 from elastic_train.spec import Dataset, ModelContext, SpecError, TrainSpec, resolve
 
@@ -181,9 +184,24 @@ def checkpoint_uri(config: Config) -> str:
     return "file://" + os.path.abspath(os.path.join(config.run.dir, "checkpoints"))
 
 
-def build_metrics(config: Config, world: distributed.World) -> MetricsLog:
-    """metrics.jsonl under run.dir, written by rank 0; other ranks' log writes nothing."""
-    return MetricsLog(os.path.join(config.run.dir, "metrics.jsonl") if world.is_main else None)
+def build_run_home(config: Config, world: distributed.World) -> SegmentSink | None:
+    """Rank 0: the sink that keeps the run's history (and its dashboards) under the checkpoint
+    URI (`run_store`); None on other ranks. Raises ConfigError when a dashboard's package is
+    missing (on every rank)."""
+    check_packages(config)
+    if not world.is_main:
+        return None
+    store = RunStore(checkpoint_uri(config))
+    return SegmentSink(store, config.run.flush_s, build_dashboards(config, store))
+
+
+def build_metrics(config: Config, world: distributed.World, home: SegmentSink | None
+                  ) -> MetricsLog:
+    """metrics.jsonl under run.dir and the run's home, written by rank 0; other ranks' log
+    writes nothing."""
+    if not world.is_main:
+        return MetricsLog(None)
+    return MetricsLog(os.path.join(config.run.dir, "metrics.jsonl"), [home] if home else [])
 
 
 def build_spec(config: Config) -> TrainSpec:
@@ -232,12 +250,14 @@ def build_checkpointer(config: Config, world: distributed.World,
                              config_digest=config.digest(), on_event=on_event)
 
 
-def build_ledger(config: Config, metrics: MetricsLog, world: distributed.World
-                 ) -> store.LedgerWriter | None:
-    """Rank 0 keeps ledger.json beside the checkpoints current, for goodput reports."""
-    if not world.is_main or metrics.path is None:
+def build_ledger(config: Config, home: SegmentSink | None) -> store.LedgerWriter | None:
+    """Rank 0 keeps ledger.json beside the checkpoints current, for goodput reports: computed
+    from the run's whole history under its URI, after each segment holding a commit."""
+    if home is None:
         return None
-    return store.LedgerWriter(checkpoint_uri(config), metrics.path)
+    ledger = store.LedgerWriter(checkpoint_uri(config), home.store.records)
+    home.consumers.append(ledger.on_batch)
+    return ledger
 
 
 class Trainer(Stateful):
@@ -265,7 +285,8 @@ class Trainer(Stateful):
         if self.world.device.type == "cpu":
             torch.set_num_threads(config.run.threads)
         os.makedirs(config.run.dir, exist_ok=True)
-        self.metrics = build_metrics(config, self.world)
+        self.home = build_run_home(config, self.world)
+        self.metrics = build_metrics(config, self.world, self.home)
         self.spec = build_spec(config)
         self.dataset, vocab_size = build_dataset(config, self.spec, self.world)
         self.model, self.n_params = build_model(config, self.spec, vocab_size, self.world)
@@ -277,7 +298,7 @@ class Trainer(Stateful):
         # only rank 0 keeps the adaptive interval and the ledger.
         self.save_policy = build_save_policy(config.checkpoint, config.notices, config.steps,
                                              self.world.is_main, self.world.device)
-        self.ledger = build_ledger(config, self.metrics, self.world)
+        self.ledger = build_ledger(config, self.home)
         self.checkpoints = build_checkpointer(config, self.world, self._on_checkpoint_event)
         self.state = {"app": ModelOptimizerState(self.model, self.optimizer), "trainer": self,
                       POLICY_KEY: self.save_policy}
@@ -296,13 +317,12 @@ class Trainer(Stateful):
                 f"now {self.config_digest}")
 
     def _on_checkpoint_event(self, event: dict[str, Any]) -> None:
-        """Rank 0, any thread: log it, tell the save policy of commits, keep the ledger current."""
+        """Rank 0, any thread: log it (the ledger follows once its segment is written), tell
+        the save policy of commits."""
         self.metrics.write(event)
         if event.get("event") == Event.COMMIT:
             self.save_policy.on_commit(int(event["step"]), event.get("stall_s", 0.0),
                                        event.get("commit_s", 0.0))
-        if self.ledger is not None:
-            self.ledger.on_event(event)
 
     # -- the step loop ---------------------------------------------------------------------------
     def _train_step(self, step: int, batch: data.Batch, lr: float, notice: Notice | None
@@ -355,7 +375,8 @@ class Trainer(Stateful):
         return total / global_count, self.save_policy.decide(summed)
 
     def run(self) -> int:
-        """Train from the newest commit to `steps`, save the final step, write final_model.pt.
+        """Train from the newest commit to `steps`, save the final step, write final_model.pt
+        (and `{uri}/final/model.safetensors`).
         Returns `exit_codes.OK`; a noticed node leaves from inside (`leave()`) instead."""
         cfg, world = self.config, self.world
         restored = self.checkpoints.load(self.state, optional={POLICY_KEY})
@@ -447,10 +468,28 @@ class Trainer(Stateful):
             path = os.path.join(cfg.run.dir, "final_model.pt")
             torch.save(full, path + ".tmp")
             os.replace(path + ".tmp", path)
-            self.metrics.event(Event.DONE, step=cfg.steps)
+            where = self._upload_final_weights(full)
+            sink = self.home
+            self.metrics.event(Event.DONE, step=cfg.steps, **(
+                {"sink_lines": sink.added, "sink_add_s": round(sink.add_s, 6)} if sink else {}))
+            if sink is not None:
+                sink.flush()
             if self.ledger is not None:
                 self.ledger.write()
-            say(f"done: step {cfg.steps}; weights at {path}")
+            say(f"done: step {cfg.steps}; weights at {path}{where}")
+
+    def _upload_final_weights(self, full: dict[str, Any]) -> str:
+        """Rank 0: the final weights to `{uri}/final/model.safetensors`; returns " and URL", or
+        "" when there is no home or the upload failed (with a warning: the final checkpoint
+        holds the same weights, `elastic-train export` gets them)."""
+        if self.home is None:
+            return ""
+        try:
+            return " and " + self.home.store.write_final_weights(full)
+        except (StorageError, OSError) as e:
+            say(f"warning: final weights not uploaded ({e}); `elastic-train export` writes "
+                "them from the final checkpoint")
+            return ""
 
     def close(self) -> None:
         """Stop the save policy's threads, wait for a save in flight, close the metrics and the

@@ -1,8 +1,10 @@
 """`elastic-train report RUN`: a run's ledger as a text table and a PNG (matplotlib, Agg).
 
-RUN is a run dir or its metrics.jsonl when local (the ledger is computed from the metrics, with
-the prices the trainer kept in `RUN/checkpoints/ledger.json`), else a checkpoint URI whose
-ledger.json the trainer keeps current. It works while the run goes on.
+RUN is the run URI (s3://, gs://, file://: the checkpoint URI, where rank 0 keeps every metrics
+segment of every relaunch), a run dir, or a metrics.jsonl. The ledger is computed from the
+metrics (the whole history under the URI), with the prices the trainer kept in ledger.json; a
+URI with only a ledger.json shows that. It works from any machine that can read the bucket, and
+while the run goes on.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from elastic_train.goodput.ledger import (
     compute_ledger,
     with_costs,
 )
-from elastic_train.goodput.store import LEDGER_FILE, read_ledger
+from elastic_train.goodput.store import LEDGER_FILE, read_history, read_ledger
 from elastic_train.metrics import read_records
+from elastic_train.run_store import METRICS_DIR
 
 COLORS = {"useful": "#2ca02c", "lost": "#d62728", "checkpoint_stall": "#9467bd",
           "restart": "#ff7f0e", "waiting_for_capacity": "#7f7f7f", "startup": "#17becf",
@@ -75,7 +78,23 @@ def format_table(ledger: Ledger, title: str) -> str:
         out.append(f"spot / on-demand: {c.spot_over_on_demand:.2f}")
     if c.spot_usd is None and c.on_demand_fault_free_usd is None:
         out.append("cost: no prices given (--spot-price, --on-demand-price, USD per node-hour)")
+    out += ["", *format_history(ledger)]
     return "\n".join(out)
+
+
+def format_history(ledger: Ledger, most: int = 20) -> list[str]:
+    """One line per incarnation (each start, on whichever cluster): when, world size, what it
+    restored and which steps it ran; the last `most` when there are more."""
+    incs = ledger.incarnations
+    lines = [f"history: {len(incs)} incarnation(s)"]
+    if len(incs) > most:
+        lines.append(f"  ... {len(incs) - most} earlier ones")
+    t0 = ledger.first_time or 0.0
+    for inc in incs[-most:]:
+        restored = "scratch" if inc.restored_step is None else f"step {inc.restored_step}"
+        ran = "no steps" if inc.first_step is None else f"steps {inc.first_step}-{inc.last_step}"
+        lines.append(f"  +{_hms(inc.start - t0)} world {inc.world_size}, from {restored}: {ran}")
+    return lines
 
 
 def plot(ledger: Ledger, path: str, title: str = "") -> str:
@@ -136,52 +155,66 @@ def plot(ledger: Ledger, path: str, title: str = "") -> str:
 
 
 def _resolve(target: str, metrics: str | None) -> tuple[str | None, str | None, str | None]:
-    """(metrics.jsonl path, run URI holding ledger.json, local dir for the plot)."""
+    """(metrics.jsonl path, run URI holding the history and ledger.json, local dir for the
+    plot). A local run dir whose checkpoints hold metrics segments is read as its URI: the
+    segments are the whole history, its metrics.jsonl only this cluster's part."""
     if metrics:
         return metrics, None, os.path.dirname(os.path.abspath(metrics))
     local = target[len("file://"):] if target.startswith("file://") else target
     if "://" not in local:
         if os.path.isfile(local):
             return local, None, os.path.dirname(os.path.abspath(local))
+        home = os.path.join(local, "checkpoints")
+        if os.path.isdir(os.path.join(home, METRICS_DIR)):
+            return None, home, local
         if os.path.isfile(os.path.join(local, "metrics.jsonl")):
             return os.path.join(local, "metrics.jsonl"), None, local
-        if os.path.isfile(os.path.join(local, "checkpoints", LEDGER_FILE)):
-            return None, os.path.join(local, "checkpoints"), local
+        if os.path.isfile(os.path.join(home, LEDGER_FILE)):
+            return None, home, local
         return None, local, local if os.path.isdir(local) else None
     return None, target, None
+
+
+def _load(target: str, metrics: str | None, plot_dir: str | None, uri: str | None,
+          restart_allowance_s: float) -> tuple[Ledger, Prices | None]:
+    """The ledger and the prices the trainer was given (if it kept a ledger.json). Raises
+    OSError (one line) when there is nothing to read or it cannot be read."""
+    kept_at = uri or (os.path.join(plot_dir, "checkpoints") if plot_dir else None)
+    unreadable: Exception | None = None
+    try:
+        kept = read_ledger(kept_at) if kept_at else None
+    except (OSError, ValueError) as e:  # only the prices are lost while there are metrics
+        kept, unreadable = None, e
+    prices = kept.prices if kept is not None else None
+    if metrics:
+        try:
+            records = read_records(metrics)
+        except OSError as e:
+            raise OSError(f"cannot read {metrics}: {e}") from e
+    else:
+        try:
+            records = read_history(uri or target)
+        except OSError as e:
+            raise OSError(f"cannot read the metrics under {uri or target}: {e}") from e
+        if not records:
+            if unreadable is not None:
+                raise OSError(f"cannot read the ledger under {kept_at}: {unreadable}")
+            if kept is None:
+                raise OSError(f"no metrics.jsonl or {LEDGER_FILE} or {METRICS_DIR}/ segments "
+                              f"at {target}")
+            return kept, prices
+    return compute_ledger(records, restart_allowance_s=restart_allowance_s), prices
 
 
 def _report_command(args: argparse.Namespace) -> int:
     """Print (and draw) the ledger. Returns 1, with one line on stderr, when there is nothing
     to read or it cannot be read."""
     metrics, uri, plot_dir = _resolve(args.target, args.metrics)
-    prices = None
-    if metrics:
-        try:
-            records = read_records(metrics)
-        except OSError as e:
-            print(f"elastic-train report: cannot read {metrics}: {e}", file=sys.stderr)
-            return 1
-        ledger = compute_ledger(records, restart_allowance_s=args.restart_allowance)
-        if plot_dir:  # the prices the trainer was given, from the default checkpoint place
-            try:
-                kept = read_ledger(os.path.join(plot_dir, "checkpoints"))
-            except (OSError, ValueError):
-                kept = None
-            if kept is not None:
-                prices = kept.prices
-    else:
-        try:
-            found = read_ledger(uri or args.target)
-        except (OSError, ValueError) as e:
-            print(f"elastic-train report: cannot read the ledger under {uri}: {e}",
-                  file=sys.stderr)
-            return 1
-        if found is None:
-            print(f"elastic-train report: no metrics.jsonl or {LEDGER_FILE} at {args.target}",
-                  file=sys.stderr)
-            return 1
-        ledger, prices = found, found.prices
+    try:
+        ledger, prices = _load(args.target, metrics, plot_dir, uri, args.restart_allowance)
+    except OSError as e:
+        print(f"elastic-train report: {e}", file=sys.stderr)
+        return 1
     prices = prices or Prices.from_env()
     for name, given in (("spot_per_node_hour", args.spot_price),
                         ("on_demand_per_node_hour", args.on_demand_price),
@@ -204,11 +237,12 @@ def _report_command(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "report", help="where a run's time and money went (works while it runs)",
-        description="Reads RUN's metrics.jsonl (a run dir or the file itself) when it is local, "
-                    "else the ledger.json the trainer keeps beside the checkpoints (a "
-                    "checkpoint URI: s3://, gs://, file://). Prints a table and draws a PNG.",
+        description="Computes the ledger from every metrics segment under RUN (the run URI: "
+                    "s3://, gs://, file://, i.e. checkpoint.uri; all relaunches), or from a "
+                    "local run dir or metrics.jsonl. Prints a table and draws a PNG.",
     )
-    p.add_argument("target", metavar="RUN", help="run dir, metrics.jsonl, or checkpoint URI")
+    p.add_argument("target", metavar="RUN", help="run URI (checkpoint.uri), run dir, or "
+                   "metrics.jsonl")
     p.add_argument("--metrics", default=None, help="metrics.jsonl to read (overrides RUN)")
     p.add_argument("--spot-price", type=float, default=None, help="USD per node-hour on spot")
     p.add_argument("--on-demand-price", type=float, default=None,
