@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torchrun_util import final_weights, train
 
 from elastic_train.cli import main
-from elastic_train.model import build_model
+from elastic_train.model import GPT, config_for
 
 STEPS = 6
 
@@ -26,7 +26,7 @@ def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _fresh_model() -> torch.nn.Module:
-    return build_model("tiny", 32, 256, seed=123)
+    return GPT(config_for("tiny", 32, 256))
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])

@@ -16,7 +16,7 @@ from elastic_train.cli import main
 from elastic_train.events import Event
 from elastic_train.goodput import store as ledger_store
 from elastic_train.metrics import MetricsLog, is_step, validate_record
-from elastic_train.model import build_model
+from elastic_train.model import GPT, config_for
 from elastic_train.run_store import FINAL_WEIGHTS, METRICS_DIR, RunStore, SegmentSink
 
 SHAPE = ["--data.batch_size=4", "--data.seq_len=32", "--checkpoint.every=3"]
@@ -175,7 +175,7 @@ def test_final_weights_under_the_run_uri_equal_the_trainers_and_the_export(
     out = tmp_path / "model.safetensors"
     assert main(["export", uri, "--out", str(out)]) == 0
     exported = load_file(out)
-    model = build_model("tiny", 32, 256, seed=123)
+    model = GPT(config_for("tiny", 32, 256))
     model.load_state_dict(uploaded)  # strict: a fresh model takes them as they are
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, final[name]) and torch.equal(exported[name], final[name])
