@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import fsspec
 from fsspec import AbstractFileSystem
 
-from checkpointing.errors import StorageError
+from checkpointing.errors import CheckpointError, StorageError
 from checkpointing.retry import retrying
 
 SECRET_OPTION_KEYS = ("key", "secret", "token", "password", "session_token",
@@ -28,8 +29,13 @@ SECRET_OPTION_KEYS = ("key", "secret", "token", "password", "session_token",
 CLIENT_RETRIES = {"s3": 1, "gs": 2, "gcs": 2}
 """Attempts the fsspec client itself makes per call (botocore adds its own 2 for s3)."""
 
-SECRET_ENV_VARS = ("FSSPEC_S3_KEY", "FSSPEC_S3_SECRET", "AWS_ACCESS_KEY_ID",
-                   "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "FSSPEC_GCS_TOKEN")
+SECRET_ENV_PREFIXES = ("AWS_", "FSSPEC_S3_", "FSSPEC_GS_", "FSSPEC_GCS_", "GOOGLE_",
+                       "GCSFS_", "CLOUDSDK_")
+"""Environment variables fsspec, botocore and google-auth read. Every value of theirs that could
+be a credential (not a plain word such as a region or a number) is redacted."""
+_PUBLIC_ENV_VALUE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$|^\d+$|^(true|false|anon)$",
+                               re.IGNORECASE)
+"""Values safe to leave in messages: regions (`us-east-1`), numbers, flags."""
 
 
 def normalize_url(url: str | os.PathLike[str]) -> str:
@@ -79,7 +85,9 @@ def secret_values(storage_options: Mapping[str, Any] | None = None) -> list[str]
             found.append(value)
 
     walk(storage_options or {})
-    found += [v for name in SECRET_ENV_VARS if len(v := os.environ.get(name, "")) >= 4]
+    found += [value for name, value in os.environ.items()
+              if name.upper().startswith(SECRET_ENV_PREFIXES) and len(value) >= 4
+              and not _PUBLIC_ENV_VALUE.match(value)]
     return found
 
 
@@ -139,7 +147,7 @@ class Storage:
     def _retry(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return retrying(self.retry_timeout_s, what)(fn)(*args, **kwargs)
-        except FileNotFoundError:
+        except (FileNotFoundError, FileExistsError, CheckpointError):
             raise
         except Exception as e:  # noqa: BLE001 - every storage failure becomes one clear type
             raise StorageError(f"{what} failed: {self.redact(f'{type(e).__name__}: {e}')}") from e
@@ -166,6 +174,38 @@ class Storage:
             self._retry(f"write {self._show(rel)}", _write_local_atomic, path, data)
         else:
             self._retry(f"write {self._show(rel)}", self.fs.pipe_file, path, bytes(data))
+
+    def create_exclusive(self, rel: str, data: bytes) -> None:
+        """Write the object only if it does not exist yet (atomic where the store allows: a
+        hard link on local disks, `If-None-Match: *` on S3, `ifGenerationMatch=0` on GCS).
+        Raises FileExistsError if it exists. A retry after a lost reply may find our own write:
+        callers compare the contents to tell."""
+        path = self.path(rel)
+        if self.is_local:
+            self._retry(f"create {self._show(rel)}", _create_local_exclusive, path, data)
+        else:
+            self._retry(f"create {self._show(rel)}", self.fs.pipe_file, path, data,
+                        mode="create")
+
+    def probe(self) -> None:
+        """Write, read back and delete a small object under the root: fails before any training
+        if the bucket is missing, the credentials are missing or the write is denied. Raises
+        StorageError naming the URL (and the cause, redacted); a missing bucket or directory that
+        the store cannot create raises it too."""
+        rel = f"_probe/{uuid.uuid4().hex}"
+        body = b"elastic-train storage probe"
+        try:
+            self.write_bytes(rel, body)
+            if self.read_bytes(rel) != body:
+                raise StorageError(f"{self.url}: a probe object read back different bytes")
+            self.remove([rel])
+        except FileNotFoundError as e:
+            raise StorageError(f"{self.url}: not writable (no such bucket or directory: "
+                               f"{self.redact(str(e))})") from None
+        if self.is_local:
+            import shutil
+
+            shutil.rmtree(self.path("_probe"), ignore_errors=True)
 
     def list_files(self, rel: str = "") -> dict[str, int]:
         """{name relative to `rel`: size} of every file below `rel`; {} if there is none."""
@@ -237,6 +277,24 @@ class Storage:
 
     def _show(self, rel: str) -> str:
         return self.url_of(rel)
+
+
+def _create_local_exclusive(path: str, data: bytes) -> None:
+    """Like `_write_local_atomic`, but fails with FileExistsError if `path` exists (link(2) never
+    replaces its target, so two racing creators cannot both succeed)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
 
 
 def _write_local_atomic(path: str, data: bytes | memoryview) -> None:
