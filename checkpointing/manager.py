@@ -374,7 +374,10 @@ class CheckpointManager:
         return verify_step(self.storage, info, deep=deep)
 
     def gc(self, keep: int | None = None) -> list[str]:
-        """Apply retention (see `retention.py`); returns the removed URLs."""
+        """Apply retention (see `retention.py`); returns the removed URLs. Raises Fenced if this
+        manager claimed a writer epoch and a newer writer has claimed the run since."""
+        if self._writer.epoch is not None:
+            self._writer.check_epoch("collect garbage")
         return collect_garbage(self.storage, self.config.keep if keep is None else keep)
 
     def close(self) -> None:
