@@ -38,11 +38,35 @@ _PUBLIC_ENV_VALUE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$|^\d+$|^(true|false|ano
 """Values safe to leave in messages: regions (`us-east-1`), numbers, flags."""
 
 
+SCHEMES = ("s3", "gs", "gcs", "file")
+EXPECTED_URI = "expected s3://bucket/prefix, gs://bucket/prefix, file:///path or a plain path"
+_SCHEME_LIKE = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*):")
+_SLASHES_NO_COLON = re.compile(r"^(s3|gs|gcs|file)/+", re.IGNORECASE)
+
+
+def check_uri(url: str, what: str = "URI") -> None:
+    """Raise ValueError, in one line naming `url` and what is expected, unless it is an
+    `s3://`, `gs://` or `file://` URL or a plain path that does not look like a mistyped URL
+    (`s3:/bucket`, `s3//bucket`, `gs:bucket` would otherwise be local directories)."""
+    if not url.strip():
+        raise ValueError(f"{what} is empty; {EXPECTED_URI}")
+    if "://" in url:
+        scheme, rest = url.split("://", 1)
+        if scheme.lower() not in SCHEMES:
+            raise ValueError(f"{what} {url!r} has an unsupported scheme {scheme!r}; "
+                             f"{EXPECTED_URI}")
+        if scheme.lower() != "file" and not rest.split("/", 1)[0]:
+            raise ValueError(f"{what} {url!r} names no bucket; {EXPECTED_URI}")
+        return
+    if _SCHEME_LIKE.match(url) or _SLASHES_NO_COLON.match(url):
+        raise ValueError(f"{what} {url!r} looks like a mistyped URI; {EXPECTED_URI}")
+
+
 def normalize_url(url: str | os.PathLike[str]) -> str:
-    """`s3://b/p/` -> `s3://b/p`; a plain path -> `file:///abs/path`. Raises ValueError if empty."""
+    """`s3://b/p/` -> `s3://b/p`; a plain path -> `file:///abs/path`. Raises ValueError (one line,
+    see `check_uri`) if it is empty or not a URI we can write to."""
     url = os.fspath(url).strip()
-    if not url:
-        raise ValueError("checkpoint URI is empty")
+    check_uri(url, "checkpoint URI")
     if "://" not in url:
         return "file://" + os.path.abspath(os.path.expanduser(url))
     protocol, rest = url.split("://", 1)

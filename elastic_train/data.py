@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
+from checkpointing.storage import Storage
+
 INDEX = "index.json"
 SHARD_TOKENS = 1 << 22
 
@@ -162,20 +164,27 @@ def is_prepared(uri: str) -> bool:
 class TokenStore:
     """Random access to the tokens of a prepared dataset; never loads it whole.
 
-    Reads go through fsspec in blocks of `block_bytes`, kept in an LRU cache of `cache_blocks`.
-    A missing or unreadable `index.json` raises FileNotFoundError naming the URI.
+    Reads go through `checkpointing.storage.Storage` (the retry layer checkpoints use: transient
+    faults are retried for up to `retry_timeout_s`, then a read raises StorageError; missing
+    credentials or denied access fail at once) in blocks of `block_bytes`, kept in an LRU cache
+    of `cache_blocks`. A missing `index.json` raises FileNotFoundError naming the URI.
     """
 
-    def __init__(self, uri: str, block_bytes: int = 1 << 16, cache_blocks: int = 256) -> None:
+    def __init__(self, uri: str, block_bytes: int = 1 << 16, cache_blocks: int = 256,
+                 retry_timeout_s: float = 60.0) -> None:
         self.uri = uri
-        self.fs, self.root = fsspec.core.url_to_fs(uri)
+        self.storage = Storage(uri, retry_timeout_s=retry_timeout_s)
         try:
-            self.index = json.loads(self.fs.cat_file(f"{self.root}/{INDEX}"))
+            raw_index = self.storage.read_bytes(INDEX)
+            self.index = json.loads(raw_index)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"no prepared dataset at {uri!r} (missing {INDEX}); "
                 "run `elastic-train data prepare --out URI`"
             ) from None
+        self.identity = hashlib.sha256(raw_index).hexdigest()[:16]
+        """The dataset's identity: a digest of its index (shard names, sizes, tokenizer), the
+        same for a copy of it at another URI."""
         self.dtype = np.dtype(self.index["dtype"]).newbyteorder("<")
         self.vocab_size = int(self.index["vocab_size"])
         self.total_tokens = int(self.index["total_tokens"])
@@ -197,11 +206,8 @@ class TokenStore:
         info = self.index["shards"][shard]
         start = block * self._block_tokens
         end = min(start + self._block_tokens, info["tokens"])
-        raw = self.fs.cat_file(
-            f"{self.root}/{info['path']}",
-            start=start * self.dtype.itemsize,
-            end=end * self.dtype.itemsize,
-        )
+        raw = self.storage.read_bytes(info["path"], start * self.dtype.itemsize,
+                                      end * self.dtype.itemsize)
         tokens = np.frombuffer(raw, dtype=self.dtype)
         with self._lock:
             self._cache[key] = tokens

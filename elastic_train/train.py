@@ -23,7 +23,7 @@ def run(config_path: str | None, overrides: list[str]) -> int:
     with gc_paused():
         import torch.distributed as dist
 
-        from checkpointing import SaveFailed
+        from checkpointing import CheckpointError, SaveFailed
         from elastic_train.trainer import Trainer
 
     trainer = None
@@ -44,6 +44,12 @@ def run(config_path: str | None, overrides: list[str]) -> int:
         os._exit(exit_codes.COLLECTIVE_TIMEOUT)
     except SaveFailed as e:
         print(f"elastic-train: checkpoint failed for good: {e}", file=sys.stderr)
+        return exit_codes.CHECKPOINT_FAILED
+    except CheckpointError as e:
+        # Storage that failed for good, or no intact commit left to load: one line, no
+        # traceback; a restart resumes from whatever is committed then.
+        first_line = " ".join(str(e).split())
+        print(f"elastic-train: checkpoint error: {first_line}", file=sys.stderr)
         return exit_codes.CHECKPOINT_FAILED
     finally:
         if trainer is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from typing import Any
@@ -32,9 +33,9 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from checkpointing import CheckpointManager, ModelOptimizerState
+from checkpointing import CheckpointManager, ModelOptimizerState, StorageError
 from elastic_train import data, distributed, exit_codes
-from elastic_train.config import Config, validate
+from elastic_train.config import Config, ConfigError, validate
 from elastic_train.events import Event
 from elastic_train.goodput import store
 from elastic_train.metrics import MetricsLog, progress_line, say
@@ -121,7 +122,44 @@ def build_token_store(config: Config, world: distributed.World) -> data.TokenSto
         if world.local_rank == 0 and not data.is_prepared(uri):
             data.prepare(uri)
         dist.barrier()
-    return data.TokenStore(uri)
+    try:
+        return data.TokenStore(uri, retry_timeout_s=config.checkpoint.retry_timeout_s)
+    except FileNotFoundError as e:
+        raise ConfigError(f"data.uri: {e}") from None
+
+
+def check_storage(config: Config, world: distributed.World,
+                  checkpoints: CheckpointManager) -> None:
+    """Before step 1 (collective): rank 0 probes the checkpoint URI with a write, read and delete
+    and claims the writer epoch; a file:// run on several nodes must declare
+    `checkpoint.shared_filesystem=true`, and every node's local rank 0 must see a probe file
+    rank 0 wrote. Raises ConfigError (one line naming the URI) on every rank otherwise."""
+    try:
+        checkpoints.check_storage()
+    except StorageError as e:
+        raise ConfigError(f"checkpoint storage is not usable: {e}") from None
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    if not checkpoints.storage.is_local or nodes <= 1:
+        return
+    uri = checkpoints.uri
+    if not config.checkpoint.shared_filesystem:
+        raise ConfigError(f"checkpoint.uri={uri!r} is a local path on {nodes} nodes: use s3:// or "
+                          "gs://, or set checkpoint.shared_filesystem=true if every node mounts "
+                          "the same directory")
+    probe = f"_shared/{uuid.uuid4().hex}" if world.is_main else ""
+    if world.is_main:
+        checkpoints.storage.write_bytes(probe, b"shared?")
+    box = [probe]
+    dist.broadcast_object_list(box, src=0)
+    seen = world.local_rank != 0 or checkpoints.storage.exists(box[0])
+    flags = [None] * world.size
+    dist.all_gather_object(flags, seen)
+    if world.is_main:
+        checkpoints.storage.remove_tree("_shared")
+    if not all(flags):
+        missing = sorted(r for r, ok in enumerate(flags) if not ok)
+        raise ConfigError(f"checkpoint.shared_filesystem=true but ranks {missing} do not see "
+                          f"{uri}/{box[0]}, written by rank 0: the path is not shared")
 
 
 def build_checkpointer(config: Config, on_event: Callable[[dict[str, Any]], None]
@@ -174,6 +212,10 @@ class Trainer(Stateful):
                                              self.world.device)
         self.ledger = build_ledger(config, self.metrics, self.world)
         self.checkpoints = build_checkpointer(config, self._on_checkpoint_event)
+        check_storage(config, self.world, self.checkpoints)
+        self.data_order = {"seed": config.seed, "data.batch_size": config.data.batch_size,
+                           "data.seq_len": config.data.seq_len, "dataset": self.store.identity}
+        self.data_changed: dict[str, dict[str, Any]] = {}
         self.state = {"app": ModelOptimizerState(self.model, self.optimizer), "trainer": self,
                       POLICY_KEY: self.save_policy}
         self.step_timer = build_step_timer(config.parallel.hang_timeout_s)
@@ -181,10 +223,24 @@ class Trainer(Stateful):
 
     # -- Stateful: the checkpoint's "trainer" entry ----------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "config_digest": self.config_digest}
+        return {"step": self.step, "config_digest": self.config_digest,
+                "data_order": dict(self.data_order)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Take the step back; a checkpoint made with another config is loaded with a warning."""
+        """Take the step back. A checkpoint whose data order (seed, batch, sequence length,
+        dataset) differs raises ConfigError naming the key, unless
+        `checkpoint.allow_data_change` (then `run` records a `data_changed` event); one made
+        with another config otherwise is loaded with a warning."""
+        saved = state.get("data_order", {})
+        changed = {key: {"checkpoint": saved.get(key), "now": now}
+                   for key, now in self.data_order.items() if saved.get(key) != now}
+        if changed and not self.config.checkpoint.allow_data_change:
+            key, values = next(iter(changed.items()))
+            raise ConfigError(f"the checkpoint at step {state['step']} was written with "
+                              f"{key}={values['checkpoint']!r}, this run has {key}="
+                              f"{values['now']!r}: resuming would change the data order (set "
+                              "checkpoint.allow_data_change=true to accept that)")
+        self.data_changed = changed
         self.step = int(state["step"])
         if state.get("config_digest") != self.config_digest:
             say(f"warning: resuming a checkpoint made with config {state.get('config_digest')}, "
@@ -231,6 +287,11 @@ class Trainer(Stateful):
         Returns `exit_codes.OK`; a noticed node leaves from inside (`leave()`) instead."""
         cfg, world = self.config, self.world
         restored = self.checkpoints.load(self.state, optional={POLICY_KEY})
+        if self.data_changed:
+            self.metrics.event(Event.DATA_CHANGED, step=restored, changed=self.data_changed)
+            say(f"warning: resumed step {restored} with another data order: "
+                + ", ".join(f"{k} {v['checkpoint']!r} -> {v['now']!r}"
+                            for k, v in self.data_changed.items()))
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
         self.save_policy.resume(restored, restarted=restart > 0)
         start = self.step
