@@ -29,10 +29,10 @@ import os
 import pickle
 import posixpath
 import threading
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from torch.distributed._shard._utils import narrow_tensor_by_index
@@ -55,6 +55,7 @@ from checkpointing.errors import CorruptCheckpoint
 from checkpointing.storage import Storage
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 METADATA_FILE = ".metadata"
 READ_CHUNK_BYTES = 16 * 2**20
@@ -222,17 +223,25 @@ class ParallelReader(FsspecReader):
 
     def _read_whole(self, name: str) -> bytes:
         record = self._record(name)
-        for attempt in (0, 1):
-            source = self._checked_source(name)
+
+        def read(source: Storage) -> bytes:
             data = source.read_bytes(name)
-            try:
-                record.check(self.storage.url_of(name), data)
-                return data
-            except CorruptCheckpoint:
-                if source is self.storage or attempt:
-                    raise
-                self._drop_cached(name)
-        raise AssertionError("unreachable")
+            record.check(self.storage.url_of(name), data)
+            return data
+
+        return self._checked_read(name, read)
+
+    def _checked_read(self, name: str, read: Callable[[Storage], T]) -> T:
+        """`read(source)` from where `name` is (`_checked_source`); if the cached copy fails its
+        check (CorruptCheckpoint), once more from the remote store, whose failure is final."""
+        source = self._checked_source(name)
+        try:
+            return read(source)
+        except CorruptCheckpoint:
+            if source is self.storage:
+                raise
+        self._drop_cached(name)
+        return read(self._checked_source(name))
 
     def _drop_cached(self, name: str) -> None:
         log.warning("cached %s does not match COMMIT.json; reading it from %s", name,
@@ -269,16 +278,13 @@ class ParallelReader(FsspecReader):
         that fails the check is fetched again from the remote store."""
         record = self._record(name)
         shown = self.storage.url_of(name)
-        for attempt in (0, 1):
-            source = self._checked_source(name)
-            buffers = {start: bytearray(end - start) for start, end in spans}
-            jobs = []
-            for start, end in spans:
-                for lo in range(start, end, READ_CHUNK_BYTES):
-                    jobs.append((start, lo, min(lo + READ_CHUNK_BYTES, end)))
+        jobs = [(start, lo, min(lo + READ_CHUNK_BYTES, end))
+                for start, end in spans for lo in range(start, end, READ_CHUNK_BYTES)]
 
-            def fetch(job: tuple[int, int, int], source: Storage = source,
-                      buffers: dict[int, bytearray] = buffers) -> int:
+        def read(source: Storage) -> dict[int, bytearray]:
+            buffers = {start: bytearray(end - start) for start, end in spans}
+
+            def fetch(job: tuple[int, int, int]) -> int:
                 span_start, lo, hi = job
                 data = source.read_bytes(name, lo, hi)
                 if record.chunks:
@@ -286,16 +292,12 @@ class ParallelReader(FsspecReader):
                 buffers[span_start][lo - span_start:hi - span_start] = data
                 return len(data)
 
-            try:
-                self.bytes_read += sum(pool.map(fetch, jobs))
-                if not record.chunks:  # an older commit: only a whole-file CRC (one span)
-                    record.check(shown, buffers[0])
-                return buffers
-            except CorruptCheckpoint:
-                if source is self.storage or attempt:
-                    raise
-                self._drop_cached(name)
-        raise AssertionError("unreachable")
+            self.bytes_read += sum(pool.map(fetch, jobs))
+            if not record.chunks:  # an older commit: only a whole-file CRC (one span)
+                record.check(shown, buffers[0])
+            return buffers
+
+        return self._checked_read(name, read)
 
     @staticmethod
     def _deliver(item: Any, view: memoryview, planner: LoadPlanner) -> None:

@@ -206,7 +206,8 @@ class Storage:
         callers compare the contents to tell."""
         path = self.path(rel)
         if self.is_local:
-            self._retry(f"create {self._show(rel)}", _create_local_exclusive, path, data)
+            self._retry(f"create {self._show(rel)}", _write_local_atomic, path, data,
+                        exclusive=True)
         else:
             self._retry(f"create {self._show(rel)}", self.fs.pipe_file, path, data,
                         mode="create")
@@ -303,9 +304,9 @@ class Storage:
         return self.url_of(rel)
 
 
-def _create_local_exclusive(path: str, data: bytes) -> None:
-    """Like `_write_local_atomic`, but fails with FileExistsError if `path` exists (link(2) never
-    replaces its target, so two racing creators cannot both succeed)."""
+def _write_local_atomic(path: str, data: bytes | memoryview, exclusive: bool = False) -> None:
+    """Write `path` so that a reader sees the old file or the whole new one, never a torn one
+    (`exclusive`: only if there is no old one; FileExistsError otherwise)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
     try:
@@ -313,24 +314,11 @@ def _create_local_exclusive(path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.link(tmp, path)
-    finally:
-        try:
+        if exclusive:
+            os.link(tmp, path)
             os.unlink(tmp)
-        except OSError:
-            pass
-
-
-def _write_local_atomic(path: str, data: bytes | memoryview) -> None:
-    """Write `path` so that a reader sees the old file or the whole new one, never a torn one."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)

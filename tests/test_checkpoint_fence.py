@@ -48,16 +48,8 @@ class Writer:
                 self.proc.kill()
 
 
-@pytest.fixture(params=["file", "s3"])
-def run_uri(request, tmp_path) -> tuple[str, dict]:
-    if request.param == "file":
-        return f"file://{tmp_path}/run", {}
-    store = request.getfixturevalue("s3")
-    return store.url("run"), store.storage_options
-
-
-def test_a_superseded_writer_can_neither_commit_nor_delete(run_uri):
-    uri, options = run_uri
+def test_a_superseded_writer_can_neither_commit_nor_delete(run_store):
+    uri, options = run_store
     writers = [Writer(uri, seed) for seed in (1, 2)]
     try:
         # Both claim at once: the exclusive create gives them different epochs.
@@ -94,8 +86,8 @@ def test_epochs_only_grow_and_old_epoch_files_are_forgotten(tmp_path):
     assert len(storage.list_files("_writers")) < 6
 
 
-def test_a_create_that_lost_the_race_raises_file_exists(run_uri):
-    uri, options = run_uri
+def test_a_create_that_lost_the_race_raises_file_exists(run_store):
+    uri, options = run_store
     storage = Storage(uri, options)
     storage.create_exclusive("x", b"one")
     with pytest.raises(FileExistsError):

@@ -65,18 +65,10 @@ def damage(storage: Storage, step: int, how: str, name: str = "__0_0.distcp") ->
     return storage.url_of(rel)
 
 
-@pytest.fixture(params=["file", "s3"])
-def run(request, tmp_path) -> tuple[str, dict]:
-    if request.param == "file":
-        return f"file://{tmp_path}/run", {}
-    store = request.getfixturevalue("s3")
-    return store.url("run"), store.storage_options
-
-
 @pytest.mark.parametrize("how", ["truncated", "bit-flipped"])
 @pytest.mark.parametrize("name", ["__0_0.distcp", ".metadata"])
-def test_a_damaged_newest_commit_falls_back_to_the_one_before(run, how, name):
-    uri, options = run
+def test_a_damaged_newest_commit_falls_back_to_the_one_before(run_store, how, name):
+    uri, options = run_store
     expected = save_two_steps(uri, options)
     bad = damage(Storage(uri, options), 2, how, name)
     loaded, got, events, manager = load_newest(uri, options)
@@ -87,8 +79,8 @@ def test_a_damaged_newest_commit_falls_back_to_the_one_before(run, how, name):
     assert manager.metrics["fallbacks"] == 1
 
 
-def test_an_intact_commit_loads_without_fallback(run):
-    uri, options = run
+def test_an_intact_commit_loads_without_fallback(run_store):
+    uri, options = run_store
     expected = save_two_steps(uri, options)
     loaded, got, events, manager = load_newest(uri, options)
     assert loaded == 2 and not events and manager.metrics["fallbacks"] == 0
