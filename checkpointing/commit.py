@@ -5,9 +5,11 @@ A save of step S writes, in this order:
 1. every rank's DCP data files into `{uri}/step_{S:08d}/` (`__{rank}_{i}.distcp`);
 2. DCP's `.metadata` (rank 0, after gathering every rank's write results, i.e. after every
    rank's data upload returned);
-3. `COMMIT.json` (rank 0, only after step 2 returned): step, world size, time, config digest and
-   every file with its size and CRC-32. It is a single PUT (object stores) or an fsync'd
-   rename (local disks), so it is either absent or whole.
+3. `COMMIT.json` (rank 0, only after step 2 returned, and only while it is still the newest
+   writer of the run: `fence.py`): step, world size, time, config digest, the writer's epoch and
+   every file with its size, CRC-32 and the CRC-32 of each `CRC_CHUNK_BYTES` chunk. It is a
+   single PUT (object stores) or an fsync'd rename (local disks), so it is either absent or
+   whole.
 
 What a reader may assume after a crash (a killed writer, a lost node, a storage outage) at each
 point:
@@ -18,8 +20,9 @@ point:
 - during 3: the PUT either happened or not; a torn COMMIT.json cannot be seen. A COMMIT.json that
   does not parse is treated as absent anyway.
 - after 3: step S is committed; its files are the ones listed, with the listed sizes and CRCs
-  (`verify_step` checks). Retention deletes COMMIT.json *first* when it removes a step, so a
-  half-deleted step is debris, never a damaged commit.
+  (`verify_step` checks; a load checks every byte it reads and, if a file was damaged since,
+  falls back to the commit before). Retention deletes COMMIT.json *first* when it removes a
+  step, so a half-deleted step is debris, never a damaged commit.
 
 Nothing here reads or writes tensors; it only names, lists and checks files.
 """
