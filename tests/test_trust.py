@@ -90,6 +90,24 @@ def test_resume_with_another_seed_is_refused_unless_allowed_and_then_recorded(tm
     assert changed["changed"] == {"seed": {"checkpoint": 1, "now": 2}}
 
 
+def test_a_run_resumes_past_a_damaged_newest_checkpoint_and_says_so_in_its_metrics(tmp_path):
+    run_dir = tmp_path / "run"
+    first = trainer(run_dir, "--steps=4", "--checkpoint.every=2", "--checkpoint.keep=3")
+    assert first.returncode == 0, first.stderr
+    victim = run_dir / "checkpoints" / "step_00000004" / "__0_0.distcp"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    resumed = trainer(run_dir, "--steps=6", "--checkpoint.every=2")
+    assert resumed.returncode == 0, resumed.stderr
+    (fallback,) = [r for r in records(run_dir) if r.get("event") == "fallback"]
+    assert (fallback["step"], fallback["to_step"]) == (4, 2)
+    assert fallback["file"].endswith("step_00000004/__0_0.distcp")
+    starts = [r for r in records(run_dir) if r.get("event") == "start"]
+    assert starts[-1]["restored_step"] == 2
+    assert [r["step"] for r in records(run_dir) if "loss" in r][-4:] == [3, 4, 5, 6]
+
+
 # -- the launcher --------------------------------------------------------------------------------
 def node_env(**extra: str) -> dict[str, str]:
     return {"SKYPILOT_NODE_IPS": "10.0.0.1\n10.0.0.2\n", "SKYPILOT_NODE_RANK": "0",
