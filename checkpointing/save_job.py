@@ -41,11 +41,12 @@ from checkpointing.commit import (
     new_commit,
     read_commit,
     step_dir,
+    verify_step,
     write_commit,
 )
 from checkpointing.config import CheckpointConfig
 from checkpointing.dcp_io import RecordingWriter
-from checkpointing.errors import SaveAborted
+from checkpointing.errors import CorruptCheckpoint, SaveAborted
 from checkpointing.fence import check_epoch, claim_epoch
 from checkpointing.retention import collect_garbage
 from checkpointing.staging import HostStager
@@ -217,7 +218,13 @@ class SaveWriter:
         job.done.set()
 
     def _commit(self, info: CommitInfo) -> None:
+        """Write COMMIT.json if this writer is still the newest and every file it lists is
+        there with its size (one listing: a GC or an operator may have removed a step being
+        filled; a COMMIT.json must never list a file that is gone)."""
         self.check_epoch(f"commit step {info.step}")
+        present = verify_step(self.storage, info, deep=False)
+        if not present.ok:
+            raise CorruptCheckpoint(f"not committing: {present.detail}")
         write_commit(self.storage, info)
 
     def _collect_garbage(self) -> None:

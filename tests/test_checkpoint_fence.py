@@ -1,15 +1,18 @@
 """Two real writer processes of one run, on a local disk and on S3 (moto): only the newest writer
-generation may commit or delete."""
+generation may commit or delete; and no COMMIT.json lists a file that is gone."""
 
 from __future__ import annotations
 
 import subprocess
 
 import pytest
-from ckpt_workers import spawn_single
+import torch
+from ckpt_workers import Trainer, build_model, spawn_single
 
+from checkpointing import CheckpointConfig, CheckpointManager, ModelOptimizerState
 from checkpointing.commit import list_steps, read_commit, verify_step
 from checkpointing.fence import claim_epoch, newest_epoch
+from checkpointing.save_job import SaveWriter
 from checkpointing.storage import Storage
 
 pytestmark = pytest.mark.timeout(180)
@@ -94,3 +97,26 @@ def test_a_create_that_lost_the_race_raises_file_exists(run_store):
         storage.create_exclusive("x", b"two")
     assert storage.read_bytes("x") == b"one"
 
+
+
+def test_a_step_whose_files_vanish_before_its_commit_is_not_committed(tmp_path, monkeypatch):
+    # An operator's `ckpt gc` (or any deleter) removing a file of a step still being filled,
+    # at the last moment: right after the writer's fence check for the commit.
+    original = SaveWriter.check_epoch
+
+    def check_then_lose_a_file(self: SaveWriter, action: str) -> None:
+        original(self, action)
+        if action == "commit step 2":
+            self.storage.remove(["step_00000002/__0_0.distcp"])
+
+    monkeypatch.setattr(SaveWriter, "check_epoch", check_then_lose_a_file)
+    model = build_model(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    events: list[dict] = []
+    uri = f"file://{tmp_path}/run"
+    with CheckpointManager(uri, CheckpointConfig(mode="sync"), on_event=events.append) as m:
+        for step in (1, 2):
+            m.save(step, {"app": ModelOptimizerState(model, opt), "trainer": Trainer(step)})
+        assert m.latest_step() == 1
+    (failed,) = [e for e in events if e["event"] == "save_failed"]
+    assert failed["step"] == 2 and "__0_0.distcp: missing" in failed["error"]
