@@ -111,6 +111,11 @@ class LocalCluster:
     ) -> None:
         self.workdir = Path(workdir)
         self.entry = list(entry)
+        if runs_trainer(self.entry):
+            # Every node of a local cluster is this machine, so its paths are shared: say so,
+            # as a multi-node file:// run must (the trainer checks it with a probe file). Right
+            # after the module, so that the caller's own setting still wins.
+            self.entry.insert(2, "--checkpoint.shared_filesystem=true")
         self.min_nodes, self.max_nodes = min_nodes, max_nodes
         self.procs_per_node = procs_per_node
         self.extra_env = dict(env or {})

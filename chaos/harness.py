@@ -35,7 +35,7 @@ from chaos.backends import Backend, environ, open_backend, prepared_data
 from chaos.cluster import LocalCluster
 from chaos.faults import Injector, draw_faults
 from chaos.metrics import MetricsTail, Record, events, is_step, step_records
-from chaos.scenario import Scenario
+from chaos.scenario import Scenario, ScenarioError
 from elastic_train.events import Event
 
 HARNESS_TRAIN_DEFAULTS: dict[str, Any] = {
@@ -206,6 +206,16 @@ class _Progress:
                      f"world {r.get('world_size')}")
 
 
+def _check_train_config(scenario: Scenario) -> None:
+    """Raise ScenarioError (one line) if the trainer would refuse the scenario's `train:` keys."""
+    from elastic_train import config as config_lib
+
+    try:
+        config_lib.load(None, config_lib.parse_overrides(_args(train_overrides(scenario))))
+    except config_lib.ConfigError as e:
+        raise ScenarioError(f"train: {e}") from None
+
+
 def _clean_out(out: Path) -> None:
     """Remove what an earlier run left in `out` (only the harness's own names)."""
     for name in ("run", "nodes", "checkpoints"):
@@ -236,7 +246,6 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
     """Run `scenario` and return its report (also written to `{out}/report.json`)."""
     log = options.log
     out = options.out.resolve()
-    _clean_out(out)
     if options.seed is not None:
         scenario = dataclasses.replace(scenario, seed=options.seed)
     if options.random_faults is not None:
@@ -244,6 +253,9 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
         scenario = scenario.with_faults(faults)
         log(f"random faults (seed {scenario.seed}): "
             + "; ".join(f.describe() for f in faults))
+    _check_train_config(scenario)
+    # Only now, with everything about the scenario checked, do the earlier results go.
+    _clean_out(out)
     options.cache.mkdir(parents=True, exist_ok=True)
     ref = reference(scenario, options.cache, log)
 

@@ -1,8 +1,10 @@
 """A node-local copy of the newest checkpoint, read on restart when it matches the remote commit.
 
 Each rank writes the files it uploads to `{cache_dir}/{run id}/step_N/` as well. On load a file is
-read from the cache only if the remote COMMIT.json lists it with exactly the cached size and CRC-32;
-anything else (missing, stale, torn by a crash) is read from the remote store, which is the truth.
+read from the cache only if the remote COMMIT.json lists it with exactly the cached size, and every
+chunk read from it is checked against COMMIT.json's CRC-32s as it is read, exactly as a remote
+read is (`dcp_io.ParallelReader`); a cached file that fails (stale, flipped, torn by a crash) is
+read from the remote store instead, which is the truth.
 The cache never fails a save or a load: its errors are logged and it is bypassed.
 """
 
@@ -13,7 +15,7 @@ import logging
 import os
 import shutil
 
-from checkpointing.commit import CommitInfo, crc32_of, parse_step_dir, step_dir
+from checkpointing.commit import CommitInfo, parse_step_dir, step_dir
 from checkpointing.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,8 @@ class LocalCache:
         return self.storage.child(step_dir(step))
 
     def sources_for(self, info: CommitInfo) -> dict[str, Storage]:
-        """{file name: cache Storage} for every file cached intact for this commit."""
+        """{file name: cache Storage} for every file cached with its committed size (its bytes
+        are checked as they are read)."""
         found = {}
         base = os.path.join(self.root, step_dir(info.step))
         for name, rec in info.files.items():
@@ -39,9 +42,6 @@ class LocalCache:
             try:
                 if os.path.getsize(path) != rec.size:
                     continue
-                with open(path, "rb") as f:
-                    if crc32_of(f.read()) != rec.crc32:
-                        continue
             except OSError:
                 continue
             found[name] = self.step_storage(info.step)

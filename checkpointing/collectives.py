@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from checkpointing.errors import (
     CheckpointError,
     CorruptCheckpoint,
+    Fenced,
     NoSuchCheckpoint,
     SaveAborted,
     StorageError,
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 KINDS: tuple[type[CheckpointError], ...] = (NoSuchCheckpoint, CorruptCheckpoint, StorageError,
-                                             SaveAborted)
+                                             SaveAborted, Fenced)
 """The error classes that keep their type across ranks; any other error crosses as
 `CheckpointError` (its class name stays in the message)."""
 

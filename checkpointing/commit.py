@@ -5,9 +5,11 @@ A save of step S writes, in this order:
 1. every rank's DCP data files into `{uri}/step_{S:08d}/` (`__{rank}_{i}.distcp`);
 2. DCP's `.metadata` (rank 0, after gathering every rank's write results, i.e. after every
    rank's data upload returned);
-3. `COMMIT.json` (rank 0, only after step 2 returned): step, world size, time, config digest and
-   every file with its size and CRC-32. It is a single PUT (object stores) or an fsync'd
-   rename (local disks), so it is either absent or whole.
+3. `COMMIT.json` (rank 0, only after step 2 returned, and only while it is still the newest
+   writer of the run: `fence.py`): step, world size, time, config digest, the writer's epoch and
+   every file with its size, CRC-32 and the CRC-32 of each `CRC_CHUNK_BYTES` chunk. It is a
+   single PUT (object stores) or an fsync'd rename (local disks), so it is either absent or
+   whole.
 
 What a reader may assume after a crash (a killed writer, a lost node, a storage outage) at each
 point:
@@ -18,8 +20,9 @@ point:
 - during 3: the PUT either happened or not; a torn COMMIT.json cannot be seen. A COMMIT.json that
   does not parse is treated as absent anyway.
 - after 3: step S is committed; its files are the ones listed, with the listed sizes and CRCs
-  (`verify_step` checks). Retention deletes COMMIT.json *first* when it removes a step, so a
-  half-deleted step is debris, never a damaged commit.
+  (`verify_step` checks; a load checks every byte it reads and, if a file was damaged since,
+  falls back to the commit before). Retention deletes COMMIT.json *first* when it removes a
+  step, so a half-deleted step is debris, never a damaged commit.
 
 Nothing here reads or writes tensors; it only names, lists and checks files.
 """
@@ -34,6 +37,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from checkpointing.errors import CorruptCheckpoint
 from checkpointing.storage import Storage
 
 COMMIT_FILE = "COMMIT.json"
@@ -53,6 +57,12 @@ def parse_step_dir(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+CRC_CHUNK_BYTES = 4 * 2**20
+"""COMMIT.json keeps a CRC-32 of every aligned chunk of this many bytes as well as of the whole
+file, so a reader that needs only part of a file (a load at another world size) can still check
+every byte it reads."""
+
+
 def crc32_of(data: bytes | memoryview, value: int = 0) -> int:
     return zlib.crc32(data, value) & 0xFFFFFFFF
 
@@ -61,6 +71,34 @@ def crc32_of(data: bytes | memoryview, value: int = 0) -> int:
 class FileRecord:
     size: int
     crc32: int
+    chunks: tuple[int, ...] = ()
+    """CRC-32 of each `CRC_CHUNK_BYTES` chunk, in order (empty in older commits)."""
+
+    @classmethod
+    def of(cls, data: bytes | memoryview) -> FileRecord:
+        view = memoryview(data)
+        chunks = tuple(crc32_of(view[lo:lo + CRC_CHUNK_BYTES])
+                       for lo in range(0, len(view), CRC_CHUNK_BYTES))
+        return cls(len(view), crc32_of(view), chunks)
+
+    def check(self, name: str, data: bytes | memoryview, start: int = 0) -> None:
+        """Raise CorruptCheckpoint naming `name` unless `data`, read from offset `start`, matches
+        the record: the whole file (start 0, all of it) or whole chunks (`start` a multiple of
+        `CRC_CHUNK_BYTES`, ending on a chunk border or at the end of the file)."""
+        view = memoryview(data)
+        if start == 0 and len(view) == self.size:
+            crc = crc32_of(view)
+            if crc != self.crc32:
+                raise CorruptCheckpoint(f"{name}: crc32 {crc:08x} != recorded {self.crc32:08x}")
+            return
+        if not self.chunks or start % CRC_CHUNK_BYTES:
+            raise CorruptCheckpoint(f"{name}: no chunk checksums for bytes {start}+{len(view)}")
+        for lo in range(0, len(view), CRC_CHUNK_BYTES):
+            index = (start + lo) // CRC_CHUNK_BYTES
+            crc = crc32_of(view[lo:lo + CRC_CHUNK_BYTES])
+            if index >= len(self.chunks) or crc != self.chunks[index]:
+                raise CorruptCheckpoint(f"{name}: chunk {index} (bytes {start + lo}+) has crc32 "
+                                        f"{crc:08x}, not the recorded one")
 
 
 @dataclass(frozen=True)
@@ -73,6 +111,8 @@ class CommitInfo:
     config_digest: str
     files: Mapping[str, FileRecord] = field(default_factory=dict)
     format: int = FORMAT_VERSION
+    writer_epoch: int = 0
+    """The writer generation that committed it (`fence.py`); 0 in commits made before fencing."""
 
     @property
     def total_bytes(self) -> int:
@@ -80,7 +120,8 @@ class CommitInfo:
 
     def to_json(self) -> str:
         body = asdict(self)
-        body["files"] = {name: asdict(rec) for name, rec in sorted(self.files.items())}
+        body["files"] = {name: {"size": rec.size, "crc32": rec.crc32, "chunks": list(rec.chunks)}
+                         for name, rec in sorted(self.files.items())}
         body["total_bytes"] = self.total_bytes
         return json.dumps(body, indent=1, sort_keys=True)
 
@@ -89,24 +130,26 @@ class CommitInfo:
         """Raises ValueError for anything that is not a whole, well-formed COMMIT.json."""
         try:
             body = json.loads(text)
-            files = {str(n): FileRecord(int(r["size"]), int(r["crc32"]))
+            files = {str(n): FileRecord(int(r["size"]), int(r["crc32"]),
+                                        tuple(int(c) for c in r.get("chunks", ())))
                      for n, r in body["files"].items()}
             return cls(step=int(body["step"]), world_size=int(body["world_size"]),
                        time=float(body["time"]), config_digest=str(body["config_digest"]),
-                       files=files, format=int(body.get("format", FORMAT_VERSION)))
+                       files=files, format=int(body.get("format", FORMAT_VERSION)),
+                       writer_epoch=int(body.get("writer_epoch", 0)))
         except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
             raise ValueError(f"malformed {COMMIT_FILE}: {e}") from e
 
     def summary(self) -> dict[str, Any]:
         return {"step": self.step, "world_size": self.world_size, "time": self.time,
                 "config_digest": self.config_digest, "files": len(self.files),
-                "total_bytes": self.total_bytes}
+                "total_bytes": self.total_bytes, "writer_epoch": self.writer_epoch}
 
 
 def new_commit(step: int, world_size: int, config_digest: str,
-               files: Mapping[str, FileRecord]) -> CommitInfo:
+               files: Mapping[str, FileRecord], writer_epoch: int = 0) -> CommitInfo:
     return CommitInfo(step=step, world_size=world_size, time=time.time(),
-                      config_digest=config_digest, files=dict(files))
+                      config_digest=config_digest, files=dict(files), writer_epoch=writer_epoch)
 
 
 def write_commit(storage: Storage, info: CommitInfo) -> None:
@@ -169,9 +212,10 @@ def verify_step(storage: Storage, info: CommitInfo, deep: bool = True) -> Verify
         elif present[name] != rec.size:
             problems.append(f"{name}: size {present[name]} != recorded {rec.size}")
         elif deep:
-            crc = crc32_of(storage.read_bytes(f"{base}/{name}"))
-            if crc != rec.crc32:
-                problems.append(f"{name}: crc32 {crc:08x} != recorded {rec.crc32:08x}")
+            try:
+                rec.check(name, storage.read_bytes(f"{base}/{name}"))
+            except CorruptCheckpoint as e:
+                problems.append(str(e))
     if problems:
         return VerifyReport(False, info.step, f"step {info.step}: {len(problems)} bad file(s): "
                             + "; ".join(problems[:5]), problems)

@@ -12,6 +12,13 @@ the data), so each item seeks forward and back; the buffered stream refetches bl
 seeks and every request waits for the previous one. We instead compute the byte ranges the load
 plan needs, merge neighbours, split them into chunks, fetch the chunks in parallel with whole
 ranged reads (each retried), and then deserialise from memory.
+
+Verification: the reader knows every file's size and CRC-32s from COMMIT.json. Before reading a
+file it checks the file's size (one listing per step); it widens the ranges it needs to whole
+`CRC_CHUNK_BYTES` chunks and checks each chunk's CRC as it arrives, so every byte handed to DCP
+is a byte that was committed. A mismatch raises `CorruptCheckpoint` naming the file (not retried:
+another read returns the same bytes). A file from the node-local cache that does not match is read
+again from the remote store instead.
 """
 
 from __future__ import annotations
@@ -22,10 +29,10 @@ import os
 import pickle
 import posixpath
 import threading
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from torch.distributed._shard._utils import narrow_tensor_by_index
@@ -43,10 +50,12 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from checkpointing.commit import FileRecord, crc32_of
+from checkpointing.commit import CRC_CHUNK_BYTES, FileRecord
+from checkpointing.errors import CorruptCheckpoint
 from checkpointing.storage import Storage
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 METADATA_FILE = ".metadata"
 READ_CHUNK_BYTES = 16 * 2**20
@@ -79,7 +88,7 @@ class _UploadingFileSystem(_FsspecFileSystem):
 
     def upload(self, name: str, data: bytes) -> None:
         """Write one whole file (retried), remember its size and CRC, copy it to the cache."""
-        crc = crc32_of(data)
+        record = FileRecord.of(data)
         try:
             self.storage.write_bytes(name, data)
         except BaseException as e:
@@ -89,7 +98,7 @@ class _UploadingFileSystem(_FsspecFileSystem):
                 self.errors.append(e)
             raise
         with self._lock:
-            self.records[name] = FileRecord(len(data), crc)
+            self.records[name] = record
         if self.tee is not None:
             try:
                 self.tee.write_bytes(name, data)
@@ -158,29 +167,86 @@ class RecordingWriter(FsspecWriter):
 
 
 class ParallelReader(FsspecReader):
-    """A DCP StorageReader that fetches the needed byte ranges in parallel (module docstring).
+    """A DCP StorageReader that fetches the needed byte ranges in parallel and checks them against
+    `records` (COMMIT.json's files) as they arrive (module docstring).
 
     `sources` may send some files to another Storage (the node-local cache); the rest come from
-    `storage`. Every read is retried as a whole; a failure raises `StorageError` out of `dcp.load`.
+    `storage`. Every read is retried as a whole; a failure raises `StorageError`, a file that does
+    not match its record (or that COMMIT.json does not list) `CorruptCheckpoint`, out of
+    `dcp.load` (inside DCP's CheckpointException) or out of `read_metadata`.
     """
 
-    def __init__(self, storage: Storage, sources: Mapping[str, Storage] | None = None,
-                 threads: int = 8) -> None:
+    def __init__(self, storage: Storage, records: Mapping[str, FileRecord],
+                 sources: Mapping[str, Storage] | None = None, threads: int = 8) -> None:
         super().__init__(storage.url, **storage.storage_options)
         self.storage = storage
+        self.records = dict(records)
         self.sources = dict(sources or {})
         self.threads = threads
         self.bytes_read = 0
+        self._metadata: Metadata | None = None
+        self._sizes: dict[str, int] | None = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        metadata = pickle.loads(self._source(METADATA_FILE).read_bytes(METADATA_FILE))
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+        """DCP's metadata, read and checked once (DCP and the manager both ask for it)."""
+        if self._metadata is None:
+            metadata = pickle.loads(self._read_whole(METADATA_FILE))
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            self._metadata = metadata
+        self._metadata.storage_meta.load_id = self.load_id
+        return self._metadata
 
-    def _source(self, name: str) -> Storage:
-        return self.sources.get(name, self.storage)
+    def _record(self, name: str) -> FileRecord:
+        record = self.records.get(name)
+        if record is None:
+            raise CorruptCheckpoint(f"{self.storage.url_of(name)}: not listed in COMMIT.json")
+        return record
+
+    def _checked_source(self, name: str) -> Storage:
+        """Where to read `name` from, after checking its size there (the cache if it holds the
+        committed size, else the remote store, which must)."""
+        record = self._record(name)
+        cached = self.sources.get(name)
+        if cached is not None:
+            if cached.list_files().get(name) == record.size:
+                return cached
+            self.sources.pop(name)
+        if self._sizes is None:
+            self._sizes = self.storage.list_files()
+        size = self._sizes.get(name)
+        if size != record.size:
+            found = "missing" if size is None else f"{size} bytes"
+            raise CorruptCheckpoint(f"{self.storage.url_of(name)}: {found}, COMMIT.json "
+                                    f"records {record.size}")
+        return self.storage
+
+    def _read_whole(self, name: str) -> bytes:
+        record = self._record(name)
+
+        def read(source: Storage) -> bytes:
+            data = source.read_bytes(name)
+            record.check(self.storage.url_of(name), data)
+            return data
+
+        return self._checked_read(name, read)
+
+    def _checked_read(self, name: str, read: Callable[[Storage], T]) -> T:
+        """`read(source)` from where `name` is (`_checked_source`); if the cached copy fails its
+        check (CorruptCheckpoint), once more from the remote store, whose failure is final."""
+        source = self._checked_source(name)
+        try:
+            return read(source)
+        except CorruptCheckpoint:
+            if source is self.storage:
+                raise
+        self._drop_cached(name)
+        return read(self._checked_source(name))
+
+    def _drop_cached(self, name: str) -> None:
+        log.warning("cached %s does not match COMMIT.json; reading it from %s", name,
+                    self.storage.url)
+        self.sources.pop(name, None)
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         per_file: dict[str, list[Any]] = {}
@@ -193,7 +259,9 @@ class ParallelReader(FsspecReader):
                 infos = [self.storage_data[i.storage_index] for i in items]
                 if any(getattr(info, "transform_descriptors", None) for info in infos):
                     raise NotImplementedError(f"{name}: stream transforms are not supported")
-                spans = _merge_ranges([(info.offset, info.offset + info.length) for info in infos])
+                record = self._record(name)
+                spans = _merge_ranges([_chunk_aligned(info.offset, info.offset + info.length,
+                                                      record) for info in infos])
                 buffers = self._fetch(pool, name, spans)
                 for item, info in zip(items, infos, strict=True):
                     span = next(s for s in spans if s[0] <= info.offset < s[1])
@@ -206,22 +274,30 @@ class ParallelReader(FsspecReader):
 
     def _fetch(self, pool: ThreadPoolExecutor, name: str,
                spans: list[tuple[int, int]]) -> dict[int, bytearray]:
-        source = self._source(name)
-        buffers = {start: bytearray(end - start) for start, end in spans}
-        jobs = []
-        for start, end in spans:
-            for lo in range(start, end, READ_CHUNK_BYTES):
-                hi = min(lo + READ_CHUNK_BYTES, end)
-                jobs.append((start, lo, hi))
+        """The bytes of `spans` of `name`, each chunk checked against its CRC; a cached file
+        that fails the check is fetched again from the remote store."""
+        record = self._record(name)
+        shown = self.storage.url_of(name)
+        jobs = [(start, lo, min(lo + READ_CHUNK_BYTES, end))
+                for start, end in spans for lo in range(start, end, READ_CHUNK_BYTES)]
 
-        def fetch(job: tuple[int, int, int]) -> int:
-            span_start, lo, hi = job
-            data = source.read_bytes(name, lo, hi)
-            buffers[span_start][lo - span_start:hi - span_start] = data
-            return len(data)
+        def read(source: Storage) -> dict[int, bytearray]:
+            buffers = {start: bytearray(end - start) for start, end in spans}
 
-        self.bytes_read += sum(pool.map(fetch, jobs))
-        return buffers
+            def fetch(job: tuple[int, int, int]) -> int:
+                span_start, lo, hi = job
+                data = source.read_bytes(name, lo, hi)
+                if record.chunks:
+                    record.check(shown, data, lo)
+                buffers[span_start][lo - span_start:hi - span_start] = data
+                return len(data)
+
+            self.bytes_read += sum(pool.map(fetch, jobs))
+            if not record.chunks:  # an older commit: only a whole-file CRC (one span)
+                record.check(shown, buffers[0])
+            return buffers
+
+        return self._checked_read(name, read)
 
     @staticmethod
     def _deliver(item: Any, view: memoryview, planner: LoadPlanner) -> None:
@@ -237,6 +313,16 @@ class ParallelReader(FsspecReader):
                              f"!= expected {tuple(target.size())}")
         target.copy_(tensor)
         planner.commit_tensor(item, target)
+
+
+def _chunk_aligned(start: int, end: int, record: FileRecord) -> tuple[int, int]:
+    """[start, end) widened to whole CRC chunks (the whole file if it has no chunk CRCs), so
+    that every byte read can be checked."""
+    if not record.chunks:
+        return 0, record.size
+    lo = start - start % CRC_CHUNK_BYTES
+    hi = min(record.size, -(-end // CRC_CHUNK_BYTES) * CRC_CHUNK_BYTES)
+    return lo, hi
 
 
 def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -35,3 +35,8 @@ class NoSuchCheckpoint(CheckpointError):
 
 class CorruptCheckpoint(CheckpointError):
     """A committed step's files do not match what its COMMIT.json records."""
+
+
+class Fenced(CheckpointError):
+    """A newer writer generation claimed the run (`fence.py`): this one may neither commit nor
+    delete. Its saves fail; the newer writer's checkpoints are untouched."""

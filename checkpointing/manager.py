@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from checkpointing import events
 from checkpointing.cache import LocalCache
-from checkpointing.collectives import RankGroup, describe_error
+from checkpointing.collectives import Failure, RankGroup, describe_error
 from checkpointing.commit import (
     CommitInfo,
     VerifyReport,
@@ -44,7 +44,14 @@ from checkpointing.commit import (
 )
 from checkpointing.config import CheckpointConfig
 from checkpointing.dcp_io import ParallelReader
-from checkpointing.errors import CheckpointError, NoSuchCheckpoint, SaveAborted, SaveFailed
+from checkpointing.errors import (
+    CheckpointError,
+    CorruptCheckpoint,
+    Fenced,
+    NoSuchCheckpoint,
+    SaveAborted,
+    SaveFailed,
+)
 from checkpointing.retention import collect_garbage
 from checkpointing.save_job import SaveJob, SaveWriter
 from checkpointing.staging import HostStager
@@ -90,7 +97,7 @@ class CheckpointManager:
             "saves_started": 0, "committed": 0, "skipped": 0, "failed": 0, "aborted": 0,
             "waits": 0, "wait_s": 0.0, "last_stall_s": None, "last_commit_s": None,
             "last_committed_step": None, "loads": 0, "last_load_s": None,
-            "fence_waits": 0, "last_fence_wait_s": None,
+            "fence_waits": 0, "last_fence_wait_s": None, "fallbacks": 0,
         }
         self._failure: SaveFailed | None = None
         self.storage = Storage(uri, storage_options, self.config.retry_timeout_s)
@@ -213,7 +220,8 @@ class CheckpointManager:
         self.metrics["failed"] += 1
         log.error("checkpoint step %d failed: %s", job.step, failure.describe())
         self._emit({"event": events.SAVE_FAILED, "step": job.step, "error": failure.describe()})
-        if self.config.on_failure == "stop" and not aborted:
+        # A fenced writer stops whatever on_failure says: another job now owns the run.
+        if (self.config.on_failure == "stop" or failure.kind is Fenced) and not aborted:
             self._failure = SaveFailed(job.step, failure.describe())
 
     # -- waiting -------------------------------------------------------------------------
@@ -254,57 +262,96 @@ class CheckpointManager:
     # -- loading -------------------------------------------------------------------------
     def load(self, state: Mapping[str, Any], step: int | None = None,
              optional: Collection[str] = ()) -> int | None:
-        """Load the newest committed step (or `step`) into `state`; collective.
+        """Load the newest intact committed step (or `step`) into `state`; collective.
 
-        Returns the step loaded, or None if nothing is committed (state untouched). Reshards onto
-        the current world. An entry of `state` named in `optional` that the checkpoint lacks (one
-        written before that entry existed) keeps its state; any other missing entry fails. Raises
-        NoSuchCheckpoint if `step` is not committed, StorageError if storage fails for good,
-        CheckpointError if DCP fails (e.g. the checkpoint does not match the state: a missing key
-        or another shape).
+        Every byte read is checked against COMMIT.json (sizes, then CRC-32s as the bytes arrive;
+        `dcp_io.ParallelReader`). If the newest commit has a bad file, the error names it, a
+        `fallback` event is reported and the commit before is tried, and so on: one bad
+        checkpoint never stops a run from starting. Returns the step loaded, or None if nothing
+        is committed (state untouched). Reshards onto the current world. An entry of `state`
+        named in `optional` that the checkpoint lacks (one written before that entry existed)
+        keeps its state; any other missing entry fails. Raises NoSuchCheckpoint if `step` is not
+        committed, CorruptCheckpoint if `step` (asked for by number) or every commit is bad,
+        StorageError if storage fails for good, CheckpointError if DCP fails (e.g. the checkpoint
+        does not match the state: a missing key or another shape).
         """
         self._check_open()
         self._wait_job()
         t0 = time.monotonic()
-        # Rank 0 chooses; NoSuchCheckpoint or StorageError there is raised on every rank.
-        commit_json = self._caller_ranks.on_rank_zero(lambda: self._choose(step),
-                                                      self.storage.redact)
-        if not commit_json:
-            return None
-        info = CommitInfo.from_json(commit_json)
+        # Rank 0 lists; NoSuchCheckpoint or StorageError there is raised on every rank.
+        candidates = self._caller_ranks.on_rank_zero(lambda: self._candidates(step),
+                                                     self.storage.redact)
+        bad: CorruptCheckpoint | None = None
+        for i, commit_json in enumerate(candidates):
+            info = CommitInfo.from_json(commit_json)
+            try:
+                self._load_commit(info, state, optional)
+            except CorruptCheckpoint as e:
+                bad = e
+                older = (CommitInfo.from_json(candidates[i + 1]).step
+                         if i + 1 < len(candidates) else None)
+                self._fall_back(info.step, str(e), older)
+                continue
+            self.metrics["loads"] += 1
+            self.metrics["last_load_s"] = time.monotonic() - t0
+            return info.step
+        if bad is not None:
+            raise bad
+        return None
+
+    def _candidates(self, step: int | None) -> list[str]:
+        """COMMIT.json texts to try, newest first: every commit, or just `step`."""
+        if step is None:
+            return [info.to_json() for info in reversed(list_steps(self.storage).committed)]
+        info = read_commit(self.storage, step)
+        if info is None:
+            raise NoSuchCheckpoint(f"no committed step {step} under {self.uri}")
+        return [info.to_json()]
+
+    def _load_commit(self, info: CommitInfo, state: Mapping[str, Any],
+                     optional: Collection[str]) -> None:
+        """Load one commit, checked; collective. Raises CorruptCheckpoint on every rank if any
+        rank read a file that does not match COMMIT.json."""
         sources = self._cache.sources_for(info) if self._cache is not None else {}
-        reader = ParallelReader(self.storage.child(step_dir(info.step)), sources,
+        reader = ParallelReader(self.storage.child(step_dir(info.step)), info.files, sources,
                                 threads=self.config.read_threads)
-        if optional:
-            # DCP's metadata names every saved entry by its flattened key, "entry.field...".
+        # DCP swallows errors of read_metadata (it retries it "per rank", then asserts): read
+        # and check it here, and agree on the outcome, so a bad one keeps its name and type.
+        failure: Failure | None = None
+        try:
             saved = {key.split(".", 1)[0] for key in reader.read_metadata().state_dict_metadata}
-            state = {key: value for key, value in state.items()
-                     if key in saved or key not in optional}
+        except CheckpointError as e:
+            failure = Failure.of(e, self.storage.redact)
+        failure = self._caller_ranks.first_failure(failure)
+        if failure is not None:
+            raise failure.error()
+        # DCP's metadata names every saved entry by its flattened key, "entry.field...".
+        state = {key: value for key, value in state.items()
+                 if key in saved or key not in optional}
         state_dicts = {key: value.state_dict() if isinstance(value, Stateful) else value
                        for key, value in state.items()}
         try:
             dcp.load(state_dicts, storage_reader=reader, process_group=self._caller_ranks.group,
                      no_dist=not self._caller_ranks.distributed)
         except CheckpointException as e:
+            # DCP gathers every rank's read errors, so every rank sees the same failures here.
+            corrupt = _corruption(e)
+            if corrupt is not None:
+                raise CorruptCheckpoint(self.storage.redact(corrupt)) from e
             # DCP's exception derives from BaseException: callers' `except Exception` would miss it.
             raise CheckpointError(f"loading step {info.step} from {self.uri} failed: "
                                   f"{self.storage.redact(describe_error(e))}") from e
         for key, value in state.items():
             if isinstance(value, Stateful):
                 value.load_state_dict(state_dicts[key])
-        self.metrics["loads"] += 1
-        self.metrics["last_load_s"] = time.monotonic() - t0
-        self.metrics["last_load_from_cache_files"] = len(sources)
-        return info.step
+        self.metrics["last_load_from_cache_files"] = len(reader.sources)
 
-    def _choose(self, step: int | None) -> str:
-        if step is None:
-            committed = list_steps(self.storage).committed
-            return committed[-1].to_json() if committed else ""
-        info = read_commit(self.storage, step)
-        if info is None:
-            raise NoSuchCheckpoint(f"no committed step {step} under {self.uri}")
-        return info.to_json()
+    def _fall_back(self, step: int, reason: str, older: int | None) -> None:
+        self.metrics["fallbacks"] += 1
+        instead = f"falling back to step {older}" if older is not None else "no older commit"
+        log.error("CHECKPOINT STEP %d IS CORRUPT, %s: %s", step, instead, reason)
+        self._emit({"event": events.FALLBACK, "step": step, "to_step": older,
+                    "file": reason.split(": ", 1)[0], "reason": reason})
 
     # -- inspection and maintenance (local: call from one process) -----------------------------
     def latest_step(self) -> int | None:
@@ -327,7 +374,10 @@ class CheckpointManager:
         return verify_step(self.storage, info, deep=deep)
 
     def gc(self, keep: int | None = None) -> list[str]:
-        """Apply retention (see `retention.py`); returns the removed URLs."""
+        """Apply retention (see `retention.py`); returns the removed URLs. Raises Fenced if this
+        manager claimed a writer epoch and a newer writer has claimed the run since."""
+        if self._writer.epoch is not None:
+            self._writer.check_epoch("collect garbage")
         return collect_garbage(self.storage, self.config.keep if keep is None else keep)
 
     def close(self) -> None:
@@ -355,6 +405,24 @@ class CheckpointManager:
         if self._closed:
             raise CheckpointError("CheckpointManager is closed")
 
+    def check_storage(self) -> None:
+        """Rank 0: probe the URI (a write, read and delete) and claim the writer epoch; collective.
+        Call before training: a missing bucket, missing credentials or a denied write then fail
+        here, on every rank, with StorageError naming the URI, instead of as an empty run whose
+        saves all fail."""
+        self._check_open()
+
+        def probe() -> None:
+            self.storage.probe()
+            self._writer.claim_epoch()
+
+        self._caller_ranks.on_rank_zero(probe, self.storage.redact)
+
+    @property
+    def writer_epoch(self) -> int | None:
+        """Rank 0's writer epoch once claimed (`fence.py`); None before, and on other ranks."""
+        return self._writer.epoch
+
     def _emit(self, event: Event) -> None:
         if self.rank != 0 or self.on_event is None:
             return
@@ -362,3 +430,12 @@ class CheckpointManager:
             self.on_event(event)
         except Exception:  # noqa: BLE001 - a broken callback must not fail the save
             log.exception("on_event callback failed")
+
+
+def _corruption(error: CheckpointException) -> str | None:
+    """The message of the first CorruptCheckpoint among DCP's per-rank failures, if any."""
+    for _, failure in sorted(error.failures.items()):
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(inner, CorruptCheckpoint):
+            return str(inner)
+    return None

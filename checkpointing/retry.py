@@ -28,14 +28,40 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError,
     ValueError, TypeError, KeyError, AttributeError, NotImplementedError, MemoryError,
 )
-"""Errors that another attempt cannot fix: a missing object, denied access, a programming error."""
+"""Errors that another attempt cannot fix: a missing object, denied access, a programming error.
+(s3fs turns AccessDenied, InvalidAccessKeyId, SignatureDoesNotMatch and ExpiredToken into
+PermissionError and NoSuchBucket into FileNotFoundError.)"""
+
+PERMANENT_ERROR_NAMES = frozenset({
+    "NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+    "DefaultCredentialsError", "RefreshError", "CorruptCheckpoint",
+})
+"""Errors of clients we do not import here (botocore, google-auth) or of our own that no retry
+can fix, by class name: no credentials found, credentials refused, bytes that do not match."""
+
+PERMANENT_MESSAGES = ("Forbidden:", "AccessDenied", "NoSuchBucket", "InvalidAccessKeyId",
+                      "SignatureDoesNotMatch")
+"""Messages of the plain OSErrors that gcsfs (403) and s3fs (unmapped codes) raise for refusals."""
+
+PERMANENT_HTTP_CODES = frozenset({400, 401, 403, 404})
+"""HTTP statuses of a client error (gcsfs's HttpError has `.code`) that no retry can fix."""
 
 
 def is_transient(error: BaseException) -> bool:
-    """True for errors worth another attempt: network faults, 5xx, throttling, short reads."""
+    """True for errors worth another attempt: network faults, 5xx, throttling, short reads.
+
+    False for missing or refused credentials, a missing bucket, denied access, a checksum that
+    does not match and programming errors: those fail at once, naming the cause."""
     if not isinstance(error, Exception):
         return False  # KeyboardInterrupt, SystemExit, DCP's CheckpointException: not ours to retry
-    return not isinstance(error, PERMANENT_ERRORS)
+    if isinstance(error, PERMANENT_ERRORS):
+        return False
+    if any(cls.__name__ in PERMANENT_ERROR_NAMES for cls in type(error).__mro__):
+        return False
+    if getattr(error, "code", None) in PERMANENT_HTTP_CODES:
+        return False
+    text = str(error)
+    return not (isinstance(error, OSError) and any(m in text for m in PERMANENT_MESSAGES))
 
 
 def _log_retry(what: str) -> Callable[[RetryCallState], None]:

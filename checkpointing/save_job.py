@@ -6,12 +6,16 @@ collectives whatever failed in its own phases, so no rank waits in a collective 
 skipped; a collective that itself fails (a peer died, or timed out) fails the save on this rank.
 
 0. Copy deferred state to host memory (the optimizer's fence waits for this).
-1. Rank 0 clears what an earlier attempt at this step left; every rank learns the first failure.
+1. Rank 0 claims the writer epoch on its first save (`fence.py`), checks it is still the newest
+   writer, and clears what an earlier attempt at this step left; every rank learns the first
+   failure.
 2. DCP writes every rank's files and rank 0's `.metadata` (a collective on the save group).
-3. Rank 0 gathers every rank's outcome and file records and writes COMMIT.json, unless a rank
-   failed or the job's deadline has passed (`SaveJob.may_commit`).
-4. Every rank learns rank 0's outcome. After a commit, rank 0 applies retention (a failure there
-   is logged, never fails the save) and each rank prunes its node-local cache.
+3. Rank 0 gathers every rank's outcome and file records and writes COMMIT.json (with its epoch),
+   unless a rank failed, the job's deadline has passed (`SaveJob.may_commit`) or a newer writer
+   has claimed the run (`Fenced`).
+4. Every rank learns rank 0's outcome. After a commit, rank 0 applies retention if it is still the
+   newest writer (a failure there is logged, never fails the save) and each rank prunes its
+   node-local cache.
 
 After a crash at any point, readers see what `commit.py` says: the previous commit stays newest
 until COMMIT.json of this step is whole.
@@ -32,15 +36,18 @@ from checkpointing.cache import LocalCache
 from checkpointing.collectives import Failure, RankGroup
 from checkpointing.commit import (
     COMMIT_FILE,
+    CommitInfo,
     FileRecord,
     new_commit,
     read_commit,
     step_dir,
+    verify_step,
     write_commit,
 )
 from checkpointing.config import CheckpointConfig
 from checkpointing.dcp_io import RecordingWriter
-from checkpointing.errors import SaveAborted
+from checkpointing.errors import CorruptCheckpoint, SaveAborted
+from checkpointing.fence import check_epoch, claim_epoch
 from checkpointing.retention import collect_garbage
 from checkpointing.staging import HostStager
 from checkpointing.state import ModelOptimizerState
@@ -132,6 +139,18 @@ class SaveWriter:
         self.cache = cache
         self.config_digest = config_digest
         self.report = report
+        self.epoch: int | None = None
+        """Rank 0's writer epoch, claimed by `claim_epoch` (or lazily by the first save)."""
+
+    def claim_epoch(self) -> int:
+        """Rank 0: become the newest writer of the run (once). Raises StorageError."""
+        if self.epoch is None:
+            self.epoch = claim_epoch(self.storage)
+        return self.epoch
+
+    def check_epoch(self, action: str) -> None:
+        """Rank 0: raise Fenced unless this writer is still the newest."""
+        check_epoch(self.storage, self.claim_epoch(), action)
 
     def start(self, job: SaveJob) -> None:
         """Run `job` on a new daemon thread (the caller must join it before exiting)."""
@@ -177,9 +196,10 @@ class SaveWriter:
             failure = next((f for f, _ in gathered if f is not None), None)
             if failure is None:
                 files = {name: rec for _, recs in gathered for name, rec in recs.items()}
-                info = new_commit(job.step, self.ranks.world_size, self.config_digest, files)
+                info = new_commit(job.step, self.ranks.world_size, self.config_digest, files,
+                                  writer_epoch=self.claim_epoch())
                 if job.may_commit():
-                    failure = self._attempt(lambda: write_commit(self.storage, info))
+                    failure = self._attempt(lambda: self._commit(info))
                 else:
                     failure = Failure(SaveAborted, "deadline passed before commit")
         return self.ranks.broadcast(failure)
@@ -190,15 +210,29 @@ class SaveWriter:
         self.report(job)
         if failure is None:
             if self.ranks.rank == 0:
-                retention = self._attempt(
-                    lambda: collect_garbage(self.storage, self.config.keep))
+                retention = self._attempt(lambda: self._collect_garbage())
                 if retention is not None:
                     log.warning("retention failed: %s", retention.describe())
             if self.cache is not None:
                 self.cache.prune(job.step)
         job.done.set()
 
+    def _commit(self, info: CommitInfo) -> None:
+        """Write COMMIT.json if this writer is still the newest and every file it lists is
+        there with its size (one listing: a GC or an operator may have removed a step being
+        filled; a COMMIT.json must never list a file that is gone)."""
+        self.check_epoch(f"commit step {info.step}")
+        present = verify_step(self.storage, info, deep=False)
+        if not present.ok:
+            raise CorruptCheckpoint(f"not committing: {present.detail}")
+        write_commit(self.storage, info)
+
+    def _collect_garbage(self) -> None:
+        self.check_epoch("collect garbage")
+        collect_garbage(self.storage, self.config.keep)
+
     def _clear_step(self, step: int) -> None:
+        self.check_epoch(f"clear step {step}")
         if read_commit(self.storage, step) is not None:
             self.storage.remove([f"{step_dir(step)}/{COMMIT_FILE}"])
         self.storage.remove_tree(step_dir(step))

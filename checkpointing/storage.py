@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import fsspec
 from fsspec import AbstractFileSystem
 
-from checkpointing.errors import StorageError
+from checkpointing.errors import CheckpointError, StorageError
 from checkpointing.retry import retrying
 
 SECRET_OPTION_KEYS = ("key", "secret", "token", "password", "session_token",
@@ -28,15 +29,44 @@ SECRET_OPTION_KEYS = ("key", "secret", "token", "password", "session_token",
 CLIENT_RETRIES = {"s3": 1, "gs": 2, "gcs": 2}
 """Attempts the fsspec client itself makes per call (botocore adds its own 2 for s3)."""
 
-SECRET_ENV_VARS = ("FSSPEC_S3_KEY", "FSSPEC_S3_SECRET", "AWS_ACCESS_KEY_ID",
-                   "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "FSSPEC_GCS_TOKEN")
+SECRET_ENV_PREFIXES = ("AWS_", "FSSPEC_S3_", "FSSPEC_GS_", "FSSPEC_GCS_", "GOOGLE_",
+                       "GCSFS_", "CLOUDSDK_")
+"""Environment variables fsspec, botocore and google-auth read. Every value of theirs that could
+be a credential (not a plain word such as a region or a number) is redacted."""
+_PUBLIC_ENV_VALUE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$|^\d+$|^(true|false|anon)$",
+                               re.IGNORECASE)
+"""Values safe to leave in messages: regions (`us-east-1`), numbers, flags."""
+
+
+SCHEMES = ("s3", "gs", "gcs", "file")
+EXPECTED_URI = "expected s3://bucket/prefix, gs://bucket/prefix, file:///path or a plain path"
+_SCHEME_LIKE = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*):")
+_SLASHES_NO_COLON = re.compile(r"^(s3|gs|gcs|file)/+", re.IGNORECASE)
+
+
+def check_uri(url: str, what: str = "URI") -> None:
+    """Raise ValueError, in one line naming `url` and what is expected, unless it is an
+    `s3://`, `gs://` or `file://` URL or a plain path that does not look like a mistyped URL
+    (`s3:/bucket`, `s3//bucket`, `gs:bucket` would otherwise be local directories)."""
+    if not url.strip():
+        raise ValueError(f"{what} is empty; {EXPECTED_URI}")
+    if "://" in url:
+        scheme, rest = url.split("://", 1)
+        if scheme.lower() not in SCHEMES:
+            raise ValueError(f"{what} {url!r} has an unsupported scheme {scheme!r}; "
+                             f"{EXPECTED_URI}")
+        if scheme.lower() != "file" and not rest.split("/", 1)[0]:
+            raise ValueError(f"{what} {url!r} names no bucket; {EXPECTED_URI}")
+        return
+    if _SCHEME_LIKE.match(url) or _SLASHES_NO_COLON.match(url):
+        raise ValueError(f"{what} {url!r} looks like a mistyped URI; {EXPECTED_URI}")
 
 
 def normalize_url(url: str | os.PathLike[str]) -> str:
-    """`s3://b/p/` -> `s3://b/p`; a plain path -> `file:///abs/path`. Raises ValueError if empty."""
+    """`s3://b/p/` -> `s3://b/p`; a plain path -> `file:///abs/path`. Raises ValueError (one line,
+    see `check_uri`) if it is empty or not a URI we can write to."""
     url = os.fspath(url).strip()
-    if not url:
-        raise ValueError("checkpoint URI is empty")
+    check_uri(url, "checkpoint URI")
     if "://" not in url:
         return "file://" + os.path.abspath(os.path.expanduser(url))
     protocol, rest = url.split("://", 1)
@@ -79,7 +109,9 @@ def secret_values(storage_options: Mapping[str, Any] | None = None) -> list[str]
             found.append(value)
 
     walk(storage_options or {})
-    found += [v for name in SECRET_ENV_VARS if len(v := os.environ.get(name, "")) >= 4]
+    found += [value for name, value in os.environ.items()
+              if name.upper().startswith(SECRET_ENV_PREFIXES) and len(value) >= 4
+              and not _PUBLIC_ENV_VALUE.match(value)]
     return found
 
 
@@ -139,7 +171,7 @@ class Storage:
     def _retry(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return retrying(self.retry_timeout_s, what)(fn)(*args, **kwargs)
-        except FileNotFoundError:
+        except (FileNotFoundError, FileExistsError, CheckpointError):
             raise
         except Exception as e:  # noqa: BLE001 - every storage failure becomes one clear type
             raise StorageError(f"{what} failed: {self.redact(f'{type(e).__name__}: {e}')}") from e
@@ -166,6 +198,39 @@ class Storage:
             self._retry(f"write {self._show(rel)}", _write_local_atomic, path, data)
         else:
             self._retry(f"write {self._show(rel)}", self.fs.pipe_file, path, bytes(data))
+
+    def create_exclusive(self, rel: str, data: bytes) -> None:
+        """Write the object only if it does not exist yet (atomic where the store allows: a
+        hard link on local disks, `If-None-Match: *` on S3, `ifGenerationMatch=0` on GCS).
+        Raises FileExistsError if it exists. A retry after a lost reply may find our own write:
+        callers compare the contents to tell."""
+        path = self.path(rel)
+        if self.is_local:
+            self._retry(f"create {self._show(rel)}", _write_local_atomic, path, data,
+                        exclusive=True)
+        else:
+            self._retry(f"create {self._show(rel)}", self.fs.pipe_file, path, data,
+                        mode="create")
+
+    def probe(self) -> None:
+        """Write, read back and delete a small object under the root: fails before any training
+        if the bucket is missing, the credentials are missing or the write is denied. Raises
+        StorageError naming the URL (and the cause, redacted); a missing bucket or directory that
+        the store cannot create raises it too."""
+        rel = f"_probe/{uuid.uuid4().hex}"
+        body = b"elastic-train storage probe"
+        try:
+            self.write_bytes(rel, body)
+            if self.read_bytes(rel) != body:
+                raise StorageError(f"{self.url}: a probe object read back different bytes")
+            self.remove([rel])
+        except FileNotFoundError as e:
+            raise StorageError(f"{self.url}: not writable (no such bucket or directory: "
+                               f"{self.redact(str(e))})") from None
+        if self.is_local:
+            import shutil
+
+            shutil.rmtree(self.path("_probe"), ignore_errors=True)
 
     def list_files(self, rel: str = "") -> dict[str, int]:
         """{name relative to `rel`: size} of every file below `rel`; {} if there is none."""
@@ -239,8 +304,9 @@ class Storage:
         return self.url_of(rel)
 
 
-def _write_local_atomic(path: str, data: bytes | memoryview) -> None:
-    """Write `path` so that a reader sees the old file or the whole new one, never a torn one."""
+def _write_local_atomic(path: str, data: bytes | memoryview, exclusive: bool = False) -> None:
+    """Write `path` so that a reader sees the old file or the whole new one, never a torn one
+    (`exclusive`: only if there is no old one; FileExistsError otherwise)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
     try:
@@ -248,7 +314,11 @@ def _write_local_atomic(path: str, data: bytes | memoryview) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from checkpointing.commit import (
     COMMIT_FILE,
     CommitInfo,
-    crc32_of,
     list_steps,
     read_commit,
     step_dir,
@@ -60,8 +59,10 @@ def _copy_one(src: Storage, dst: Storage, info: CommitInfo) -> CopyResult:
     copied = 0
     for name, rec in sorted(info.files.items()):
         data = src.read_bytes(f"{base}/{name}")
-        if len(data) != rec.size or crc32_of(data) != rec.crc32:
-            raise CorruptCheckpoint(f"{src.url_of(base)}/{name} does not match its COMMIT.json")
+        if len(data) != rec.size:
+            raise CorruptCheckpoint(f"{src.url_of(base)}/{name}: {len(data)} bytes, COMMIT.json "
+                                    f"records {rec.size}")
+        rec.check(f"{src.url_of(base)}/{name}", data)
         dst.write_bytes(f"{base}/{name}", data)
         copied += len(data)
     write_commit(dst, info)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from checkpointing import config as checkpointing_config
+from checkpointing.storage import check_uri
 from elastic_train import spec
 
 if sys.version_info >= (3, 11):
@@ -118,6 +119,14 @@ class CheckpointConfig(checkpointing_config.CheckpointConfig):
     prior_mtbi_s: float = 0.0
     """Adaptive interval: expected seconds between interruptions before any is seen (e.g. 3600
     for spot capacity). 0: no prior; until the first interruption the interval is max_every."""
+    shared_filesystem: bool = False
+    """A file:// (or plain path) URI with more than one node: true states that every node sees
+    the same directory (NFS, a shared mount). Checked at start with a probe file; without it,
+    such a run is refused (each node would commit shards the others cannot read)."""
+    allow_data_change: bool = False
+    """Resume a checkpoint whose data order differs (seed, data.batch_size, data.seq_len,
+    dataset). false: such a resume is refused naming the key. true: allowed, and recorded as a
+    `data_changed` event in metrics (the ledger and the chaos invariants see it)."""
 
     def validate(self, prefix: str = "") -> None:
         """The manager's checks, then this section's; ValueError names the first bad key."""
@@ -132,6 +141,8 @@ class CheckpointConfig(checkpointing_config.CheckpointConfig):
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.uri:
+            check_uri(self.uri, f"{prefix}uri")
 
 
 @dataclass
@@ -455,6 +466,8 @@ def validate(config: Config, world_size: int | None = None) -> None:
             raise ConfigError(message)
     try:
         config.checkpoint.validate(prefix="checkpoint.")
+        if config.data.uri:
+            check_uri(config.data.uri, "data.uri")
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
+from checkpointing.storage import Storage
+
 INDEX = "index.json"
 SHARD_TOKENS = 1 << 22
 
@@ -247,20 +249,27 @@ def is_prepared(uri: str) -> bool:
 class TokenStore:
     """Random access to the tokens of a prepared dataset; never loads it whole.
 
-    Reads go through fsspec in blocks of `block_bytes`, kept in an LRU cache of `cache_blocks`.
-    A missing or unreadable `index.json` raises FileNotFoundError naming the URI.
+    Reads go through `checkpointing.storage.Storage` (the retry layer checkpoints use: transient
+    faults are retried for up to `retry_timeout_s`, then a read raises StorageError; missing
+    credentials or denied access fail at once) in blocks of `block_bytes`, kept in an LRU cache
+    of `cache_blocks`. A missing `index.json` raises FileNotFoundError naming the URI.
     """
 
-    def __init__(self, uri: str, block_bytes: int = 1 << 16, cache_blocks: int = 256) -> None:
+    def __init__(self, uri: str, block_bytes: int = 1 << 16, cache_blocks: int = 256,
+                 retry_timeout_s: float = 60.0) -> None:
         self.uri = uri
-        self.fs, self.root = fsspec.core.url_to_fs(uri)
+        self.storage = Storage(uri, retry_timeout_s=retry_timeout_s)
         try:
-            self.index = json.loads(self.fs.cat_file(f"{self.root}/{INDEX}"))
+            raw_index = self.storage.read_bytes(INDEX)
+            self.index = json.loads(raw_index)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"no prepared dataset at {uri!r} (missing {INDEX}); "
                 "run `elastic-train data prepare --out URI`"
             ) from None
+        self.identity = hashlib.sha256(raw_index).hexdigest()[:16]
+        """The dataset's identity: a digest of its index (shard names, sizes, tokenizer), the
+        same for a copy of it at another URI."""
         self.dtype = np.dtype(self.index["dtype"]).newbyteorder("<")
         self.vocab_size = int(self.index["vocab_size"])
         self.total_tokens = int(self.index["total_tokens"])
@@ -282,11 +291,8 @@ class TokenStore:
         info = self.index["shards"][shard]
         start = block * self._block_tokens
         end = min(start + self._block_tokens, info["tokens"])
-        raw = self.fs.cat_file(
-            f"{self.root}/{info['path']}",
-            start=start * self.dtype.itemsize,
-            end=end * self.dtype.itemsize,
-        )
+        raw = self.storage.read_bytes(info["path"], start * self.dtype.itemsize,
+                                      end * self.dtype.itemsize)
         tokens = np.frombuffer(raw, dtype=self.dtype)
         with self._lock:
             self._cache[key] = tokens
@@ -354,6 +360,21 @@ class TokenDataset:
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = torch.from_numpy(self.store.sample(index, self.seq_len))
         return tokens[:-1], tokens[1:]
+
+    @property
+    def identity(self) -> str:
+        return self.store.identity
+
+
+def identity_of(dataset: object) -> str:
+    """What names a dataset across resumes: its own `identity` when it has one (prepared token
+    shards: a digest of their index), else its class and length: a spec's dataset that changes
+    its items without changing either is not seen."""
+    own = getattr(dataset, "identity", None)
+    if isinstance(own, str):
+        return own
+    kind = type(dataset)
+    return f"{kind.__module__}.{kind.__qualname__}:{len(dataset)}"  # type: ignore[arg-type]
 
 
 def micro_batch_count(batch_size: int, world_size: int, micro_batch: int) -> int:

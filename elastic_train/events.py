@@ -21,6 +21,11 @@ class Event(str, Enum):
     """A checkpoint committed (from the checkpoint manager)."""
     SAVE_FAILED = checkpoint_events.SAVE_FAILED
     """A save failed; the previous commit stays the newest."""
+    FALLBACK = checkpoint_events.FALLBACK
+    """A load found a committed checkpoint damaged and fell back to the one before."""
+    DATA_CHANGED = "data_changed"
+    """A resume changed the data order, as `checkpoint.allow_data_change` allowed: `step`,
+    `changed` ({key: {"checkpoint": old, "now": new}})."""
     NOTICE = "notice"
     """All ranks agreed on a preemption notice: `step`, `deadline_s`, `source`."""
     LEFT = "left"

@@ -24,7 +24,7 @@ def run(config_path: str | None, overrides: dict[str, str]) -> int:
         import torch
         import torch.distributed as dist
 
-        from checkpointing import SaveFailed
+        from checkpointing import CheckpointError, SaveFailed
         from elastic_train.trainer import Trainer
 
     if (warning := torch_outside_tested_range(torch.__version__)) and \
@@ -49,6 +49,12 @@ def run(config_path: str | None, overrides: dict[str, str]) -> int:
         os._exit(exit_codes.COLLECTIVE_TIMEOUT)
     except SaveFailed as e:
         print(f"elastic-train: checkpoint failed for good: {e}", file=sys.stderr)
+        return exit_codes.CHECKPOINT_FAILED
+    except CheckpointError as e:
+        # Storage that failed for good, or no intact commit left to load: one line, no
+        # traceback; a restart resumes from whatever is committed then.
+        first_line = " ".join(str(e).split())
+        print(f"elastic-train: checkpoint error: {first_line}", file=sys.stderr)
         return exit_codes.CHECKPOINT_FAILED
     finally:
         if trainer is not None:

@@ -34,6 +34,7 @@ import math
 import os
 import signal
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -64,6 +65,34 @@ from elastic_train.spec import Dataset, ModelContext, SpecError, TrainSpec, reso
 
 POLICY_KEY = "policy"
 """The save policy's entry in a checkpoint, beside "app" (model and optimizer) and "trainer"."""
+DATA_ORDER_KEY = "data_order"
+"""What fixed the data stream, beside "trainer" (an entry of its own, so that a checkpoint
+written before it existed still loads: its order is then taken on trust)."""
+
+
+class DataOrder(Stateful):
+    """The checkpoint's record of what fixes the data stream: seed, global batch, sequence length
+    and the dataset's identity. Loading a record that differs raises ConfigError naming the
+    first key that differs, unless `allow_change` (then `changed` holds every difference, for the
+    run to record)."""
+
+    def __init__(self, now: dict[str, Any], allow_change: bool) -> None:
+        self.now = now
+        self.allow_change = allow_change
+        self.changed: dict[str, dict[str, Any]] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.now)
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        changed = {key: {"checkpoint": saved.get(key), "now": now}
+                   for key, now in self.now.items() if saved.get(key) != now}
+        if changed and not self.allow_change:
+            key, values = next(iter(changed.items()))
+            raise ConfigError(f"the checkpoint was written with {key}={values['checkpoint']!r}, "
+                              f"this run has {key}={values['now']!r}: resuming would change the "
+                              "data order (set checkpoint.allow_data_change=true to accept that)")
+        self.changed = changed
 
 
 def _exit_on_sigterm() -> None:
@@ -226,8 +255,45 @@ def build_dataset(config: Config, spec: TrainSpec, world: distributed.World
         if world.local_rank == 0 and not data.is_prepared(uri):
             data.prepare(uri)
         dist.barrier()
-    store = data.TokenStore(uri)
+    try:
+        store = data.TokenStore(uri, retry_timeout_s=config.checkpoint.retry_timeout_s)
+    except FileNotFoundError as e:
+        raise ConfigError(f"data.uri: {e}") from None
     return data.TokenDataset(store, config.data.seq_len), store.vocab_size
+
+
+def check_storage(config: Config, world: distributed.World,
+                  checkpoints: CheckpointManager) -> None:
+    """Before step 1 (collective): rank 0 probes the checkpoint URI with a write, read and delete
+    and claims the writer epoch; a file:// run on several nodes must declare
+    `checkpoint.shared_filesystem=true`, and every node's local rank 0 must see a probe file
+    rank 0 wrote. Raises ConfigError (one line naming the URI) on every rank otherwise."""
+    try:
+        checkpoints.check_storage()
+    except StorageError as e:
+        raise ConfigError(f"checkpoint storage is not usable: {e}") from None
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    if not checkpoints.storage.is_local or nodes <= 1:
+        return
+    uri = checkpoints.uri
+    if not config.checkpoint.shared_filesystem:
+        raise ConfigError(f"checkpoint.uri={uri!r} is a local path on {nodes} nodes: use s3:// or "
+                          "gs://, or set checkpoint.shared_filesystem=true if every node mounts "
+                          "the same directory")
+    probe = f"_shared/{uuid.uuid4().hex}" if world.is_main else ""
+    if world.is_main:
+        checkpoints.storage.write_bytes(probe, b"shared?")
+    box = [probe]
+    dist.broadcast_object_list(box, src=0)
+    seen = world.local_rank != 0 or checkpoints.storage.exists(box[0])
+    flags = [None] * world.size
+    dist.all_gather_object(flags, seen)
+    if world.is_main:
+        checkpoints.storage.remove_tree("_shared")
+    if not all(flags):
+        missing = sorted(r for r, ok in enumerate(flags) if not ok)
+        raise ConfigError(f"checkpoint.shared_filesystem=true but ranks {missing} do not see "
+                          f"{uri}/{box[0]}, written by rank 0: the path is not shared")
 
 
 def build_model(config: Config, spec: TrainSpec, vocab_size: int | None,
@@ -300,8 +366,13 @@ class Trainer(Stateful):
                                              self.world.is_main, self.world.device)
         self.ledger = build_ledger(config, self.home)
         self.checkpoints = build_checkpointer(config, self.world, self._on_checkpoint_event)
+        check_storage(config, self.world, self.checkpoints)
+        self.data_order = DataOrder(
+            {"seed": config.seed, "data.batch_size": config.data.batch_size,
+             "data.seq_len": config.data.seq_len, "dataset": data.identity_of(self.dataset)},
+            allow_change=config.checkpoint.allow_data_change)
         self.state = {"app": ModelOptimizerState(self.model, self.optimizer), "trainer": self,
-                      POLICY_KEY: self.save_policy}
+                      POLICY_KEY: self.save_policy, DATA_ORDER_KEY: self.data_order}
         self.step_timer = build_step_timer(config.parallel, self.world.backend)
         self.startup["model"] = time.time()
 
@@ -310,7 +381,8 @@ class Trainer(Stateful):
         return {"step": self.step, "config_digest": self.config_digest}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Take the step back; a checkpoint made with another config is loaded with a warning."""
+        """Take the step back; a checkpoint made with another config is loaded with a warning
+        (the data order, which must not change, is `DataOrder`'s)."""
         self.step = int(state["step"])
         if state.get("config_digest") != self.config_digest:
             say(f"warning: resuming a checkpoint made with config {state.get('config_digest')}, "
@@ -379,7 +451,12 @@ class Trainer(Stateful):
         (and `{uri}/final/model.safetensors`).
         Returns `exit_codes.OK`; a noticed node leaves from inside (`leave()`) instead."""
         cfg, world = self.config, self.world
-        restored = self.checkpoints.load(self.state, optional={POLICY_KEY})
+        restored = self.checkpoints.load(self.state, optional={POLICY_KEY, DATA_ORDER_KEY})
+        if self.data_order.changed:
+            self.metrics.event(Event.DATA_CHANGED, step=restored, changed=self.data_order.changed)
+            say(f"warning: resumed step {restored} with another data order: "
+                + ", ".join(f"{k} {v['checkpoint']!r} -> {v['now']!r}"
+                            for k, v in self.data_order.changed.items()))
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
         self.save_policy.resume(restored, restarted=restart > 0)
         start = self.step

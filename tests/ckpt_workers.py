@@ -116,14 +116,16 @@ def run_ranks(nproc: int, role: str, args: dict[str, Any], timeout: float = 120,
         raise AssertionError(f"{role} x{nproc} exited {proc.returncode}:\n{out[-4000:]}")
 
 
-def spawn_single(role: str, args: dict[str, Any], env: dict[str, str] | None = None
-                 ) -> subprocess.Popen[str]:
-    """Start this script's `role` as one plain process (no torch.distributed)."""
+def spawn_single(role: str, args: dict[str, Any], env: dict[str, str] | None = None,
+                 stdin: int | None = None) -> subprocess.Popen[str]:
+    """Start this script's `role` as one plain process (no torch.distributed); `stdin`
+    (e.g. subprocess.PIPE) as Popen takes it."""
     full_env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": "1",
                 "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), role,
-                             json.dumps(args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=full_env, start_new_session=True)
+                             json.dumps(args)], stdin=stdin, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=full_env,
+                            start_new_session=True)
 
 
 # -- roles -------------------------------------------------------------------------------------
@@ -270,8 +272,38 @@ def role_fail_save(args: dict[str, Any]) -> None:
     dist.destroy_process_group()
 
 
+def role_writer(args: dict[str, Any]) -> None:
+    """A writer of one run driven line by line on stdin, answering one line each on stdout:
+    `claim` -> `EPOCH n`; `save N` -> `COMMITTED N` or `FAILED N <reason>`; `gc` -> `GC n` or
+    `FAILED gc <reason>`; `quit`. Storage comes from the environment (FSSPEC_S3_* for S3)."""
+    from checkpointing import CheckpointConfig, CheckpointError, CheckpointManager
+    from checkpointing import ModelOptimizerState as MOS
+
+    model = build_model(seed=args.get("seed", 0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    manager = CheckpointManager(args["uri"], CheckpointConfig(mode="sync", keep=1))
+    for line in sys.stdin:
+        command, *rest = line.split()
+        if command == "quit":
+            break
+        try:
+            if command == "claim":
+                manager.check_storage()
+                answer = f"EPOCH {manager.writer_epoch}"
+            elif command == "save":
+                step = int(rest[0])
+                manager.save(step, {"app": MOS(model, opt), "trainer": Trainer(step)})
+                answer = f"COMMITTED {step}"
+            else:
+                answer = f"GC {len(manager.gc())}"
+        except CheckpointError as e:
+            answer = f"FAILED {rest[0] if rest else command} {e}"
+        print(answer, flush=True)
+    manager.close()
+
+
 ROLES = {"train_save": role_train_save, "load_check": role_load_check,
-         "kill_writer": role_kill_writer, "fail_save": role_fail_save}
+         "kill_writer": role_kill_writer, "fail_save": role_fail_save, "writer": role_writer}
 
 if __name__ == "__main__":
     ROLES[sys.argv[1]](json.loads(sys.argv[2]))

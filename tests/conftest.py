@@ -14,6 +14,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # gcsfs reads this at import time; without it every call first waits 60 s for a Google API.
@@ -105,3 +106,12 @@ def s3_proxy(moto_server: MotoS3Server, monkeypatch: pytest.MonkeyPatch) -> Iter
 def gcs_proxy(gcs_emulator: GcsEmulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[ObjectStore]:
     with FaultProxy(gcs_emulator.endpoint_url, flavor="gcs") as proxy:
         yield _store(gcs_emulator, monkeypatch, proxy)
+
+
+@pytest.fixture(params=["file", "s3"])
+def run_store(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, Any]]:
+    """A fresh run URI and its storage options: on a local disk, then on S3 (moto)."""
+    if request.param == "file":
+        return f"file://{tmp_path}/run", {}
+    store = request.getfixturevalue("s3")
+    return store.url("run"), store.storage_options

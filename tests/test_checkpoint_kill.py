@@ -17,6 +17,7 @@ import torch
 from ckpt_workers import Trainer, assert_same, build_model, full_state, spawn_single, train_steps
 
 from checkpointing import CheckpointConfig, CheckpointManager, ModelOptimizerState
+from checkpointing.storage import Storage
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,7 +40,11 @@ def test_writer_killed_mid_save_leaves_previous_commit_newest_and_loadable(s3_pr
                                     env=s3_proxy.env)
     try:
         deadline = time.monotonic() + 90
-        while any(r.fired == 0 for r in rules.values()):
+        # The held data file is one of two the writer uploads at once: wait until the other
+        # one has landed (seen on the server itself), so that the step has debris to ignore.
+        direct = Storage(s3_proxy.url("kill-data"), s3_proxy.server.storage_options())
+        while any(r.fired == 0 for r in rules.values()) or \
+                "step_00000002" not in direct.list_dirs():
             for point, proc in procs.items():
                 if proc.poll() is not None:
                     pytest.fail(f"writer {point} exited early:\n{proc.stdout.read()}")
@@ -72,5 +77,6 @@ def test_writer_killed_mid_save_leaves_previous_commit_newest_and_loadable(s3_pr
             train_steps(model, opt, 2, 1)
             manager.save(3, {"app": ModelOptimizerState(model, opt), "trainer": Trainer(3)})
             manager.wait()
-            assert manager.storage.list_dirs() == ["step_00000001", "step_00000003"], point
+            assert manager.storage.list_dirs() == ["_writers", "step_00000001",
+                                                   "step_00000003"], point
             assert [c.step for c in manager.steps()] == [1, 3]

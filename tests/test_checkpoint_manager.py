@@ -147,7 +147,7 @@ def test_readers_ignore_steps_without_a_whole_commit(tmp_path):
     assert listing.partial == [3, 4, 5]
     # Partial steps newer than the newest commit may be in flight: GC leaves them alone.
     assert collect_garbage(storage, keep=1) != []
-    assert storage.list_dirs() == ["notes.txt", "step_00000002", "step_00000003",
+    assert storage.list_dirs() == ["_writers", "notes.txt", "step_00000002", "step_00000003",
                                    "step_00000004", "step_00000005"]
 
 
@@ -157,7 +157,7 @@ def test_gc_never_deletes_the_only_commit_and_removes_older_debris(tmp_path):
     with CheckpointManager(tmp_path, CheckpointConfig(keep=1)) as manager:
         manager.save(2, state())
         manager.wait()  # commit, then retention: the older partial step goes
-        assert storage.list_dirs() == ["step_00000002"]
+        assert storage.list_dirs() == ["_writers", "step_00000002"]
         assert manager.gc(keep=1) == []
         with pytest.raises(ValueError, match="keep must be >= 1"):
             manager.gc(keep=0)

@@ -87,7 +87,7 @@ def test_retention_keeps_the_newest_k(tmp_path):
     uri = f"file://{tmp_path}/run"
     save_steps(uri, [1, 2, 3, 4], keep=2)
     assert [c.step for c in CheckpointManager(uri).steps()] == [3, 4]
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["step_00000003",
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["_writers", "step_00000003",
                                                                    "step_00000004"]
 
 

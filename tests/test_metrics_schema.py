@@ -29,6 +29,10 @@ EVENT_FIELDS: dict[Event, dict] = {
                                 "restore": 0.0}},
     Event.COMMIT: {"step": 4, "stall_s": 0.01, "commit_s": 0.3},
     Event.SAVE_FAILED: {"step": 6, "error": "write s3://b/run/step_00000006: timed out"},
+    Event.FALLBACK: {"step": 6, "to_step": 4, "file": "s3://b/run/step_00000006/__0_0.distcp",
+                     "reason": "s3://b/run/step_00000006/__0_0.distcp: 10 bytes, COMMIT.json "
+                               "records 12"},
+    Event.DATA_CHANGED: {"step": 6, "changed": {"seed": {"checkpoint": 1, "now": 2}}},
     Event.NOTICE: {"step": 7, "deadline_s": 30.0, "source": "file"},
     Event.LEFT: {"step": 7},
     Event.DONE: {"step": 8},

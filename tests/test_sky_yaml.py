@@ -218,7 +218,7 @@ def _torchrun_args(env: dict[str, str]) -> list[str]:
 
 def test_launcher_builds_torchrun_from_skypilots_variables():
     env = _node_env(TRAIN_ARGS="--steps=5 --checkpoint.every=2", DATA_URI="s3://bucket/data",
-                    CONFIG="configs/base.toml", MIN_NODES="2")
+                    CONFIG="elastic_train/configs/base.toml", MIN_NODES="2")
     args = _torchrun_args(env)
     task_id = env["SKYPILOT_TASK_ID"]
     assert args[:9] == [
@@ -231,7 +231,7 @@ def test_launcher_builds_torchrun_from_skypilots_variables():
     # Each rank hands the trainer's arguments to the node's prefork server.
     entry = args.index("-m")
     assert args[entry:entry + 2] == ["-m", "elastic_train.node.worker"]
-    assert args[entry + 2:] == ["--config", "configs/base.toml",
+    assert args[entry + 2:] == ["--config", "elastic_train/configs/base.toml",
                                 f"--checkpoint.uri=s3://bucket/et/runs/{task_id}",
                                 "--data.uri=s3://bucket/data", "--steps=5", "--checkpoint.every=2"]
 

@@ -44,6 +44,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from elastic_train import config as config_lib
 from elastic_train import exit_codes
 from elastic_train.node import prefork, procs
 from elastic_train.node.agent import DEFAULT_MAX_RESTARTS, TRAINER_ENTRY, AgentCommand
@@ -150,6 +151,7 @@ def agent_command(node: Node, env: Mapping[str, str]) -> AgentCommand:
     if env.get("DATA_URI", "").strip():
         trainer.append("--data.uri=" + env["DATA_URI"].strip())
     trainer += shlex.split(env.get("TRAIN_ARGS", ""))
+    check_trainer_config(trainer, node.num_nodes)
     files = os.path.join(tempfile.gettempdir(), f"elastic-train-{os.getpid()}")
     return AgentCommand(
         entry=[*TRAINER_ENTRY, *trainer],
@@ -162,6 +164,25 @@ def agent_command(node: Node, env: Mapping[str, str]) -> AgentCommand:
         # In the temp dir: a unix socket's path has at most 108 bytes.
         prefork_socket=f"{files}.sock",
     )
+
+
+def check_trainer_config(trainer: list[str], num_nodes: int) -> None:
+    """Validate the trainer's config (`[--config FILE] --key=value...`) once, here, before torchrun
+    starts: a bad value would otherwise fail every worker and be restarted MAX_RESTARTS times.
+    Raises LaunchError with the config's one-line message."""
+    path, overrides = None, trainer
+    if trainer[:1] == ["--config"]:
+        path, overrides = trainer[1], trainer[2:]
+    try:
+        config = config_lib.load(path, config_lib.parse_overrides(overrides))
+    except config_lib.ConfigError as e:
+        raise LaunchError(str(e)) from None
+    uri = config.checkpoint.uri
+    if num_nodes > 1 and not uri.startswith(("s3://", "gs://", "gcs://")) \
+            and not config.checkpoint.shared_filesystem:
+        raise LaunchError(f"checkpoint.uri={uri!r} is a local path on {num_nodes} nodes: use "
+                          "s3:// or gs://, or set checkpoint.shared_filesystem=true if every "
+                          "node mounts the same directory")
 
 
 def exit_code_of(failures: Mapping[int, int]) -> int:

@@ -35,6 +35,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import sys
 import traceback
 from collections.abc import Mapping, Sequence
@@ -194,6 +195,16 @@ class PreforkServer:
 
     def _accept(self) -> None:
         conn, _ = self.listener.accept()
+        # The socket file is 0600, but its mode is one chmod (or a root-owned directory's
+        # mistake) from letting another user run code with our credentials: the kernel's word
+        # on who connected decides. A refused client gets no reply and starts cold, as its own
+        # user.
+        uid = peer_uid(conn)
+        if uid != os.getuid():
+            print(f"prefork: refused a client of uid {uid} (serving uid {os.getuid()} only)",
+                  file=sys.stderr, flush=True)
+            conn.close()
+            return
         try:
             message, fds, _, _ = socket.recv_fds(conn, _MAX_REQUEST, 3)
             request = json.loads(message)
@@ -231,6 +242,13 @@ class PreforkServer:
                 conn.close()
             if block:
                 return
+
+
+def peer_uid(conn: socket.socket) -> int:
+    """The user id of the process at the other end of a connected unix socket (SO_PEERCRED)."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
 
 
 def _become_worker(request: Mapping[str, Any], fds: Sequence[int]) -> None:
