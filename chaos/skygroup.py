@@ -18,7 +18,7 @@ A simulated jobs controller watches every task on its own, as SkyPilot's does:
   header's `termination_delay`.
 
 Faults (`preempt`, `kill`) act on a task's whole cluster, the way a cloud would. `run_scenario`
-runs a group scenario (`chaos/scenarios/group-*.yaml`, see `load_scenario`) end to end against
+runs a group scenario (`chaos/scenarios/group/*.yaml`, see `load_scenario`) end to end against
 the harness's fault-free reference and checks the same five invariants as every chaos run.
 """
 
@@ -357,10 +357,13 @@ class GroupFault:
 
 @dataclass(frozen=True)
 class GroupScenario:
-    """A chaos scenario in group mode: `workers` single-node worker tasks and a coordinator."""
+    """A chaos scenario in group mode (`chaos/scenarios/group/*.yaml`): `nodes` single-node
+    worker tasks and a coordinator. The keys it shares with a cluster scenario mean the same;
+    it also validates against the shared scenario contract."""
 
     name: str
-    workers: int
+    nodes: int
+    """Worker tasks w0..w{nodes-1}, one node each (the coordinator comes on top)."""
     train: dict[str, Any]
     faults: tuple[GroupFault, ...] = ()
     seed: int = 0
@@ -375,8 +378,8 @@ class GroupScenario:
 
     def reference_scenario(self) -> Scenario:
         """The harness's scenario of the same trainer and world: its reference run is ours."""
-        return Scenario(name=self.name, nodes=self.workers, train=dict(self.train),
-                        seed=self.seed, min_nodes=self.min_nodes, max_nodes=self.workers,
+        return Scenario(name=self.name, nodes=self.nodes, train=dict(self.train),
+                        seed=self.seed, min_nodes=self.min_nodes, max_nodes=self.nodes,
                         procs_per_node=1, storage=self.storage)  # type: ignore[arg-type]
 
 
@@ -395,11 +398,11 @@ def scenario_from_dict(data: Any, source: str = "scenario") -> GroupScenario:
     for key in data:
         if key not in SCENARIO_KEYS:
             fail(f"unknown key {key!r}; expected some of {', '.join(SCENARIO_KEYS)}")
-    for key in ("name", "workers", "train"):
+    for key in ("name", "nodes", "train"):
         if key not in data:
             fail(f"missing {key!r}")
-    if not isinstance(data["workers"], int) or data["workers"] < 1:
-        fail(f"workers={data['workers']!r}: expected an integer >= 1")
+    if not isinstance(data["nodes"], int) or data["nodes"] < 1:
+        fail(f"nodes={data['nodes']!r}: expected an integer >= 1 (worker tasks)")
     if not isinstance(data["train"], dict):
         fail("train: expected a mapping of trainer overrides")
     if data.get("storage", "s3") not in ("s3", "file"):
@@ -416,15 +419,15 @@ def scenario_from_dict(data: Any, source: str = "scenario") -> GroupScenario:
         if not isinstance(f.get("at_step"), int) or f["at_step"] < 0:
             fail(f"{where}: at_step={f.get('at_step')!r}: expected an integer >= 0")
         task = f.get("task", COORD_TASK if f["kind"] == "lose_coordinator" else None)
-        workers = [f"w{j}" for j in range(data["workers"])]
+        workers = [f"w{j}" for j in range(data["nodes"])]
         if f["kind"] != "lose_coordinator" and task not in workers:
             fail(f"{where}: task={task!r}: expected one of {', '.join(workers)}")
         faults.append(GroupFault(kind=f["kind"], at_step=f["at_step"], task=task,
                                  notice_s=f.get("notice_s")))
     known = {k: data[k] for k in SCENARIO_KEYS if k in data and k != "faults"}
     scenario = GroupScenario(**known, faults=tuple(faults))
-    if not 1 <= scenario.min_nodes <= scenario.workers:
-        fail(f"min_nodes={scenario.min_nodes}: expected 1..workers={scenario.workers}")
+    if not 1 <= scenario.min_nodes <= scenario.nodes:
+        fail(f"min_nodes={scenario.min_nodes}: expected 1..nodes={scenario.nodes}")
     if any(f.at_step >= scenario.steps for f in faults):
         fail(f"a fault's at_step is not before the last step {scenario.steps}")
     return scenario
@@ -471,7 +474,7 @@ def run_scenario(scenario: GroupScenario, out: Path, cache: Path | None = None,
     ref_scenario = scenario.reference_scenario()
     ref = harness.reference(ref_scenario, cache, log)
     run_dir = out / "run"
-    group_yaml = render_group_yaml(scenario.workers, scenario.min_nodes, out / "group.yaml")
+    group_yaml = render_group_yaml(scenario.nodes, scenario.min_nodes, out / "group.yaml")
     with open_backend(scenario.storage, out, cache) as backend:
         bucket = backend.checkpoint_uri.rsplit("/", 1)[0]
         overrides = {**harness.train_overrides(ref_scenario), "run.dir": str(run_dir),
