@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import sys
 from pathlib import Path
@@ -234,11 +235,18 @@ def _check_group(text: str) -> dict[str, Any]:
     required = sorted({k for d in docs[1:] if d for k in _required_envs(d)})
     overrides = [(k, PLACEHOLDER) for k in required]
     result: dict[str, Any] = {"errors": errors, "required_envs": required}
+    logger = logging.getLogger(dag_utils.__name__)
+    level = logger.level
+    # It logs "Loaded Job Group ..." to stdout (where --json goes) and warns of unknown header
+    # keys, which we report as an error below.
+    logger.setLevel(logging.ERROR)
     try:
         dag = dag_utils.load_dag_from_yaml_str(text, env_overrides=overrides)
     except Exception as e:  # noqa: BLE001 - SkyPilot raises ValueError and jsonschema errors
         errors.append(f"SkyPilot rejects it: {e}")
         return result
+    finally:
+        logger.setLevel(level)
     header = docs[0] or {}
     unknown = sorted(set(header) - set(dag_utils._JOB_GROUP_HEADER_FIELDS))
     if unknown:  # SkyPilot only logs a warning and ignores them
