@@ -22,6 +22,13 @@ timer takes the agent down with it):
   stable across SkyPilot's recoveries (it also names the rendezvous), so a relaunched cluster
   resumes from the newest committed checkpoint. Another job with the same BUCKET (or a copy of
   the run in another bucket) and RUN_NAME continues the same run anywhere.
+- Group mode (a worker task of a SkyPilot job group, `sky/train-group.yaml`; selected by
+  GROUP_NODES, the group's worker count): every task is one node, and the store lives on the
+  group's `coord` task (`elastic_train.node.coordinator`). This node reads the coordinator's
+  record under the run's URI before each agent start and again whenever an agent ended while
+  its store was gone (`Coordinator`), so a coordinator re-provisioned on another node is found
+  again. The rendezvous id and default run name are `SKYPILOT_JOBGROUP_NAME-SKYPILOT_MANAGED_JOB_ID`
+  (shared by every task, stable across recoveries); `--nnodes=MIN_NODES:GROUP_NODES`.
 - Exits with the trainer's own exit code (`elastic_train.exit_codes`: 75, 76, 77) when a worker
   failed with one, so that SkyPilot's `recover_on_exit_codes` can see it (torchrun itself exits 1).
 
@@ -29,7 +36,8 @@ Environment besides SkyPilot's: BUCKET, RUN_NAME, DATA_URI, CONFIG, TRAIN_ARGS, 
 `envs` of `sky/train.yaml`), RDZV_PORT (default 29400), MAX_RESTARTS (default 100: worker failures
 each node's agent absorbs before it gives up; membership changes do not count), AGENT_RESTARTS
 (default 3, see `supervise`), ELASTIC_TRAIN_NOTICE_FILE (default
-`~/.elastic-train/preemption-notice`, the file the YAML's preemption hook writes).
+`~/.elastic-train/preemption-notice`, the file the YAML's preemption hook writes); group mode:
+GROUP_NODES, COORD_WAIT_S (default 600).
 """
 
 from __future__ import annotations
