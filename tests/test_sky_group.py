@@ -531,32 +531,30 @@ def _relaunched_only(run: skygroup.GroupRun, name: str) -> None:
     assert all(launched.count(t) == 1 for t in set(launched) - {name})
 
 
-@pytest.mark.chaos
-@pytest.mark.timeout(900)
-def test_group_worker_preempted_without_notice_is_replaced_alone(tmp_path, chaos_cache):
-    run = _group_run("worker-lost", tmp_path, chaos_cache)
-    _relaunched_only(run, "w1")
-    _regrown_without_loss(run)
+def _noticed_step_was_committed(run: skygroup.GroupRun) -> None:
+    notices = events(run.records, "notice")
+    assert notices, "the notice reached the trainer"
+    assert int(notices[0]["step"]) in [int(r["step"]) for r in events(run.records, "commit")]
+
+
+def _first_run_was_killed(run: skygroup.GroupRun) -> None:
+    assert run.report["exit_codes"]["w0"][0] == 137, "restarted after SIGKILL, on its cluster"
 
 
 @pytest.mark.chaos
 @pytest.mark.timeout(900)
-def test_group_worker_preempted_with_notice_saves_leaves_and_is_replaced(tmp_path, chaos_cache):
-    run = _group_run("worker-noticed", tmp_path, chaos_cache)
-    _relaunched_only(run, "w1")
-    assert events(run.records, "notice"), "the notice reached the trainer"
-    noticed = int(events(run.records, "notice")[0]["step"])
-    assert noticed in [int(r["step"]) for r in events(run.records, "commit")]
+@pytest.mark.parametrize("scenario, task, also", [
+    ("worker-lost", "w1", None),  # preempted without notice
+    ("worker-noticed", "w1", _noticed_step_was_committed),  # with notice: save, leave (77)
+    ("worker-killed", "w0", _first_run_was_killed),  # every process dies, the node stays
+])
+def test_a_lost_worker_task_is_replaced_alone_and_rejoins_without_loss(
+        tmp_path, chaos_cache, scenario, task, also):
+    run = _group_run(scenario, tmp_path, chaos_cache)
+    _relaunched_only(run, task)
     _regrown_without_loss(run)
-
-
-@pytest.mark.chaos
-@pytest.mark.timeout(900)
-def test_group_worker_killed_is_restarted_on_its_cluster(tmp_path, chaos_cache):
-    run = _group_run("worker-killed", tmp_path, chaos_cache)
-    _relaunched_only(run, "w0")
-    assert run.report["exit_codes"]["w0"][0] == 137
-    _regrown_without_loss(run)
+    if also is not None:
+        also(run)
 
 
 @pytest.mark.chaos
