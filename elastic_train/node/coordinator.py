@@ -13,7 +13,9 @@ run's URI, through `checkpointing.storage.Storage`:
 keyed on the managed job id, which every task of the group shares (unlike SKYPILOT_TASK_ID), so a
 new job resuming the same run never reads an old job's coordinator. Each start of a coordinator
 (a SkyPilot recovery, possibly on a new node with a new address) writes the next epoch as a new
-object; no record is ever overwritten by an older coordinator. Readers (`Records.newest`) take
+object; no record is ever overwritten by an older coordinator. (The next epoch is the highest
+listed plus one: SkyPilot runs one cluster per task at a time, so two coordinators of one job
+never start together.) Readers (`Records.newest`) take
 the highest epoch and never go back to a lower one: a stale record is not trusted once a newer
 epoch exists, even if a listing briefly misses the newer one.
 
