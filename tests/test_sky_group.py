@@ -107,6 +107,7 @@ def offline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "duplicate_task": lambda d: d[3].update(name="w0"),
         "header_typo": lambda d: d[0].update(primary_task=["w0"]),
         "two_regions": lambda d: d[3]["resources"].update(infra="aws/us-west-2"),
+        "ports": lambda d: d[1]["resources"].update(ports=29400),
     }
     for name, breaks in broken.items():
         copy = json.loads(json.dumps(docs))
@@ -185,6 +186,7 @@ def test_every_recovery_strategy_is_in_skypilots_registry(offline):
     ("duplicate_task", "Duplicate job name"),
     ("header_typo", "primary_task"),
     ("two_regions", "one cloud/region"),
+    ("ports", "resources.ports opens"),
 ])
 def test_check_catches_a_broken_group(offline, name, message):
     assert message in " ".join(offline["files"][f"broken_{name}"]["errors"])
