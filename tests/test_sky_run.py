@@ -28,7 +28,7 @@ import psutil
 import pytest
 import yaml
 
-from chaos import harness, invariants
+from chaos import harness, invariants, skygroup
 from chaos.cluster import NODE_ENV, TAG_ENV
 from chaos.metrics import MetricsTail, Record, events, step_records
 from chaos.scenario import from_dict
@@ -203,17 +203,9 @@ def committed_steps(uri: str, env: dict[str, str]) -> tuple[list[int], dict[int,
 def check_invariants(records: list[Record], run_dir: Path, uri: str, env: dict[str, str],
                      ref: harness.Reference, survivors: list[psutil.Process]) -> dict[str, Any]:
     committed, verdicts = committed_steps(uri, env)
-    final_model = run_dir / "final_model.pt"
-    changed = invariants.world_changed(records, ref.world_size)
-    return {
-        "completed": invariants.completed(records, STEPS, final_model),
-        "exactly_once": invariants.exactly_once(records, ref.digests, STEPS),
-        "weights_match_reference": invariants.weights_match(final_model, ref.final_model,
-                                                            changed),
-        "checkpoints_verified": invariants.checkpoints_verified(records, committed,
-                                                                lambda s: tuple(verdicts[s])),
-        "no_orphans": invariants.no_orphans(f"{p.pid}" for p in survivors),
-    }
+    return skygroup.check_invariants(records, STEPS, run_dir / "final_model.pt", ref, committed,
+                                     lambda s: tuple(verdicts[s]),
+                                     [f"{p.pid}" for p in survivors])
 
 
 def assert_all_ok(checks: dict[str, invariants.Verdict], logs: str) -> None:

@@ -22,6 +22,13 @@ timer takes the agent down with it):
   stable across SkyPilot's recoveries (it also names the rendezvous), so a relaunched cluster
   resumes from the newest committed checkpoint. Another job with the same BUCKET (or a copy of
   the run in another bucket) and RUN_NAME continues the same run anywhere.
+- Group mode (a worker task of a SkyPilot job group, `sky/train-group.yaml`; selected by
+  GROUP_NODES, the group's worker count): every task is one node, and the store lives on the
+  group's `coord` task (`elastic_train.node.coordinator`). This node reads the coordinator's
+  record under the run's URI before each agent start and again whenever an agent ended while
+  its store was gone (`Coordinator`), so a coordinator re-provisioned on another node is found
+  again. The rendezvous id and default run name are `SKYPILOT_JOBGROUP_NAME-SKYPILOT_MANAGED_JOB_ID`
+  (shared by every task, stable across recoveries); `--nnodes=MIN_NODES:GROUP_NODES`.
 - Exits with the trainer's own exit code (`elastic_train.exit_codes`: 75, 76, 77) when a worker
   failed with one, so that SkyPilot's `recover_on_exit_codes` can see it (torchrun itself exits 1).
 
@@ -29,7 +36,8 @@ Environment besides SkyPilot's: BUCKET, RUN_NAME, DATA_URI, CONFIG, TRAIN_ARGS, 
 `envs` of `sky/train.yaml`), RDZV_PORT (default 29400), MAX_RESTARTS (default 100: worker failures
 each node's agent absorbs before it gives up; membership changes do not count), AGENT_RESTARTS
 (default 3, see `supervise`), ELASTIC_TRAIN_NOTICE_FILE (default
-`~/.elastic-train/preemption-notice`, the file the YAML's preemption hook writes).
+`~/.elastic-train/preemption-notice`, the file the YAML's preemption hook writes); group mode:
+GROUP_NODES, COORD_WAIT_S (default 600).
 """
 
 from __future__ import annotations
@@ -40,9 +48,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from elastic_train import config as config_lib
 from elastic_train import exit_codes
@@ -56,6 +65,9 @@ from elastic_train.node.contract import (
 )
 from elastic_train.node.rendezvous import RendezvousSettings, host_store
 from elastic_train.startup import gc_paused
+
+if TYPE_CHECKING:  # coordinator.py imports this module; at run time it is imported on first use
+    from elastic_train.node.coordinator import Record, Records
 
 DEFAULT_RDZV_PORT = 29400
 DEFAULT_AGENT_RESTARTS = 3
@@ -72,6 +84,14 @@ RDZV = RendezvousSettings(last_call_timeout=1, first_call_timeout=30, keep_alive
 
 TASK_ENVS = ("BUCKET", "RUN_NAME", "DATA_URI", "CONFIG", "TRAIN_ARGS", "MIN_NODES")
 """The task `envs` this module reads; `sky/train.yaml` declares each."""
+GROUP_NODES_ENV = "GROUP_NODES"
+"""Set only in a job group's worker tasks (`elastic-train sky render --mode group`): how many
+worker tasks the group has, the largest world. Its presence selects group mode."""
+COORD_WAIT_S = 600.0
+"""Longest a worker task waits for a reachable coordinator (env COORD_WAIT_S) before it exits
+COLLECTIVE_TIMEOUT, which SkyPilot recovers from: the coordinator's node may be re-provisioned."""
+COORD_POLL_S = 1.0
+"""Seconds between reads of the coordinator record while none is reachable."""
 
 
 class LaunchError(ValueError):
@@ -106,9 +126,9 @@ class Node:
         if missing:
             raise LaunchError(f"{missing[0]} is not set: run this inside a SkyPilot task")
         ips = tuple(line.strip() for line in env["SKYPILOT_NODE_IPS"].splitlines() if line.strip())
-        rank = _int(env, "SKYPILOT_NODE_RANK")
-        num_nodes = _int(env, "SKYPILOT_NUM_NODES")
-        gpus = _int(env, "SKYPILOT_NUM_GPUS_PER_NODE", default=0)
+        rank = int_env(env, "SKYPILOT_NODE_RANK")
+        num_nodes = int_env(env, "SKYPILOT_NUM_NODES")
+        gpus = int_env(env, "SKYPILOT_NUM_GPUS_PER_NODE", default=0)
         if len(ips) != num_nodes:
             raise LaunchError(f"SKYPILOT_NODE_IPS lists {len(ips)} nodes, "
                               f"SKYPILOT_NUM_NODES says {num_nodes}")
@@ -118,7 +138,8 @@ class Node:
                    task_id=env["SKYPILOT_TASK_ID"].strip())
 
 
-def _int(env: Mapping[str, str], key: str, default: int | None = None) -> int:
+def int_env(env: Mapping[str, str], key: str, default: int | None = None) -> int:
+    """The integer in `env[key]` (`default` when unset); raises LaunchError naming a bad value."""
     raw = env.get(key, "").strip()
     if not raw and default is not None:
         return default
@@ -138,14 +159,21 @@ def run_uri(env: Mapping[str, str], task_id: str) -> str:
     return f"{bucket}/runs/{name}"
 
 
-def agent_command(node: Node, env: Mapping[str, str]) -> AgentCommand:
+def agent_command(node: Node, env: Mapping[str, str], endpoint: str | None = None,
+                  run_id: str | None = None, max_nodes: int | None = None) -> AgentCommand:
     """The torchrun agent this node runs, from the task's `envs` in `env`; its files are named
-    after this process. Raises LaunchError naming the first bad variable."""
-    min_nodes = _int(env, "MIN_NODES", default=1)
-    if not 1 <= min_nodes <= node.num_nodes:
-        raise LaunchError(f"MIN_NODES={min_nodes} is not in [1, {node.num_nodes}]")
-    port = _int(env, "RDZV_PORT", default=DEFAULT_RDZV_PORT)
-    trainer = ["--checkpoint.uri=" + run_uri(env, node.task_id)]
+    after this process. Whole-cluster defaults: the store on the head node at RDZV_PORT, the
+    task id as rendezvous id and run name, the cluster's node count as the largest world (a job
+    group passes its coordinator's address, its own id and its worker count). Raises LaunchError
+    naming the first bad variable."""
+    max_nodes = node.num_nodes if max_nodes is None else max_nodes
+    run_id = run_id or node.task_id
+    min_nodes = int_env(env, "MIN_NODES", default=1)
+    if not 1 <= min_nodes <= max_nodes:
+        raise LaunchError(f"MIN_NODES={min_nodes} is not in [1, {max_nodes}]")
+    if endpoint is None:
+        endpoint = f"{node.head}:{int_env(env, 'RDZV_PORT', default=DEFAULT_RDZV_PORT)}"
+    trainer = ["--checkpoint.uri=" + run_uri(env, run_id)]
     if env.get("CONFIG", "").strip():
         trainer = ["--config", env["CONFIG"].strip(), *trainer]
     if env.get("DATA_URI", "").strip():
@@ -155,10 +183,10 @@ def agent_command(node: Node, env: Mapping[str, str]) -> AgentCommand:
     files = os.path.join(tempfile.gettempdir(), f"elastic-train-{os.getpid()}")
     return AgentCommand(
         entry=[*TRAINER_ENTRY, *trainer],
-        min_nodes=min_nodes, max_nodes=node.num_nodes, procs_per_node=node.procs,
-        rdzv=RDZV, rdzv_endpoint=f"{node.head}:{port}", run_id=node.task_id,
+        min_nodes=min_nodes, max_nodes=max_nodes, procs_per_node=node.procs,
+        rdzv=RDZV, rdzv_endpoint=endpoint, run_id=run_id,
         local_addr=node.ip,
-        max_restarts=_int(env, "MAX_RESTARTS", default=DEFAULT_MAX_RESTARTS),
+        max_restarts=int_env(env, "MAX_RESTARTS", default=DEFAULT_MAX_RESTARTS),
         timer_file=f"{files}.timer",
         notice_file=os.path.expanduser(env.get(NOTICE_FILE_ENV) or NOTICE_FILE),
         # In the temp dir: a unix socket's path has at most 108 bytes.
@@ -198,10 +226,12 @@ def exit_code_of(failures: Mapping[int, int]) -> int:
 def run_node(env: Mapping[str, str] | None = None) -> int:
     """Start this node's part of the job and return its exit code (the `run:` of the YAML)."""
     env = dict(os.environ if env is None else env)
+    if env.get(GROUP_NODES_ENV, "").strip():
+        return run_group_node(env)
     try:
         node = Node.from_env(env)
         agent = agent_command(node, env)
-        restarts = _int(env, "AGENT_RESTARTS", default=DEFAULT_AGENT_RESTARTS)
+        restarts = int_env(env, "AGENT_RESTARTS", default=DEFAULT_AGENT_RESTARTS)
     except LaunchError as e:
         print(f"elastic-train launch: error: {e}", file=sys.stderr)
         return exit_codes.BAD_CONFIG
@@ -213,14 +243,100 @@ def run_node(env: Mapping[str, str] | None = None) -> int:
     # Held until the agent is done: the store lives exactly as long as this head process.
     store = None
     if node.rank == 0:
-        store = host_store(node.head, _int(env, "RDZV_PORT", default=DEFAULT_RDZV_PORT))
+        store = host_store(node.head, int_env(env, "RDZV_PORT", default=DEFAULT_RDZV_PORT))
     try:
         return supervise(agent.argv(), agent.env(env), restarts)
     finally:
         del store
 
 
-def supervise(cmd: list[str], env: Mapping[str, str], restarts: int) -> int:
+def run_group_node(env: dict[str, str]) -> int:
+    """A worker task of a job group (one node): find the coordinator through its record, run the
+    agent against its store, and find it again whenever the store is lost (`Coordinator`)."""
+    from elastic_train.node.coordinator import GroupTask, Records
+
+    try:
+        node = Node.from_env(env)
+        if node.num_nodes != 1:
+            raise LaunchError(f"SKYPILOT_NUM_NODES={node.num_nodes}: each worker task of a job "
+                              "group is one node")
+        task = GroupTask.from_env(env)
+        nodes = int_env(env, GROUP_NODES_ENV)
+        restarts = int_env(env, "AGENT_RESTARTS", default=DEFAULT_AGENT_RESTARTS)
+        wait_s = float(int_env(env, "COORD_WAIT_S", default=int(COORD_WAIT_S)))
+        agent_command(node, env, "", task.run_id, nodes)  # refuse a bad environment now
+    except LaunchError as e:
+        print(f"elastic-train launch: error: {e}", file=sys.stderr)
+        return exit_codes.BAD_CONFIG
+
+    def build(endpoint: str) -> AgentCommand:
+        return agent_command(node, env, endpoint, task.run_id, nodes)
+
+    first = build("")
+    first.clear_notice()  # a notice left by an earlier cluster on this disk is stale
+    print(f"elastic-train launch: worker task {task.task_id} of {nodes}, run {task.run_uri}",
+          flush=True)
+    coordinator = Coordinator(Records(task.run_uri, task.job_id), build, env, wait_s)
+    return supervise([], env, restarts, coordinator)
+
+
+class Coordinator:
+    """How a worker task finds the rendezvous store: the newest coordinator record whose address
+    answers (`elastic_train.node.coordinator`), read before each agent start and again after an
+    agent ended while its store was lost."""
+
+    def __init__(self, records: Records, build: Callable[[str], AgentCommand],
+                 env: Mapping[str, str], wait_s: float = COORD_WAIT_S,
+                 poll_s: float = COORD_POLL_S) -> None:
+        self.records = records
+        self.build = build
+        self.env = env
+        self.wait_s = wait_s
+        self.poll_s = poll_s
+        self.current: Record | None = None
+        """The record the running agent uses."""
+
+    def find(self) -> Record:
+        """The newest record whose store answers. Raises LaunchError after `wait_s` without."""
+        from checkpointing.errors import StorageError
+        from elastic_train.node.coordinator import reachable
+
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            try:
+                record = self.records.newest()
+            except StorageError:
+                record = None  # the bucket is briefly unreachable: as if no record yet
+            if record is not None and reachable(record.address):
+                return record
+            if time.monotonic() >= deadline:
+                raise LaunchError(f"no reachable coordinator for {self.wait_s:g} s "
+                                  f"(newest record: {record})")
+            time.sleep(self.poll_s)
+
+    def agent(self) -> tuple[list[str], dict[str, str]]:
+        """The next agent's command line and environment, against the coordinator found now."""
+        record = self.current = self.find()
+        print(f"elastic-train launch: coordinator epoch {record.epoch} at {record.address}",
+              flush=True)
+        agent = self.build(record.address)
+        return agent.argv(), agent.env(self.env)
+
+    def store_lost(self) -> bool:
+        """Whether the running agent's store is gone: unreachable, or replaced by a newer one."""
+        from checkpointing.errors import StorageError
+        from elastic_train.node.coordinator import reachable
+
+        if self.current is None or not reachable(self.current.address):
+            return True
+        try:
+            return self.records.superseded(self.current)
+        except StorageError:
+            return False  # the store answers; the bucket will be asked again next time
+
+
+def supervise(cmd: list[str], env: Mapping[str, str], restarts: int,
+              coordinator: Coordinator | None = None) -> int:
     """Run the agent `cmd` until it ends by itself; return its exit code.
 
     An agent that dies by a signal (the OOM killer, or torch's own timer server, which kills its
@@ -229,10 +345,23 @@ def supervise(cmd: list[str], env: Mapping[str, str], restarts: int) -> int:
     by a signal this process starts a fresh one (up to `restarts` times), which rejoins like a
     node coming back. Then it gives up
     with COLLECTIVE_TIMEOUT, which SkyPilot recovers from. SIGTERM and SIGINT to this process are
-    passed on to the agent (its workers get them from it)."""
+    passed on to the agent (its workers get them from it).
+
+    With a `coordinator` (a job group's worker task), `cmd` and `env` are ignored: each agent's
+    are built after finding the coordinator, and an agent that failed while its store was lost
+    is started again against the coordinator found next, without counting against `restarts`.
+    Gives up with COLLECTIVE_TIMEOUT when no coordinator answers for its `wait_s`."""
     attempt = 0
+    starts = 0
     while True:
-        tag = f"{os.getpid()}-{attempt}"
+        tag = f"{os.getpid()}-{attempt}-{starts}"
+        starts += 1
+        if coordinator is not None:
+            try:
+                cmd, env = coordinator.agent()
+            except LaunchError as e:
+                print(f"elastic-train launch: {e}; giving up", file=sys.stderr, flush=True)
+                return exit_codes.COLLECTIVE_TIMEOUT
         agent = subprocess.Popen(cmd, env={**env, AGENT_TAG_ENV: tag})
         forward = {sig: signal.signal(sig, lambda s, _f, a=agent: a.send_signal(s))
                    for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -244,6 +373,14 @@ def supervise(cmd: list[str], env: Mapping[str, str], restarts: int) -> int:
             # Workers live in sessions of their own and outlive a killed agent; they must not
             # hold the node's devices while the next agent starts its own.
             procs.kill(procs.tagged({AGENT_TAG_ENV: tag}))
+        if (coordinator is not None and code not in (0, exit_codes.PREEMPTED, -signal.SIGTERM,
+                                                     -signal.SIGINT)
+                and coordinator.store_lost()):
+            print(f"elastic-train launch: the agent ended ({code}) and the rendezvous store at "
+                  f"{coordinator.current and coordinator.current.address} is gone; finding the "
+                  "coordinator again",
+                  file=sys.stderr, flush=True)
+            continue
         if code >= 0 or code in (-signal.SIGTERM, -signal.SIGINT):
             return code if code >= 0 else 128 - code
         if attempt >= restarts:
