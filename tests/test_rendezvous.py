@@ -241,3 +241,16 @@ def test_a_worker_ignores_join_variables_left_over_from_another_run(
     assert world_store() is None and JoinRequests.from_env() is None
     monkeypatch.setenv(JOIN_KEY_ENV, "elastic_train/join/test-join/3")
     assert world_store() == ("127.0.0.1:9", "elastic_train/join/test-join/3")
+
+
+def test_the_standalone_store_listens_on_its_host_alone() -> None:
+    """The store has no authentication: it must not listen on every interface (torch's own
+    TCPStore does, whatever host it is given)."""
+    import psutil
+
+    store = host_store("127.0.0.1", 0)
+    listening = [c.laddr for c in psutil.Process().net_connections(kind="tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == store.port]
+    assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
+    store.set("k", "v")
+    assert store.get("k") == b"v"

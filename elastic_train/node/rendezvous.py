@@ -307,8 +307,20 @@ def _poll_every(dyn: ModuleType, poll_s: float) -> None:
 
 def host_store(host: str, port: int) -> TCPStore:
     """The standalone c10d store that agents started with `is_host=false` rendezvous on. It lives
-    as long as the returned object (keep a reference); port 0 picks a free one (`.port`)."""
+    as long as the returned object (keep a reference); port 0 picks a free one (`.port`).
+
+    It listens on `host` alone: torch's store, given a host, still listens on every interface,
+    and it has no authentication, so on a node with a public address anyone could join the
+    rendezvous. We bind the listening socket ourselves and hand torch its descriptor. Raises
+    OSError when `host` is not an address of this machine or the port is taken."""
+    import socket
+
     from torch.distributed import TCPStore
 
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    listener = socket.create_server(address, family=family, backlog=1024)
+    bound_port = listener.getsockname()[1]
+    # detach(): the store owns the descriptor from here on; Python must not close it.
     # wait_for_workers=False: the store must not block for a number of clients; nodes come and go.
-    return TCPStore(host, port, is_master=True, wait_for_workers=False)
+    return TCPStore(host, bound_port, is_master=True, wait_for_workers=False,
+                    master_listen_fd=listener.detach())
