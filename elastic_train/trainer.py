@@ -514,7 +514,8 @@ class Trainer(Stateful):
         seconds = self.save_policy.agree_on_deadline(notice)
         self.metrics.event(Event.NOTICE, step=step, deadline_s=seconds,
                            source=notice.source if notice is not None else None)
-        self.checkpoints.wait()
+        # save_within waits for a save still uploading within the same deadline: the deadline
+        # is the cloud's, not ours to extend.
         self.save_policy.record_save(step)
         self.checkpoints.save_within(step, self.state, seconds)
         if notice is not None:
