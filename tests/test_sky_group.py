@@ -577,3 +577,20 @@ def test_group_coordinator_lost_is_found_again_at_its_new_address(tmp_path, chao
     commits = [int(r["step"]) for r in events(run.records, "commit")]
     restores = [r["restored_step"] for r in events(run.records, "start")[1:]]
     assert restores and all(s in commits for s in restores), "resumed from a commit"
+
+
+@pytest.mark.parametrize("infra,mode,expected", [
+    (["aws/us-east-1"], None, "group"),
+    (["gcp/us-central1/us-central1-a"], None, "group"),
+    (["kubernetes/my-context"], None, "cluster"),
+    (["aws"], None, "cluster"),
+    (["aws/us-east-1", "gcp/us-central1"], None, "cluster"),
+    (None, None, "cluster"),
+    (["aws/us-east-1"], "cluster", "cluster"),
+])
+def test_render_defaults_to_a_job_group_on_one_vm_region(infra, mode, expected):
+    import argparse
+
+    from elastic_train.node.sky_render import default_mode
+
+    assert default_mode(argparse.Namespace(infra=infra, mode=mode)) == expected

@@ -441,9 +441,22 @@ def _check_cmd(args: argparse.Namespace) -> int:
     return code
 
 
+def default_mode(args: argparse.Namespace) -> str:
+    """--mode as given; without it, a job group for VMs (exactly one --infra naming a cloud
+    region other than Kubernetes), one cluster otherwise (Kubernetes, several candidates, or no
+    --infra: SkyPilot chooses, which a group cannot let it do)."""
+    if args.mode:
+        return args.mode
+    infra = args.infra or []
+    if len(infra) == 1 and len([p for p in infra[0].split("/") if p]) >= 2 and \
+            infra[0].split("/")[0].lower() not in ("kubernetes", "k8s"):
+        return "group"
+    return "cluster"
+
+
 def _render_cmd(args: argparse.Namespace) -> int:
     try:
-        text = (to_group_yaml(render_group(args)) if args.mode == "group"
+        text = (to_group_yaml(render_group(args)) if default_mode(args) == "group"
                 else to_yaml(render(args)))
     except RenderError as e:
         print(f"elastic-train sky render: error: {e}", file=sys.stderr)
@@ -461,9 +474,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Print a job group (--mode group: a coordinator and one spot task per node, "
         "each recovered alone) or sky/train.yaml (--mode cluster: one cluster, recovered whole) "
         "with these values; launch it with `sky jobs launch`.")
-    r.add_argument("--mode", choices=MODES, default="cluster",
+    r.add_argument("--mode", choices=MODES, default=None,
                    help="group: a job group, for VMs (needs one --infra cloud/region); "
-                   "cluster: one N-node job, for Kubernetes or one cluster (default)")
+                   "cluster: one N-node job, for Kubernetes or one cluster. Default: group "
+                   "with one --infra cloud/region on VMs, else cluster")
     r.add_argument("--nodes", type=int, required=True,
                    help="nodes (group: worker tasks, fixed in the YAML; cluster: num_nodes)")
     r.add_argument("--accelerators", required=True,
