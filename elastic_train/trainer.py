@@ -19,6 +19,7 @@ What happens on failure:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import time
@@ -26,6 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -139,6 +141,35 @@ def build_ledger(config: Config, metrics: MetricsLog, world: distributed.World
     return store.LedgerWriter(checkpoint_uri(config), metrics.path)
 
 
+def sample_fingerprint(inputs: torch.Tensor, targets: torch.Tensor) -> int:
+    """A 48-bit digest of one sample's tokens as this rank holds them (its inputs and the target
+    that follows them): small enough that a sum of a few stays exact in a float64."""
+    tokens = torch.cat([inputs.reshape(-1), targets.reshape(-1)[-1:]]).to("cpu", torch.int64)
+    return int.from_bytes(hashlib.blake2b(tokens.numpy().tobytes(), digest_size=6).digest(),
+                          "little")
+
+
+def consumed_fingerprints(batch: data.Batch, batch_size: int, world: distributed.World
+                          ) -> torch.Tensor:
+    """This rank's part of the global batch's fingerprints: one per sample, at the positions of
+    the rows this rank trains on (zero elsewhere), taken from the tokens the data stream handed
+    over. Summed over the world (the step's all-reduce), every position holds the fingerprint of
+    the sample some rank actually trained on there: a rank that read the wrong samples, too few
+    or the same as another changes the sum, so the chaos harness can compare it with what the
+    reference run consumed (the step line's `consumed`)."""
+    out = torch.zeros(batch_size, dtype=torch.float64)
+    share = data.rank_slice(batch_size, world.size, world.rank)
+    rows = [sample_fingerprint(x, y) for x, y in zip(batch.inputs, batch.targets, strict=True)]
+    out[share.start:share.start + len(rows)] = torch.tensor(rows, dtype=torch.float64)
+    return out
+
+
+def data_digest(fingerprints: list[float]) -> str:
+    """The step line's `consumed`: a digest of the summed fingerprints, in batch order."""
+    values = np.asarray([int(f) for f in fingerprints], dtype="<i8")
+    return hashlib.sha256(values.tobytes()).hexdigest()[:16]
+
+
 class Trainer(Stateful):
     """Wires the parts made by the `build_*` factories, runs the step loop, and is itself the
     checkpoint's `trainer` entry: the step (all the data stream needs) and the config digest.
@@ -156,6 +187,8 @@ class Trainer(Stateful):
         self.config = config
         self.config_digest = config.digest()
         self.step = 0
+        self.last_consumed = ""
+        """`consumed` of the last step (see `consumed_fingerprints`)."""
         self.world = distributed.init(config.parallel)
         self.startup["process_group"] = time.time()
         validate(config, self.world.size)
@@ -220,10 +253,18 @@ class Trainer(Stateful):
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        votes = torch.tensor(self.save_policy.votes(step, notice), device=self.world.device)
-        stats = torch.cat([loss_sum.detach().float().view(1), votes])
+        votes = self.save_policy.votes(step, notice)
+        # float64: the sample fingerprints (< 2**48) must add up exactly.
+        stats = torch.zeros(1 + len(votes) + self.config.data.batch_size, dtype=torch.float64,
+                            device=self.world.device)
+        stats[0] = loss_sum.detach().double()
+        stats[1:1 + len(votes)] = torch.tensor(votes, dtype=torch.float64)
+        stats[1 + len(votes):] = consumed_fingerprints(batch, self.config.data.batch_size,
+                                                       self.world)
         dist.all_reduce(stats)
-        loss, *summed = stats.tolist()
+        loss, *rest = stats.tolist()
+        summed, consumed = rest[:len(votes)], rest[len(votes):]
+        self.last_consumed = data_digest(consumed)
         return loss / global_tokens, self.save_policy.decide(summed)
 
     def run(self) -> int:
@@ -265,6 +306,7 @@ class Trainer(Stateful):
                 self.metrics.write({
                     "step": step, "loss": loss, "lr": lr, "world_size": world.size,
                     "batch_digest": data.batch_digest(batch.global_ids),
+                    "consumed": self.last_consumed,
                     "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
                     "restart": restart,
                 })

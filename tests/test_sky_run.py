@@ -207,7 +207,7 @@ def check_invariants(records: list[Record], run_dir: Path, uri: str, env: dict[s
     changed = invariants.world_changed(records, ref.world_size)
     return {
         "completed": invariants.completed(records, STEPS, final_model),
-        "exactly_once": invariants.exactly_once(records, ref.digests, STEPS),
+        "exactly_once": invariants.exactly_once(records, ref.consumed, STEPS),
         "weights_match_reference": invariants.weights_match(final_model, ref.final_model,
                                                             changed),
         "checkpoints_verified": invariants.checkpoints_verified(records, committed,
