@@ -227,16 +227,21 @@ def _clean_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _checkpoint_state(scenario: Scenario, data_uri: str) -> Callable[[], dict[str, Any]]:
+def _checkpoint_state(scenario: Scenario, backend: Backend) -> Callable[[], dict[str, Any]]:
     """A factory of what a checkpoint of this scenario's trainer holds (a fresh model, unsharded,
-    and the trainer's entry), for loading one in this process."""
+    and the trainer's entry), for loading one in this process. Reads the dataset's index (its
+    vocabulary) with the backend's storage options: this process's fsspec was configured before
+    the backend's environment existed."""
+    import fsspec
+
     from checkpointing import ModelOptimizerState
     from elastic_train import config as config_lib
-    from elastic_train.data import TokenStore
+    from elastic_train.data import INDEX
     from elastic_train.model import build_model
 
     cfg = config_lib.load(None, {k: str(v) for k, v in train_overrides(scenario).items()})
-    vocab = TokenStore(data_uri).vocab_size
+    fs, root = fsspec.core.url_to_fs(backend.data_uri, **backend.storage_options)
+    vocab = int(json.loads(fs.cat_file(f"{root}/{INDEX}"))["vocab_size"])
 
     def build() -> dict[str, Any]:
         model = build_model(cfg.model, cfg.data.seq_len, vocab, cfg.seed)
@@ -251,7 +256,7 @@ def _verifier(backend: Backend, scenario: Scenario
     from checkpointing import CheckpointManager
 
     with environ(backend.env):
-        build_state = _checkpoint_state(scenario, backend.data_uri)
+        build_state = _checkpoint_state(scenario, backend)
         manager = CheckpointManager(backend.checkpoint_uri,
                                     storage_options=backend.storage_options)
         try:
