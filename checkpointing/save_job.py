@@ -5,9 +5,12 @@ hands it to a `SaveWriter`, whose writer thread runs the phases below. Every ran
 collectives whatever failed in its own phases, so no rank waits in a collective its peers
 skipped; a collective that itself fails (a peer died, or timed out) fails the save on this rank.
 
-0. Copy deferred state to host memory (the optimizer's fence waits for this).
 1. Rank 0 clears what an earlier attempt at this step left; every rank learns the first failure.
-2. DCP writes every rank's files and rank 0's `.metadata` (a collective on the save group).
+2. DCP writes every rank's files and rank 0's `.metadata` (a collective on the save group). With
+   deferred state (still the live tensors), DCP serialises every file into memory first, straight
+   from the live tensors: that one pass is the host copy, and the optimizer's fence waits only for
+   it; then the files are checksummed and uploaded. Without a separate staging copy, each byte is
+   touched once fewer while training runs beside the save.
 3. Rank 0 gathers every rank's outcome and file records and writes COMMIT.json, unless a rank
    failed or the job's deadline has passed (`SaveJob.may_commit`).
 4. Every rank learns rank 0's outcome. After a commit, rank 0 applies retention (a failure there
@@ -19,14 +22,22 @@ until COMMIT.json of this step is whole.
 
 from __future__ import annotations
 
+import io
 import logging
+import os
+import posixpath
 import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Generator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, cast
 
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
 
 from checkpointing.cache import LocalCache
 from checkpointing.collectives import Failure, RankGroup
@@ -39,7 +50,7 @@ from checkpointing.commit import (
     write_commit,
 )
 from checkpointing.config import CheckpointConfig
-from checkpointing.dcp_io import RecordingWriter
+from checkpointing.dcp_io import RecordingWriter, _KeepOpenBuffer, _UploadingFileSystem
 from checkpointing.errors import SaveAborted
 from checkpointing.retention import collect_garbage
 from checkpointing.staging import HostStager
@@ -47,6 +58,71 @@ from checkpointing.state import ModelOptimizerState
 from checkpointing.storage import Storage
 
 log = logging.getLogger(__name__)
+
+
+class SerializeFirstWriter(RecordingWriter):
+    """A `RecordingWriter` for state that is still live: DCP serialises every file into memory
+    (its threads read the live tensors), then `on_serialized()` is called (nothing reads the
+    live state after it), then the files are uploaded, `write_threads` at a time. An upload that
+    fails fails `dcp.save`, as with `RecordingWriter`; `on_serialized` is called even when DCP
+    itself fails."""
+
+    def __init__(self, storage: Storage, thread_count: int = 2, tee: Storage | None = None, *,
+                 on_serialized: Callable[[], None]) -> None:
+        super().__init__(storage, thread_count, tee=tee)
+        self.fs = _UploadLater(storage, tee)
+        self._threads = max(1, thread_count)
+        self._on_serialized = on_serialized
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        fs = cast(_UploadLater, self.fs)
+        try:
+            future = super().write_data(plan, planner)
+        finally:
+            self._on_serialized()
+        fs.upload_all(self._threads)
+        return future
+
+
+class _UploadLater(_UploadingFileSystem):
+    """Keeps each file DCP writes in memory until `upload_all`."""
+
+    def __init__(self, storage: Storage, tee: Storage | None) -> None:
+        super().__init__(storage, tee)
+        self.pending: list[tuple[str, _KeepOpenBuffer]] = []
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str) -> Generator[io.IOBase, None, None]:
+        if "r" in mode:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        buffer = _KeepOpenBuffer()
+        yield buffer
+        # Only reached when DCP finished writing the file without an error.
+        with self._lock:
+            self.pending.append((posixpath.basename(os.fspath(path)), buffer))
+
+    def upload_all(self, threads: int) -> None:
+        """Upload every kept file (size, CRC and cache as `upload`), then free its memory.
+        Raises the first upload's failure."""
+
+        def one(item: tuple[str, _KeepOpenBuffer]) -> None:
+            name, buffer = item
+            view = buffer.getbuffer()  # no copy of the bytes
+            try:
+                self.upload(name, view)
+            finally:
+                view.release()
+                buffer.release()
+
+        with self._lock:
+            pending, self.pending = self.pending, []
+        with ThreadPoolExecutor(threads, thread_name_prefix="ckpt-upload") as pool:
+            for future in [pool.submit(one, item) for item in pending]:
+                future.exception()  # recorded in self.errors by upload()
+        if self.errors:
+            raise self.errors[0]
 
 
 class SaveJob:
@@ -149,28 +225,27 @@ class SaveWriter:
                 self._conclude(job, Failure.of(e, self.storage.redact))
 
     def _run_phases(self, job: SaveJob) -> Failure | None:
-        """Phases 0 to 3 (module docstring); returns rank 0's outcome, on every rank."""
+        """Phases 1 to 3 (module docstring); returns rank 0's outcome, on every rank."""
         failure: Failure | None = None
-        if job.deferred:
-            assert job.staged is not None
-            staged = job.staged
-            try:
-                failure = self._attempt(lambda: staged.update(
-                    {key: self.stager.stage(staged[key], key) for key in job.deferred}))
-            finally:
-                job.staging_done.set()
-        if self.ranks.rank == 0 and failure is None:
-            failure = self._attempt(lambda: self._clear_step(job.step))
-        failure = self.ranks.first_failure(failure)
-        records: dict[str, FileRecord] = {}
-        if failure is None:
-            tee = self.cache.step_storage(job.step) if self.cache is not None else None
-            writer = RecordingWriter(self.storage.child(step_dir(job.step)),
-                                     self.config.write_threads, tee=tee)
-            failure = self._attempt(lambda: dcp.save(
-                job.staged, storage_writer=writer, process_group=self.ranks.group,
-                no_dist=not self.ranks.distributed))
-            records = writer.records
+        try:
+            if self.ranks.rank == 0:
+                failure = self._attempt(lambda: self._clear_step(job.step))
+            failure = self.ranks.first_failure(failure)
+            records: dict[str, FileRecord] = {}
+            if failure is None:
+                tee = self.cache.step_storage(job.step) if self.cache is not None else None
+                target = self.storage.child(step_dir(job.step))
+                writer = (SerializeFirstWriter(target, self.config.write_threads, tee=tee,
+                                               on_serialized=job.staging_done.set)
+                          if job.deferred else
+                          RecordingWriter(target, self.config.write_threads, tee=tee))
+                failure = self._attempt(lambda: dcp.save(
+                    job.staged, storage_writer=writer, process_group=self.ranks.group,
+                    no_dist=not self.ranks.distributed))
+                records = writer.records
+        finally:
+            # However it ended, the save no longer reads live state.
+            job.staging_done.set()
         job.staged = None  # the stager keeps the buffers; drop our reference early
         gathered = self.ranks.gather((failure, records))
         if self.ranks.rank == 0:
