@@ -5,12 +5,13 @@ hands it to a `SaveWriter`, whose writer thread runs the phases below. Every ran
 collectives whatever failed in its own phases, so no rank waits in a collective its peers
 skipped; a collective that itself fails (a peer died, or timed out) fails the save on this rank.
 
+0. Deferred state (still the live tensors): DCP serialises this rank's files and `.metadata`
+   into memory straight from them (a collective on the save group). That one pass is the host
+   copy the optimizer's fence waits for; no separate staging copy is made first, so each byte is
+   touched once fewer while training runs beside the save, and storage is not touched yet.
 1. Rank 0 clears what an earlier attempt at this step left; every rank learns the first failure.
-2. DCP writes every rank's files and rank 0's `.metadata` (a collective on the save group). With
-   deferred state (still the live tensors), DCP serialises every file into memory first, straight
-   from the live tensors: that one pass is the host copy, and the optimizer's fence waits only for
-   it; then the files are checksummed and uploaded. Without a separate staging copy, each byte is
-   touched once fewer while training runs beside the save.
+2. DCP writes every rank's files and rank 0's `.metadata` (a collective on the save group); for
+   deferred state, the files serialised in phase 0 are checksummed and uploaded as they are.
 3. Rank 0 gathers every rank's outcome and file records and writes COMMIT.json, unless a rank
    failed or the job's deadline has passed (`SaveJob.may_commit`).
 4. Every rank learns rank 0's outcome. After a commit, rank 0 applies retention (a failure there
@@ -34,10 +35,7 @@ from contextlib import contextmanager
 from typing import Any, cast
 
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
 from torch.distributed.checkpoint.stateful import Stateful
-from torch.distributed.checkpoint.storage import WriteResult
-from torch.futures import Future
 
 from checkpointing.cache import LocalCache
 from checkpointing.collectives import Failure, RankGroup
@@ -50,7 +48,12 @@ from checkpointing.commit import (
     write_commit,
 )
 from checkpointing.config import CheckpointConfig
-from checkpointing.dcp_io import RecordingWriter, _KeepOpenBuffer, _UploadingFileSystem
+from checkpointing.dcp_io import (
+    METADATA_FILE,
+    RecordingWriter,
+    _KeepOpenBuffer,
+    _UploadingFileSystem,
+)
 from checkpointing.errors import SaveAborted
 from checkpointing.retention import collect_garbage
 from checkpointing.staging import HostStager
@@ -61,35 +64,28 @@ log = logging.getLogger(__name__)
 
 
 class SerializeFirstWriter(RecordingWriter):
-    """A `RecordingWriter` for state that is still live: DCP serialises every file into memory
-    (its threads read the live tensors), then `on_serialized()` is called (nothing reads the
-    live state after it), then the files are uploaded, `write_threads` at a time. An upload that
-    fails fails `dcp.save`, as with `RecordingWriter`; `on_serialized` is called even when DCP
-    itself fails."""
+    """A `RecordingWriter` for state that is still live: `dcp.save` only serialises, every file
+    into memory (DCP's threads read the live tensors) and `.metadata` too; nothing reaches
+    storage until `upload_all()`, which checksums and uploads them, `write_threads` at a time,
+    and raises the first upload's failure. So the live state is no longer read once `dcp.save`
+    returns, and storage may be slow or down meanwhile without holding training up."""
 
-    def __init__(self, storage: Storage, thread_count: int = 2, tee: Storage | None = None, *,
-                 on_serialized: Callable[[], None]) -> None:
+    def __init__(self, storage: Storage, thread_count: int = 2, tee: Storage | None = None
+                 ) -> None:
         super().__init__(storage, thread_count, tee=tee)
         self.fs = _UploadLater(storage, tee)
         self._threads = max(1, thread_count)
-        self._on_serialized = on_serialized
 
-    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        fs = cast(_UploadLater, self.fs)
-        try:
-            future = super().write_data(plan, planner)
-        finally:
-            self._on_serialized()
-        fs.upload_all(self._threads)
-        return future
+    def upload_all(self) -> None:
+        cast(_UploadLater, self.fs).upload_all(self._threads)
 
 
 class _UploadLater(_UploadingFileSystem):
-    """Keeps each file DCP writes in memory until `upload_all`."""
+    """Keeps each file DCP writes (and `.metadata`) in memory until `upload_all`."""
 
     def __init__(self, storage: Storage, tee: Storage | None) -> None:
         super().__init__(storage, tee)
-        self.pending: list[tuple[str, _KeepOpenBuffer]] = []
+        self.pending: list[tuple[str, _KeepOpenBuffer | bytes]] = []
 
     @contextmanager
     def create_stream(self, path: str | os.PathLike, mode: str) -> Generator[io.IOBase, None, None]:
@@ -103,24 +99,37 @@ class _UploadLater(_UploadingFileSystem):
         with self._lock:
             self.pending.append((posixpath.basename(os.fspath(path)), buffer))
 
-    def upload_all(self, threads: int) -> None:
-        """Upload every kept file (size, CRC and cache as `upload`), then free its memory.
-        Raises the first upload's failure."""
+    def upload(self, name: str, data: bytes | memoryview) -> None:
+        """DCP's `.metadata` (written by `finish`): kept for `upload_all` too."""
+        with self._lock:
+            self.pending.append((name, bytes(data)))
 
-        def one(item: tuple[str, _KeepOpenBuffer]) -> None:
-            name, buffer = item
-            view = buffer.getbuffer()  # no copy of the bytes
+    def upload_all(self, threads: int) -> None:
+        """Upload every kept file, data files first and `.metadata` last (size, CRC and cache as
+        `RecordingWriter`), freeing each one's memory. Raises the first upload's failure."""
+
+        def one(item: tuple[str, _KeepOpenBuffer | bytes]) -> None:
+            name, kept = item
+            if isinstance(kept, bytes):
+                super(_UploadLater, self).upload(name, kept)
+                return
+            view = kept.getbuffer()  # the bytes themselves, not a copy
             try:
-                self.upload(name, view)
+                super(_UploadLater, self).upload(name, view)
             finally:
                 view.release()
-                buffer.release()
+                kept.release()
 
         with self._lock:
             pending, self.pending = self.pending, []
+        files = [item for item in pending if item[0] != METADATA_FILE]
         with ThreadPoolExecutor(threads, thread_name_prefix="ckpt-upload") as pool:
-            for future in [pool.submit(one, item) for item in pending]:
+            for future in [pool.submit(one, item) for item in files]:
                 future.exception()  # recorded in self.errors by upload()
+        if not self.errors:
+            for item in pending:
+                if item[0] == METADATA_FILE:
+                    one(item)
         if self.errors:
             raise self.errors[0]
 
@@ -225,27 +234,30 @@ class SaveWriter:
                 self._conclude(job, Failure.of(e, self.storage.redact))
 
     def _run_phases(self, job: SaveJob) -> Failure | None:
-        """Phases 1 to 3 (module docstring); returns rank 0's outcome, on every rank."""
+        """Phases 0 to 3 (module docstring); returns rank 0's outcome, on every rank."""
         failure: Failure | None = None
-        try:
-            if self.ranks.rank == 0:
-                failure = self._attempt(lambda: self._clear_step(job.step))
-            failure = self.ranks.first_failure(failure)
-            records: dict[str, FileRecord] = {}
-            if failure is None:
-                tee = self.cache.step_storage(job.step) if self.cache is not None else None
-                target = self.storage.child(step_dir(job.step))
-                writer = (SerializeFirstWriter(target, self.config.write_threads, tee=tee,
-                                               on_serialized=job.staging_done.set)
-                          if job.deferred else
-                          RecordingWriter(target, self.config.write_threads, tee=tee))
-                failure = self._attempt(lambda: dcp.save(
-                    job.staged, storage_writer=writer, process_group=self.ranks.group,
-                    no_dist=not self.ranks.distributed))
+        records: dict[str, FileRecord] = {}
+        tee = self.cache.step_storage(job.step) if self.cache is not None else None
+        target = self.storage.child(step_dir(job.step))
+        early: SerializeFirstWriter | None = None
+        if job.deferred:
+            # Serialise from the live tensors first: after this the fence lets training go on.
+            early = SerializeFirstWriter(target, self.config.write_threads, tee=tee)
+            try:
+                failure = self._dcp_save(job, early)
+            finally:
+                job.staging_done.set()
+        if self.ranks.rank == 0 and failure is None:
+            failure = self._attempt(lambda: self._clear_step(job.step))
+        failure = self.ranks.first_failure(failure)
+        if failure is None:
+            if early is not None:
+                failure = self._attempt(early.upload_all)
+                records = early.records
+            else:
+                writer = RecordingWriter(target, self.config.write_threads, tee=tee)
+                failure = self._dcp_save(job, writer)
                 records = writer.records
-        finally:
-            # However it ended, the save no longer reads live state.
-            job.staging_done.set()
         job.staged = None  # the stager keeps the buffers; drop our reference early
         gathered = self.ranks.gather((failure, records))
         if self.ranks.rank == 0:
@@ -272,6 +284,11 @@ class SaveWriter:
             if self.cache is not None:
                 self.cache.prune(job.step)
         job.done.set()
+
+    def _dcp_save(self, job: SaveJob, writer: RecordingWriter) -> Failure | None:
+        return self._attempt(lambda: dcp.save(
+            job.staged, storage_writer=writer, process_group=self.ranks.group,
+            no_dist=not self.ranks.distributed))
 
     def _clear_step(self, step: int) -> None:
         if read_commit(self.storage, step) is not None:
