@@ -253,6 +253,8 @@ class SaveWriter:
         if failure is None:
             if early is not None:
                 failure = self._attempt(early.upload_all)
+                if failure is not None:  # as DCP names the rank of a failure it reports
+                    failure = Failure(failure.kind, f"rank {self.ranks.rank}: {failure.message}")
                 records = early.records
             else:
                 writer = RecordingWriter(target, self.config.write_threads, tee=tee)
