@@ -392,6 +392,11 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
     done = events(records, Event.DONE)
     final_step = max((int(r["step"]) for r in step_records(records)), default=0)
     faults = report.summarize_faults(injector.fired, records, t0)
+    for entry, fired in zip(faults, injector.fired, strict=True):
+        missed = invariants.fault_effects([fired], records, outage_hits)
+        entry["observed"] = not missed
+        if missed:
+            entry["not_observed"] = missed[0]
     rep: dict[str, Any] = {
         "scenario": scenario.to_dict(),
         "completed": bool(done) and checks["completed"].ok,
