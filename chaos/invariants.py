@@ -27,10 +27,14 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chaos.metrics import Lineage, Record, events, step_records
 from elastic_train.events import Event
+
+if TYPE_CHECKING:
+    from chaos.faults import Fired
+    from checkpointing import CheckpointManager
 
 FALLBACK = getattr(Event, "FALLBACK", "fallback")
 """The event a loader writes when it skips a bad newest commit for an older one."""
@@ -261,13 +265,13 @@ class AgentEnd:
     """False for a node added after the last world formed: it may still wait in the rendezvous."""
 
 
-def agents_exited(agents: Iterable[AgentEnd], completed: bool) -> Verdict:
+def agents_exited(agents: Iterable[AgentEnd], run_completed: bool) -> Verdict:
     """After a completed run every agent the harness did not remove or notice exited 0, and none
     is still running unless it was added after the last world formed. A run that did not
     complete fails here too, naming the codes (it already fails `completed`)."""
     agents = list(agents)
     codes = {a.node: a.code for a in agents}
-    if not completed:
+    if not run_completed:
         return Verdict(False, f"the run did not complete; agents' exit codes {codes}")
     wrong = [f"node {a.node}: {'still running' if a.code is None else 'exit ' + str(a.code)}"
              for a in agents
@@ -278,7 +282,7 @@ def agents_exited(agents: Iterable[AgentEnd], completed: bool) -> Verdict:
     return Verdict(True, f"agents' exit codes {codes} as the run's end calls for")
 
 
-def fault_effects(fired: Iterable[Any], records: list[Record],
+def fault_effects(fired: Iterable[Fired], records: list[Record],
                   outage_hits: Callable[[float, float], int] | None = None) -> list[str]:
     """What each fired fault (`chaos.faults.Fired`) failed to do; empty when every one had its
     effect. A fault whose action raised did nothing. Otherwise, from the run's metrics:
@@ -319,7 +323,7 @@ def fault_effects(fired: Iterable[Any], records: list[Record],
     return problems
 
 
-def _upload_in_flight(f: Any, records: list[Record]) -> str:
+def _upload_in_flight(f: Fired, records: list[Record]) -> str:
     step = f.detail.get("upload_step")
     if step is None:
         return "no upload was in flight"
@@ -338,7 +342,7 @@ def _restart_between(records: list[Record], t0: float, t1: float) -> bool:
     return any(t0 < float(r["time"]) < t1 for r in events(records, Event.START))
 
 
-def faults_observed(fired: Iterable[Any], records: list[Record],
+def faults_observed(fired: Iterable[Fired], records: list[Record],
                     outage_hits: Callable[[float, float], int] | None = None) -> Verdict:
     fired = list(fired)
     problems = fault_effects(fired, records, outage_hits)
@@ -353,8 +357,8 @@ def world_changed(records: list[Record], reference_world: int) -> bool:
                for r in step_records(records))
 
 
-def load_checkpoint(manager: Any, step: int, build_state: Callable[[], Mapping[str, Any]]
-                    ) -> tuple[bool, str]:
+def load_checkpoint(manager: CheckpointManager, step: int,
+                    build_state: Callable[[], Mapping[str, Any]]) -> tuple[bool, str]:
     """Verify `step` (sizes and CRCs against COMMIT.json), then load it into a fresh state from
     `build_state()` in this process (a world of one: DCP reshards). (ok, why); never raises."""
     report = manager.verify(step)

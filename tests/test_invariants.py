@@ -248,14 +248,14 @@ def test_a_checkpoint_that_verifies_but_does_not_load_fails(run: Path, tmp_path:
 def test_an_agent_that_did_not_exit_0_after_done_fails() -> None:
     end = invariants.AgentEnd
     assert invariants.agents_exited([end(0, 0), end(1, -9, removed=True),
-                                     end(2, 1, noticed=True)], completed=True).ok
-    verdict = invariants.agents_exited([end(0, 0), end(1, 1)], completed=True)
+                                     end(2, 1, noticed=True)], run_completed=True).ok
+    verdict = invariants.agents_exited([end(0, 0), end(1, 1)], run_completed=True)
     assert not verdict.ok and "node 1: exit 1" in verdict.detail
-    verdict = invariants.agents_exited([end(0, 0), end(1, None)], completed=True)
+    verdict = invariants.agents_exited([end(0, 0), end(1, None)], run_completed=True)
     assert not verdict.ok and "node 1: still running" in verdict.detail
     late = end(1, None, joined_final_world=False)
-    assert invariants.agents_exited([end(0, 0), late], completed=True).ok
-    assert not invariants.agents_exited([end(0, 0)], completed=False).ok
+    assert invariants.agents_exited([end(0, 0), late], run_completed=True).ok
+    assert not invariants.agents_exited([end(0, 0)], run_completed=False).ok
 
 
 def test_a_process_left_behind_by_an_exited_agent_is_an_orphan_before_cleanup(
