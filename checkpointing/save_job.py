@@ -11,7 +11,8 @@ skipped; a collective that itself fails (a peer died, or timed out) fails the sa
    touched once fewer while training runs beside the save, and storage is not touched yet.
 1. Rank 0 clears what an earlier attempt at this step left; every rank learns the first failure.
 2. DCP writes every rank's files and rank 0's `.metadata` (a collective on the save group); for
-   deferred state, the files serialised in phase 0 are checksummed and uploaded as they are.
+   deferred state, the files serialised in phase 0 are checksummed and uploaded from the
+   serialisation buffers themselves.
 3. Rank 0 gathers every rank's outcome and file records and writes COMMIT.json, unless a rank
    failed or the job's deadline has passed (`SaveJob.may_commit`).
 4. Every rank learns rank 0's outcome. After a commit, rank 0 applies retention (a failure there
@@ -23,15 +24,11 @@ until COMMIT.json of this step is whole.
 
 from __future__ import annotations
 
-import io
 import logging
-import os
-import posixpath
 import threading
 import time
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Any, cast
 
 import torch.distributed.checkpoint as dcp
@@ -48,12 +45,7 @@ from checkpointing.commit import (
     write_commit,
 )
 from checkpointing.config import CheckpointConfig
-from checkpointing.dcp_io import (
-    METADATA_FILE,
-    RecordingWriter,
-    _KeepOpenBuffer,
-    _UploadingFileSystem,
-)
+from checkpointing.dcp_io import METADATA_FILE, RecordingWriter, _UploadingFileSystem
 from checkpointing.errors import SaveAborted
 from checkpointing.retention import collect_garbage
 from checkpointing.staging import HostStager
@@ -81,55 +73,31 @@ class SerializeFirstWriter(RecordingWriter):
 
 
 class _UploadLater(_UploadingFileSystem):
-    """Keeps each file DCP writes (and `.metadata`) in memory until `upload_all`."""
+    """Keeps each file DCP writes (and `.metadata`) in memory until `upload_all`. The bytes are
+    the serialisation buffer itself (`BytesIO.getvalue` shares it), not a copy."""
 
     def __init__(self, storage: Storage, tee: Storage | None) -> None:
         super().__init__(storage, tee)
-        self.pending: list[tuple[str, _KeepOpenBuffer | bytes]] = []
-
-    @contextmanager
-    def create_stream(self, path: str | os.PathLike, mode: str) -> Generator[io.IOBase, None, None]:
-        if "r" in mode:
-            with super().create_stream(path, mode) as stream:
-                yield stream
-            return
-        buffer = _KeepOpenBuffer()
-        yield buffer
-        # Only reached when DCP finished writing the file without an error.
-        with self._lock:
-            self.pending.append((posixpath.basename(os.fspath(path)), buffer))
+        self.pending: list[tuple[str, bytes | memoryview]] = []
 
     def upload(self, name: str, data: bytes | memoryview) -> None:
-        """DCP's `.metadata` (written by `finish`): kept for `upload_all` too."""
         with self._lock:
-            self.pending.append((name, bytes(data)))
+            self.pending.append((name, data))
 
     def upload_all(self, threads: int) -> None:
         """Upload every kept file, data files first and `.metadata` last (size, CRC and cache as
-        `RecordingWriter`), freeing each one's memory. Raises the first upload's failure."""
-
-        def one(item: tuple[str, _KeepOpenBuffer | bytes]) -> None:
-            name, kept = item
-            if isinstance(kept, bytes):
-                super(_UploadLater, self).upload(name, kept)
-                return
-            view = kept.getbuffer()  # the bytes themselves, not a copy
-            try:
-                super(_UploadLater, self).upload(name, view)
-            finally:
-                view.release()
-                kept.release()
-
+        `RecordingWriter`), dropping each once written. Raises the first upload's failure."""
         with self._lock:
             pending, self.pending = self.pending, []
         files = [item for item in pending if item[0] != METADATA_FILE]
+        last = [item for item in pending if item[0] == METADATA_FILE]
+        write = super().upload
         with ThreadPoolExecutor(threads, thread_name_prefix="ckpt-upload") as pool:
-            for future in [pool.submit(one, item) for item in files]:
+            for future in [pool.submit(write, name, data) for name, data in files]:
                 future.exception()  # recorded in self.errors by upload()
         if not self.errors:
-            for item in pending:
-                if item[0] == METADATA_FILE:
-                    one(item)
+            for name, data in last:
+                write(name, data)
         if self.errors:
             raise self.errors[0]
 
