@@ -2,8 +2,14 @@
 
 Ours (the `c10d-fast` rendezvous with the harness's settings, elastic_train/node/rendezvous.py,
 and workers forked warm from each node's prefork server, elastic_train/node/prefork.py) against
-torchrun as it comes (its c10d rendezvous defaults, workers started as fresh interpreters), measured
-in the same run on the real trainer (tiny model, file storage).
+two baselines, measured in the same run on the real trainer (tiny model, file storage):
+
+- `torch_default`: torchrun as it comes (its c10d rendezvous defaults, workers started as fresh
+  interpreters);
+- `stock_c10d_tuned`: torch's own c10d rendezvous at its best integer settings (it takes whole
+  seconds: last_call_timeout=1, keep_alive_interval=1, keep_alive_max_attempt=3; 2 attempts
+  split a job into two worlds), everything else ours (prefork, watchdog): what tuning alone,
+  without our handler, would give.
 Recovery = fault -> the first step completed in the new world (metrics.jsonl). Each setting runs
 one long job on 2 nodes and repeats, per trial: kill a node (lost), add one (added), SIGSTOP a rank
 (hung: the node's watchdog kills it, see elastic_train/node/watchdog.py, and the world re-forms
@@ -11,7 +17,7 @@ at 2), freeze a whole node with SIGSTOP (vanished: no reset reaches its peers, t
 the silence), add one again (added). The trainer runs with the shipped timeouts and detection
 (chaos.harness.HARNESS_TRAIN_DEFAULTS sets only threads and log frequency).
 
-    .venv/bin/python bench/recovery.py [--trials 3] [--out runs/bench-recovery]
+    .venv/bin/python bench/recovery.py [--trials 3] [--out runs/bench-recovery] [--arms ...]
 
 Prints one line per measurement, then a final JSON line with the medians (and, for a vanished
 node, the p95). Targets: node lost <= 3 s, node added <= 4 s, hang <= 15 s, node vanished <= 4 s
@@ -37,6 +43,20 @@ from elastic_train.node.rendezvous import RendezvousSettings
 
 TARGETS_S = {"node_lost": 3.0, "node_added": 4.0, "worker_hung": 15.0, "node_vanished": 4.0}
 P95_TARGETS_S = {"node_vanished": 8.0}
+STOCK_C10D_TUNED = RendezvousSettings(
+    backend="c10d", poll_interval=None, last_call_timeout=1, first_call_timeout=None,
+    keep_alive_interval=1, keep_alive_max_attempt=3, join_timeout=120, save_before_join_s=None)
+"""torch's c10d rendezvous at its best whole-second settings (it rejects fractions and zero)."""
+ARMS: dict[str, tuple[RendezvousSettings, bool]] = {
+    "ours": (RendezvousSettings.fast(), True),
+    # Ours without saving before a node joins: the grown world starts sooner but resumes from
+    # the newest commit, losing the steps since.
+    "ours_no_join_save": (RendezvousSettings(save_before_join_s=0), True),
+    "stock_c10d_tuned": (STOCK_C10D_TUNED, True),
+    # torchrun as it comes: its rendezvous defaults, workers started cold.
+    "torch_default": (RendezvousSettings.torch_default(), False),
+}
+"""Each arm: rendezvous settings, and whether workers are forked warm (prefork)."""
 WAIT_S = 240.0
 """Longest a single recovery may take before the trial counts as failed (None); `--wait-s`."""
 
@@ -139,45 +159,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--out", default="runs/bench-recovery")
     parser.add_argument("--cache", default=None)
-    parser.add_argument("--ours-only", action="store_true",
-                        help="skip the torchrun-defaults baseline (no ratios)")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS),
+                        help="which settings to measure (default: all)")
     parser.add_argument("--wait-s", type=float, default=WAIT_S,
                         help="longest one recovery may take before it counts as failed")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     cache = Path(args.cache) if args.cache else default_cache()
-    runs = {
-        "ours": measure("ours", RendezvousSettings.fast(), args.trials, out, cache,
-                        wait_s=args.wait_s),
-        # The same without saving before a node joins: the grown world starts sooner but
-        # resumes from the newest commit, losing the steps since.
-        "ours_no_join_save": measure("ours_no_join_save",
-                                     RendezvousSettings(save_before_join_s=0), args.trials,
-                                     out, cache, wait_s=args.wait_s),
-    }
-    if not args.ours_only:
-        # The baseline is torchrun as it comes: its rendezvous defaults, workers started cold.
-        runs["torch_default"] = measure("torch_default", RendezvousSettings.torch_default(),
-                                        args.trials, out, cache, prefork=False,
-                                        wait_s=args.wait_s)
+    runs = {}
+    for arm in args.arms:
+        settings, prefork = ARMS[arm]
+        runs[arm] = measure(arm, settings, args.trials, out, cache, prefork=prefork,
+                            wait_s=args.wait_s)
     summary: dict[str, object] = {"trials": args.trials}
     for kind, target in TARGETS_S.items():
-        defaults = runs.get("torch_default", {}).get(kind, [])
-        ours, default = stat(runs["ours"][kind]), stat(defaults)
-        summary[kind] = {
-            "ours_median_s": ours, "torch_default_median_s": default,
-            "speedup": round(default / ours, 2) if ours and default else None,
-            "target_s": target, "meets_target": ours is not None and ours <= target,
-            "ours_s": runs["ours"][kind], "torch_default_s": defaults,
-            "ours_lost_steps": runs["ours"][f"{kind}_lost_steps"],
-            "ours_no_join_save_median_s": stat(runs["ours_no_join_save"][kind]),
-            "ours_no_join_save_lost_steps": runs["ours_no_join_save"][f"{kind}_lost_steps"],
-        }
-        if kind in P95_TARGETS_S:
+        medians = {arm: stat(r[kind]) for arm, r in runs.items()}
+        ours = medians.get("ours")
+        entry: dict[str, object] = {
+            "target_s": target,
+            "meets_target": (ours is not None and ours <= target) if "ours" in runs else None}
+        for arm, r in runs.items():
+            entry[f"{arm}_median_s"] = medians[arm]
+            entry[f"{arm}_s"] = r[kind]
+            entry[f"{arm}_lost_steps"] = r[f"{kind}_lost_steps"]
+            if arm != "ours" and ours and medians[arm]:
+                entry[f"speedup_over_{arm}"] = round(medians[arm] / ours, 2)
+        if kind in P95_TARGETS_S and "ours" in runs:
             ours_p95 = stat(runs["ours"][kind], "p95")
-            summary[kind].update(ours_p95_s=ours_p95, p95_target_s=P95_TARGETS_S[kind],
-                                 meets_p95_target=ours_p95 is not None and
-                                 ours_p95 <= P95_TARGETS_S[kind])
+            entry.update(ours_p95_s=ours_p95, p95_target_s=P95_TARGETS_S[kind],
+                         meets_p95_target=ours_p95 is not None and
+                         ours_p95 <= P95_TARGETS_S[kind])
+        summary[kind] = entry
     print(json.dumps(summary), flush=True)
     return 0
 

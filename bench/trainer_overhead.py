@@ -1,14 +1,17 @@
-"""Steps/s of the elastic trainer (checkpointing off) vs a minimal plain FSDP2 loop of the same
-model, measured in the same run, alternating the two to share the machine's noise.
+"""Steps/s of the elastic trainer as it ships (checkpointing off) vs a minimal plain FSDP2 loop
+of the same model, measured in the same run, alternating the two to share the machine's noise.
 
     .venv/bin/python bench/trainer_overhead.py [--model tiny] [--nproc 2] [--steps 60] [--rounds 3]
         [--micro-batch 0]
 
 `--micro-batch N` turns gradient accumulation on in both (N samples per rank per forward).
 
-Both run under real torchrun with gloo on CPU. The first 10 steps of every run are warm-up and
-not counted. Ends with one JSON line: median step times and `ratio` = ours steps/s ÷ plain.
-Target: ratio >= 0.95.
+Ours runs the way a SkyPilot node runs it: `python -m elastic_train.node.launch` under the
+environment SkyPilot sets for a one-node cluster (so: the c10d-fast rendezvous and its store,
+the prefork server, the hang watchdog, the notice watcher, the node's worker entry). The plain
+loop runs under `torchrun --standalone` with gloo. Both on CPU. The first 10 steps of every run
+are warm-up and not counted. Ends with one JSON line: median step times and `ratio` = ours
+steps/s / plain. Target: ratio >= 0.95.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import socket
 import statistics
 import subprocess
 import sys
@@ -36,14 +41,35 @@ def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def ours(model: str, nproc: int, steps: int, batch: int, seq_len: int, micro: int
          ) -> list[float]:
-    with tempfile.TemporaryDirectory() as run_dir:
-        torchrun(nproc, "-m", "elastic_train.train", f"--run.dir={run_dir}", f"--model={model}",
-                 f"--steps={steps}", "--checkpoint.every=0", f"--data.batch_size={batch}",
-                 f"--data.seq_len={seq_len}", f"--data.micro_batch={micro}",
-                 "--run.log_every=1000")
-        lines = map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+    """One run through the shipped node launcher, as a one-node SkyPilot cluster."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        train_args = [f"--run.dir={run_dir}", f"--model={model}", f"--steps={steps}",
+                      "--checkpoint.every=0", f"--data.batch_size={batch}",
+                      f"--data.seq_len={seq_len}", f"--data.micro_batch={micro}",
+                      "--run.log_every=1000"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1",
+               "SKYPILOT_NODE_IPS": "127.0.0.1", "SKYPILOT_NODE_RANK": "0",
+               "SKYPILOT_NUM_NODES": "1", "SKYPILOT_NUM_GPUS_PER_NODE": str(nproc),
+               "SKYPILOT_TASK_ID": f"bench-overhead-{os.getpid()}",
+               "BUCKET": "file://" + str(Path(tmp) / "bucket"),
+               "RDZV_PORT": str(free_port()),
+               "ELASTIC_TRAIN_NOTICE_FILE": str(Path(tmp) / "notice"),
+               "TRAIN_ARGS": shlex.join(train_args)}
+        cmd = [sys.executable, "-m", "elastic_train.node.launch"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode:
+            sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n"
+                     f"{proc.stderr[-3000:]}")
+        lines = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
         return [r["step_time_s"] for r in lines if "step" in r and "event" not in r]
 
 

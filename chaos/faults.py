@@ -131,7 +131,7 @@ class Injector:
 
     A fault whose action raises (e.g. a node with no workers for 30 s, a freeze not observed) is
     recorded with `detail["error"]` and does not stop the injector; the harness's
-    `faults_took_effect` check fails the run for it.
+    `faults_observed` check fails the run for it.
     """
 
     def __init__(self, faults: list[Fault] | tuple[Fault, ...], target: Target, *,

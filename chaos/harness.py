@@ -32,8 +32,8 @@ from typing import Any
 
 from chaos import invariants, report
 from chaos.backends import Backend, environ, open_backend, prepared_data
-from chaos.cluster import LocalCluster
-from chaos.faults import Injector, draw_faults
+from chaos.cluster import NODE_ENV, TAG_ENV, LocalCluster
+from chaos.faults import Fired, Injector, draw_faults
 from chaos.metrics import MetricsTail, Record, events, is_step, step_records
 from chaos.scenario import Scenario, ScenarioError
 from elastic_train.events import Event
@@ -95,7 +95,10 @@ class Reference:
     dir: Path
     world_size: int
     wall_s: float
-    digests: list[str | None]
+    consumed: list[str | None]
+    """consumed[s - 1]: the step line's `consumed` at step s (what the ranks trained on)."""
+    losses: list[float | None]
+    """losses[s - 1]: the loss of step s."""
 
     @property
     def final_model(self) -> Path:
@@ -104,7 +107,7 @@ class Reference:
     @property
     def step_time_s(self) -> float:
         """Fault-free seconds per step, start-up included (wall time / steps)."""
-        return self.wall_s / max(1, len(self.digests))
+        return self.wall_s / max(1, len(self.consumed))
 
 
 def _source_digest() -> str:
@@ -140,7 +143,8 @@ def reference(scenario: Scenario, cache: Path, log: Callable[[str], None] = prin
     meta = ref_dir / "reference.json"
     if meta.exists() and (ref_dir / "run" / "final_model.pt").exists():
         m = json.loads(meta.read_text())
-        return Reference(ref_dir, m["world_size"], m["wall_s"], m["digests"])
+        if "consumed" in m and "losses" in m:
+            return Reference(ref_dir, m["world_size"], m["wall_s"], m["consumed"], m["losses"])
     log(f"reference run (no faults, world {world}) for config {key} ...")
     tmp = cache / "references" / f".{key}.{uuid.uuid4().hex[:6]}"
     data_uri = prepared_data(cache)
@@ -161,16 +165,19 @@ def reference(scenario: Scenario, cache: Path, log: Callable[[str], None] = prin
     steps = step_records(records.records)
     if not finished or any(codes.values()) or not events(records.records, Event.DONE):
         raise HarnessError(f"the reference run failed (exit codes {codes}); logs in {tmp}/nodes")
-    digests: list[str | None] = [None] * scenario.steps
+    consumed: list[str | None] = [None] * scenario.steps
+    losses: list[float | None] = [None] * scenario.steps
     for r in steps:
-        digests[int(r["step"]) - 1] = r.get("batch_digest")
+        consumed[int(r["step"]) - 1] = r.get("consumed")
+        losses[int(r["step"]) - 1] = r.get("loss")
     shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
     (tmp / "reference.json").write_text(json.dumps(
-        {"world_size": world, "wall_s": wall, "digests": digests, "key": key}))
+        {"world_size": world, "wall_s": wall, "consumed": consumed, "losses": losses,
+         "key": key}))
     shutil.rmtree(ref_dir, ignore_errors=True)
     os.replace(tmp, ref_dir)
     log(f"reference done in {wall:.1f} s")
-    return Reference(ref_dir, world, wall, digests)
+    return Reference(ref_dir, world, wall, consumed, losses)
 
 
 # ------------------------------------------------------------------------------------- the run
@@ -225,21 +232,114 @@ def _clean_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _verifier(backend: Backend) -> tuple[list[int], Callable[[int], tuple[bool, str]]]:
+def _checkpoint_state(scenario: Scenario, backend: Backend) -> Callable[[], dict[str, Any]]:
+    """A factory of what a checkpoint of this scenario's trainer holds (a fresh model, unsharded,
+    and the trainer's entry), for loading one in this process. Reads the dataset's index (its
+    vocabulary) with the backend's storage options: this process's fsspec was configured before
+    the backend's environment existed."""
+    import fsspec
+
+    from checkpointing import ModelOptimizerState
+    from elastic_train import config as config_lib
+    from elastic_train.data import INDEX
+    from elastic_train.model import build_model
+
+    cfg = config_lib.load(None, {k: str(v) for k, v in train_overrides(scenario).items()})
+    fs, root = fsspec.core.url_to_fs(backend.data_uri, **backend.storage_options)
+    vocab = int(json.loads(fs.cat_file(f"{root}/{INDEX}"))["vocab_size"])
+
+    def build() -> dict[str, Any]:
+        model = build_model(cfg.model, cfg.data.seq_len, vocab, cfg.seed)
+        return {"app": ModelOptimizerState(model), "trainer": {"step": -1, "config_digest": ""}}
+
+    return build
+
+
+def _verifier(backend: Backend, scenario: Scenario
+              ) -> tuple[list[int], Callable[[int], tuple[bool, str]]]:
+    """The committed steps in storage, and for each whether it verifies and loads."""
     from checkpointing import CheckpointManager
 
     with environ(backend.env):
+        build_state = _checkpoint_state(scenario, backend)
         manager = CheckpointManager(backend.checkpoint_uri,
                                     storage_options=backend.storage_options)
         try:
             steps = [info.step for info in manager.steps()]
-            results = {}
-            for step in steps:
-                r = manager.verify(step)
-                results[step] = (bool(r.ok), str(r.detail))
+            results = {step: invariants.load_checkpoint(manager, step, build_state)
+                       for step in steps}
         finally:
             manager.close()
     return steps, lambda step: results[step]
+
+
+ORPHAN_GRACE_S = 10.0
+"""How long a node's processes may outlive its agent before they count as orphans (a prefork
+server notices its parent is gone on its next poll)."""
+
+
+def _agents_and_orphans(cluster: LocalCluster, fired: list[Fired], records: list[Record],
+                        completed: bool) -> dict[str, invariants.Verdict]:
+    """`agents_exited` and `no_orphans`, from what is alive now, before the harness kills
+    anything: processes of a node whose agent has exited (or was killed by a fault) that are
+    still alive after ORPHAN_GRACE_S."""
+    from elastic_train.node import procs
+
+    last_start = max((float(r["time"]) for r in events(records, Event.START)), default=0.0)
+    added_late = {f.node for f in fired if f.fault.kind == "add_node" and f.time > last_start}
+    noticed = {f.node for f in fired if f.fault.kind == "preempt_node"}
+    agents = [invariants.AgentEnd(node=n.index, code=n.agent.poll(),
+                                  removed=n.removed is not None, noticed=n.index in noticed,
+                                  joined_final_world=n.index not in added_late)
+              for n in cluster.nodes]
+    ended = {str(a.node) for a in agents if a.code is not None or a.removed}
+    deadline = time.monotonic() + ORPHAN_GRACE_S
+    while True:
+        orphans = [p for p in procs.tagged({TAG_ENV: cluster.tag})
+                   if _environ(p).get(NODE_ENV) in ended]
+        if not orphans or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    survivors = []
+    for p in orphans:
+        with contextlib.suppress(Exception):
+            survivors.append(f"{p.pid} (node {_environ(p).get(NODE_ENV)}) "
+                             + " ".join(p.cmdline()[:4]))
+    return {"no_orphans": invariants.no_orphans(survivors),
+            "agents_exited": invariants.agents_exited(agents, completed)}
+
+
+def _environ(proc: Any) -> dict[str, str]:
+    try:
+        return proc.environ()
+    except Exception:  # gone meanwhile, or not ours to read
+        return {}
+
+
+def _outage_hits(backend: Backend) -> Callable[[float, float], int] | None:
+    """Counts the requests the storage proxy failed between two times (None without a proxy)."""
+    proxy = getattr(backend.outage, "__self__", None)
+    if proxy is None:
+        return None
+    return lambda t0, t1: sum(1 for f in proxy.fired if t0 <= f.time <= t1)
+
+
+def outcome_checks(records: list[Record], steps: int, final_model: Path, ref: Reference,
+                   committed: list[int], verify: Callable[[int], tuple[bool, str]]
+                   ) -> dict[str, invariants.Verdict]:
+    """The invariants on what a run produced, against its fault-free reference: every way of
+    running one (the local cluster, a SkyPilot job group, sky/train.yaml's `run:`) checks these,
+    then adds what it knows of its own processes and faults."""
+    changed = invariants.world_changed(records, ref.world_size)
+    return {
+        "completed": invariants.completed(records, steps, final_model),
+        "exactly_once": invariants.exactly_once(records, ref.consumed, steps),
+        "losses_match_reference": invariants.losses_match(records, ref.losses, ref.world_size,
+                                                          steps),
+        "weights_match_reference": invariants.weights_match(final_model, ref.final_model,
+                                                            changed),
+        "checkpoints_verified": invariants.checkpoints_verified(records, committed, verify),
+    }
 
 
 def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
@@ -282,33 +382,42 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
             cluster.add_node()
         outcome = _drive(cluster, tail, injector, progress, t0, options.timeout_s)
         wall = time.time() - t0
+        tail.poll()
+        # Before cleanup: what the run left behind is the run's doing, not the harness's.
+        exited = _agents_and_orphans(cluster, injector.fired, tail.records,
+                                     bool(events(tail.records, Event.DONE)))
+        exit_codes = cluster.exit_codes()
         cluster.close()
         tail.poll()
         records = tail.records
         try:
-            committed, verify = _verifier(backend)
+            committed, verify = _verifier(backend, scenario)
         except Exception as e:  # storage unreachable: the invariant fails, the report is written
             committed, verify = [], (lambda step, e=e: (False, str(e)))
             log(f"could not list checkpoints: {e}")
-    survivors = [f"{p.pid} {' '.join(p.cmdline()[:4])}" for p in cluster.tagged_processes()]
-    survivors += [str(pid) for pid in backend.pids if _alive(pid)]
+        outage_hits = _outage_hits(backend)
+    # What the harness's own cleanup could not kill, and storage servers that outlived it.
+    left = [f"{p.pid} {' '.join(p.cmdline()[:4])}" for p in cluster.tagged_processes()]
+    left += [str(pid) for pid in backend.pids if _alive(pid)]
+    if left:
+        exited["no_orphans"] = invariants.no_orphans(left)
 
     final_model = run_dir / "final_model.pt"
     changed = invariants.world_changed(records, ref.world_size)
     checks = {
-        "completed": invariants.completed(records, scenario.steps, final_model),
-        "exactly_once": invariants.exactly_once(records, ref.digests, scenario.steps),
-        "weights_match_reference": invariants.weights_match(final_model, ref.final_model,
-                                                            changed),
-        "checkpoints_verified": invariants.checkpoints_verified(records, committed, verify),
-        "no_orphans": invariants.no_orphans(survivors),
-        "faults_took_effect": invariants.faults_took_effect(
-            [(f.fault.describe(), f.detail.get("error")) for f in injector.fired],
-            [f.describe() for f in injector.unfired()]),
+        **outcome_checks(records, scenario.steps, final_model, ref, committed, verify),
+        **exited,
+        "faults_observed": invariants.faults_observed(
+            injector.fired, records, outage_hits, [f.describe() for f in injector.unfired()]),
     }
     done = events(records, Event.DONE)
     final_step = max((int(r["step"]) for r in step_records(records)), default=0)
     faults = report.summarize_faults(injector.fired, records, t0)
+    for entry, fired in zip(faults, injector.fired, strict=True):
+        missed = invariants.fault_effects([fired], records, outage_hits)
+        entry["observed"] = not missed
+        if missed:
+            entry["not_observed"] = missed[0]
     rep: dict[str, Any] = {
         "scenario": scenario.to_dict(),
         "completed": bool(done) and checks["completed"].ok,
@@ -323,7 +432,7 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
         "reference": {"key": reference_key(scenario), "world_size": ref.world_size,
                       "wall_s": round(ref.wall_s, 3), "step_time_s": round(ref.step_time_s, 4)},
         "weights_tolerance": {"world_changed": changed, "rtol_l2": invariants.WEIGHTS_RTOL},
-        "exit_codes": {str(k): v for k, v in cluster.exit_codes().items()},
+        "exit_codes": {str(k): v for k, v in exit_codes.items()},
         "seed": scenario.seed,
         "random_faults": options.random_faults,
         "metrics_path": str(run_dir / "metrics.jsonl"),

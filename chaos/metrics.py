@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from elastic_train.events import Event
 from elastic_train.metrics import Record, events, is_step, parse_line
@@ -65,8 +66,8 @@ class Lineage:
     (a skipped or repeated step without a restore in between), or a restart that restored a step
     beyond the lineage."""
 
-    digests: list[str | None] = field(default_factory=list)
-    """digests[s - 1]: batch_digest of step s in the current lineage."""
+    steps: list[Record | None] = field(default_factory=list)
+    """steps[s - 1]: the step line of step s in the current lineage (None: never reported)."""
     problems: list[str] = field(default_factory=list)
     restores: list[int | None] = field(default_factory=list)
     """restored_step of every start, in order."""
@@ -83,25 +84,29 @@ class Lineage:
             restored = r.get("restored_step")
             self.restores.append(restored)
             keep = int(restored or 0)
-            if keep > len(self.digests):
+            if keep > len(self.steps):
                 self.problems.append(
-                    f"a restart restored step {keep} but only {len(self.digests)} steps were run")
-                keep = len(self.digests)
-            del self.digests[keep:]
+                    f"a restart restored step {keep} but only {len(self.steps)} steps were run")
+                keep = len(self.steps)
+            del self.steps[keep:]
         elif is_step(r):
             step = int(r["step"])
-            if step != len(self.digests) + 1:
+            if step != len(self.steps) + 1:
                 self.problems.append(
-                    f"step {step} reported after step {len(self.digests)} without a restart")
-                if step <= len(self.digests):
-                    del self.digests[step - 1:]
+                    f"step {step} reported after step {len(self.steps)} without a restart")
+                if step <= len(self.steps):
+                    del self.steps[step - 1:]
                 else:
-                    self.digests.extend([None] * (step - 1 - len(self.digests)))
-            self.digests.append(r.get("batch_digest"))
+                    self.steps.extend([None] * (step - 1 - len(self.steps)))
+            self.steps.append(r)
+
+    def column(self, name: str) -> list[Any]:
+        """`name` of every step of the lineage, in step order (None where absent)."""
+        return [None if r is None else r.get(name) for r in self.steps]
 
     @property
     def final_step(self) -> int:
-        return len(self.digests)
+        return len(self.steps)
 
 
 def step_records(records: list[Record]) -> list[Record]:

@@ -5,11 +5,16 @@ hands it to a `SaveWriter`, whose writer thread runs the phases below. Every ran
 collectives whatever failed in its own phases, so no rank waits in a collective its peers
 skipped; a collective that itself fails (a peer died, or timed out) fails the save on this rank.
 
-0. Copy deferred state to host memory (the optimizer's fence waits for this).
+0. Deferred state (still the live tensors): DCP serialises this rank's files and `.metadata`
+   into memory straight from them (a collective on the save group). That one pass is the host
+   copy the optimizer's fence waits for; no separate staging copy is made first, so each byte is
+   touched once fewer while training runs beside the save, and storage is not touched yet.
 1. Rank 0 claims the writer epoch on its first save (`fence.py`), checks it is still the newest
    writer, and clears what an earlier attempt at this step left; every rank learns the first
    failure.
-2. DCP writes every rank's files and rank 0's `.metadata` (a collective on the save group).
+2. DCP writes every rank's files and rank 0's `.metadata` (a collective on the save group); for
+   deferred state, the files serialised in phase 0 are checksummed and uploaded from the
+   serialisation buffers themselves.
 3. Rank 0 gathers every rank's outcome and file records and writes COMMIT.json (with its epoch),
    unless a rank failed, the job's deadline has passed (`SaveJob.may_commit`) or a newer writer
    has claimed the run (`Fenced`).
@@ -27,7 +32,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
 
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.stateful import Stateful
@@ -45,7 +51,7 @@ from checkpointing.commit import (
     write_commit,
 )
 from checkpointing.config import CheckpointConfig
-from checkpointing.dcp_io import RecordingWriter
+from checkpointing.dcp_io import METADATA_FILE, RecordingWriter, _UploadingFileSystem
 from checkpointing.errors import CorruptCheckpoint, SaveAborted
 from checkpointing.fence import check_epoch, claim_epoch
 from checkpointing.retention import collect_garbage
@@ -54,6 +60,53 @@ from checkpointing.state import ModelOptimizerState
 from checkpointing.storage import Storage
 
 log = logging.getLogger(__name__)
+
+
+class SerializeFirstWriter(RecordingWriter):
+    """A `RecordingWriter` for state that is still live: `dcp.save` only serialises, every file
+    into memory (DCP's threads read the live tensors) and `.metadata` too; nothing reaches
+    storage until `upload_all()`, which checksums and uploads them, `write_threads` at a time,
+    and raises the first upload's failure. So the live state is no longer read once `dcp.save`
+    returns, and storage may be slow or down meanwhile without holding training up."""
+
+    def __init__(self, storage: Storage, thread_count: int = 2, tee: Storage | None = None
+                 ) -> None:
+        super().__init__(storage, thread_count, tee=tee)
+        self.fs = _UploadLater(storage, tee)
+        self._threads = max(1, thread_count)
+
+    def upload_all(self) -> None:
+        cast(_UploadLater, self.fs).upload_all(self._threads)
+
+
+class _UploadLater(_UploadingFileSystem):
+    """Keeps each file DCP writes (and `.metadata`) in memory until `upload_all`. The bytes are
+    the serialisation buffer itself (`BytesIO.getvalue` shares it), not a copy."""
+
+    def __init__(self, storage: Storage, tee: Storage | None) -> None:
+        super().__init__(storage, tee)
+        self.pending: list[tuple[str, bytes | memoryview]] = []
+
+    def upload(self, name: str, data: bytes | memoryview) -> None:
+        with self._lock:
+            self.pending.append((name, data))
+
+    def upload_all(self, threads: int) -> None:
+        """Upload every kept file, data files first and `.metadata` last (size, CRC and cache as
+        `RecordingWriter`), dropping each once written. Raises the first upload's failure."""
+        with self._lock:
+            pending, self.pending = self.pending, []
+        files = [item for item in pending if item[0] != METADATA_FILE]
+        last = [item for item in pending if item[0] == METADATA_FILE]
+        write = super().upload
+        with ThreadPoolExecutor(threads, thread_name_prefix="ckpt-upload") as pool:
+            for future in [pool.submit(write, name, data) for name, data in files]:
+                future.exception()  # recorded in self.errors by upload()
+        if not self.errors:
+            for name, data in last:
+                write(name, data)
+        if self.errors:
+            raise self.errors[0]
 
 
 class SaveJob:
@@ -170,26 +223,30 @@ class SaveWriter:
     def _run_phases(self, job: SaveJob) -> Failure | None:
         """Phases 0 to 3 (module docstring); returns rank 0's outcome, on every rank."""
         failure: Failure | None = None
+        records: dict[str, FileRecord] = {}
+        tee = self.cache.step_storage(job.step) if self.cache is not None else None
+        target = self.storage.child(step_dir(job.step))
+        early: SerializeFirstWriter | None = None
         if job.deferred:
-            assert job.staged is not None
-            staged = job.staged
+            # Serialise from the live tensors first: after this the fence lets training go on.
+            early = SerializeFirstWriter(target, self.config.write_threads, tee=tee)
             try:
-                failure = self._attempt(lambda: staged.update(
-                    {key: self.stager.stage(staged[key], key) for key in job.deferred}))
+                failure = self._dcp_save(job, early)
             finally:
                 job.staging_done.set()
         if self.ranks.rank == 0 and failure is None:
             failure = self._attempt(lambda: self._clear_step(job.step))
         failure = self.ranks.first_failure(failure)
-        records: dict[str, FileRecord] = {}
         if failure is None:
-            tee = self.cache.step_storage(job.step) if self.cache is not None else None
-            writer = RecordingWriter(self.storage.child(step_dir(job.step)),
-                                     self.config.write_threads, tee=tee)
-            failure = self._attempt(lambda: dcp.save(
-                job.staged, storage_writer=writer, process_group=self.ranks.group,
-                no_dist=not self.ranks.distributed))
-            records = writer.records
+            if early is not None:
+                failure = self._attempt(early.upload_all)
+                if failure is not None:  # as DCP names the rank of a failure it reports
+                    failure = Failure(failure.kind, f"rank {self.ranks.rank}: {failure.message}")
+                records = early.records
+            else:
+                writer = RecordingWriter(target, self.config.write_threads, tee=tee)
+                failure = self._dcp_save(job, writer)
+                records = writer.records
         job.staged = None  # the stager keeps the buffers; drop our reference early
         gathered = self.ranks.gather((failure, records))
         if self.ranks.rank == 0:
@@ -230,6 +287,11 @@ class SaveWriter:
     def _collect_garbage(self) -> None:
         self.check_epoch("collect garbage")
         collect_garbage(self.storage, self.config.keep)
+
+    def _dcp_save(self, job: SaveJob, writer: RecordingWriter) -> Failure | None:
+        return self._attempt(lambda: dcp.save(
+            job.staged, storage_writer=writer, process_group=self.ranks.group,
+            no_dist=not self.ranks.distributed))
 
     def _clear_step(self, step: int) -> None:
         self.check_epoch(f"clear step {step}")

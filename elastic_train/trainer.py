@@ -30,6 +30,7 @@ What happens on failure:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import signal
@@ -40,6 +41,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -326,6 +328,51 @@ def build_ledger(config: Config, home: SegmentSink | None) -> store.LedgerWriter
     return ledger
 
 
+def sample_fingerprint(item: Any) -> int:
+    """A 48-bit digest of one dataset item as this rank holds it (every tensor and number in it,
+    in order): small enough that a sum of a few stays exact in a float64."""
+    digest = hashlib.blake2b(digest_size=6)
+    for leaf in _leaves(item):
+        if isinstance(leaf, torch.Tensor):
+            digest.update(leaf.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
+                          .numpy().tobytes())
+        else:
+            digest.update(repr(leaf).encode())
+    return int.from_bytes(digest.digest(), "little")
+
+
+def _leaves(item: Any) -> Iterator[Any]:
+    if isinstance(item, dict):
+        for key in sorted(item):
+            yield from _leaves(item[key])
+    elif isinstance(item, (tuple, list)):
+        for part in item:
+            yield from _leaves(part)
+    else:
+        yield item
+
+
+def consumed_fingerprints(batch: data.Batch, batch_size: int, world: distributed.World
+                          ) -> torch.Tensor:
+    """This rank's part of the global batch's fingerprints: one per sample, at the positions of
+    the rows this rank trains on (zero elsewhere), taken from the tokens the data stream handed
+    over. Summed over the world (the step's all-reduce), every position holds the fingerprint of
+    the sample some rank actually trained on there: a rank that read the wrong samples, too few
+    or the same as another changes the sum, so the chaos harness can compare it with what the
+    reference run consumed (the step line's `consumed`)."""
+    out = torch.zeros(batch_size, dtype=torch.float64)
+    share = data.rank_slice(batch_size, world.size, world.rank)
+    rows = [sample_fingerprint(item) for item in batch.items]
+    out[share.start:share.start + len(rows)] = torch.tensor(rows, dtype=torch.float64)
+    return out
+
+
+def data_digest(fingerprints: list[float]) -> str:
+    """The step line's `consumed`: a digest of the summed fingerprints, in batch order."""
+    values = np.asarray([int(f) for f in fingerprints], dtype="<i8")
+    return hashlib.sha256(values.tobytes()).hexdigest()[:16]
+
+
 class Trainer(Stateful):
     """Wires the parts made by the `build_*` factories, runs the step loop, and is itself the
     checkpoint's `trainer` entry: the step (all the data stream needs) and the config digest.
@@ -345,6 +392,8 @@ class Trainer(Stateful):
         self.step = 0
         self.last_count = 0
         """The global batch's count (tokens or samples) of the last step."""
+        self.last_consumed = ""
+        """`consumed` of the last step (see `consumed_fingerprints`)."""
         self.world = distributed.init(config.parallel)
         self.startup["process_group"] = time.time()
         validate(config, self.world.size)
@@ -425,11 +474,16 @@ class Trainer(Stateful):
             part_sum.backward()
             loss_sum += part_sum.detach().float()
             count += int(part_count)
-        # float64: a count of tokens stays exact far beyond fp32's 2**24.
-        stats = torch.cat([loss_sum.double().view(1), torch.tensor(
-            [count, *self.save_policy.votes(step, notice)], dtype=torch.float64, device=device)])
+        # float64: a count of tokens stays exact far beyond fp32's 2**24, and the sample
+        # fingerprints (< 2**48) add up exactly.
+        votes = self.save_policy.votes(step, notice)
+        stats = torch.cat([
+            loss_sum.double().view(1),
+            torch.tensor([count, *votes], dtype=torch.float64, device=device),
+            consumed_fingerprints(batch, self.config.data.batch_size, self.world).to(device)])
         dist.all_reduce(stats)
-        total, global_count, *summed = stats.tolist()
+        total, global_count, *rest = stats.tolist()
+        summed, consumed = rest[:len(votes)], rest[len(votes):]
         if global_count <= 0:
             raise ValueError(f"the spec {self.spec.name!r} counted 0 for global batch {step - 1}: "
                              "its loss must return the number it normalises by")
@@ -444,6 +498,7 @@ class Trainer(Stateful):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.last_count = int(global_count)
+        self.last_consumed = data_digest(consumed)
         return total / global_count, self.save_policy.decide(summed)
 
     def run(self) -> int:
@@ -492,6 +547,7 @@ class Trainer(Stateful):
                 self.metrics.write({
                     "step": step, "loss": loss, "lr": lr, "world_size": world.size,
                     "batch_digest": data.batch_digest(batch.global_ids),
+                    "consumed": self.last_consumed,
                     "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
                     "restart": restart,
                 })

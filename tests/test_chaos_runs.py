@@ -114,7 +114,7 @@ def test_a_vanished_node_is_detected_without_a_reset(tmp_path: Path, chaos_cache
     assert vanish["kind"] == "vanish_node" and vanish["node"] == 1
     assert (vanish["world_before"], vanish["world_after"]) == (2, 1)
     assert vanish["recovery_s"] is not None
-    assert rep["invariants"]["faults_took_effect"]["ok"]
+    assert rep["invariants"]["faults_observed"]["ok"]
 
 
 def test_a_wave_of_two_of_three_nodes_within_two_seconds(tmp_path: Path,

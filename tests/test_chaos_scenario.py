@@ -115,7 +115,7 @@ def test_random_faults_differ_between_seeds_and_respect_storage() -> None:
 
 
 def steps(a: int, b: int, world: int = 2, t: float = 0.0) -> list[dict]:
-    return [{"step": s, "batch_digest": f"d{s}", "world_size": world, "time": t + s}
+    return [{"step": s, "consumed": f"d{s}", "world_size": world, "time": t + s}
             for s in range(a, b + 1)]
 
 
@@ -127,7 +127,7 @@ def test_lineage_rolls_back_to_the_restored_step() -> None:
     records = [start(None), *steps(1, 7), start(5, 1, 100.0), *steps(6, 10, 1, 100.0)]
     lineage = Lineage.from_records(records)
     assert lineage.problems == []
-    assert lineage.digests == [f"d{s}" for s in range(1, 11)]
+    assert lineage.column("consumed") == [f"d{s}" for s in range(1, 11)]
     verdict = invariants.exactly_once(records, [f"d{s}" for s in range(1, 11)], 10)
     assert verdict.ok, verdict.detail
 
@@ -399,7 +399,7 @@ def test_the_harness_ends_at_once_when_every_node_is_gone_with_an_add_pending(
                      _Progress(lines.append, 0.0, 40), 0.0, timeout_s=1e9)
     assert outcome == "no nodes left"
     assert "can no longer fire: add_node at step 30" in lines[-1]
-    verdict = invariants.faults_took_effect([], [f.describe() for f in inj.unfired()])
+    verdict = invariants.faults_observed([], [], None, [f.describe() for f in inj.unfired()])
     assert not verdict.ok and "never fired" in verdict.detail
 
 

@@ -34,7 +34,7 @@ def test_a_short_soak_passes_every_invariant_and_prints_the_distribution(tmp_pat
     assert any(line.startswith("run 1/2: seed 4 ok") for line in lines), proc.stdout
     assert any(line.startswith("run 2/2: seed 5 ok") for line in lines), proc.stdout
     assert "completed                  2/2" in proc.stdout
-    assert "faults_took_effect         2/2" in proc.stdout
+    assert "faults_observed            2/2" in proc.stdout
     tally = json.loads((out / "soak.json").read_text())
     assert tally["runs"] == 2 and tally["failed_runs"] == []
     assert tally["outcomes"] == {"done": 2}
