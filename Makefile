@@ -9,11 +9,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml examples/spiral/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e '.[test,sky,hf,parquet,tensorboard,wandb]'
+	# The example user project, installed as a user would: its chaos tests run with the rest.
+	$(PY) -m pip install -q --no-deps -e examples/spiral
 	touch $@
 
 demo: $(STAMP)

@@ -242,14 +242,17 @@ def _checkpoint_state(scenario: Scenario, backend: Backend) -> Callable[[], dict
     from checkpointing import ModelOptimizerState
     from elastic_train import config as config_lib
     from elastic_train.data import INDEX
-    from elastic_train.model import build_model
+    from elastic_train.spec import fresh_model, resolve
 
     cfg = config_lib.load(None, {k: str(v) for k, v in train_overrides(scenario).items()})
-    fs, root = fsspec.core.url_to_fs(backend.data_uri, **backend.storage_options)
-    vocab = int(json.loads(fs.cat_file(f"{root}/{INDEX}"))["vocab_size"])
+    spec = resolve(cfg.model)
+    vocab = None
+    if spec.dataset is None:
+        fs, root = fsspec.core.url_to_fs(backend.data_uri, **backend.storage_options)
+        vocab = int(json.loads(fs.cat_file(f"{root}/{INDEX}"))["vocab_size"])
 
     def build() -> dict[str, Any]:
-        model = build_model(cfg.model, cfg.data.seq_len, vocab, cfg.seed)
+        model = fresh_model(spec, cfg, vocab)
         return {"app": ModelOptimizerState(model), "trainer": {"step": -1, "config_digest": ""}}
 
     return build

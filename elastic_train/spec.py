@@ -160,3 +160,12 @@ def resolve(ref: str) -> TrainSpec:
         raise SpecError(f"model={ref!r} is a {what}, expected a TrainSpec (or a function of no "
                         "arguments that returns one)")
     return found
+
+
+def fresh_model(spec: TrainSpec, config: Config, vocab_size: int | None) -> nn.Module:
+    """The spec's full model as every rank builds it before sharding: torch seeded with the run's
+    `seed`, then `build_model`. Raises what `build_model` raises."""
+    import torch
+
+    torch.manual_seed(config.seed)
+    return spec.build_model(ModelContext(config, vocab_size))

@@ -63,7 +63,7 @@ from elastic_train.notices import Notice
 from elastic_train.optim import build_optimizer, lr_at
 from elastic_train.run_store import RunStore, SegmentSink
 from elastic_train.save_policy import Save, build_save_policy
-from elastic_train.spec import Dataset, ModelContext, SpecError, TrainSpec, resolve
+from elastic_train.spec import Dataset, SpecError, TrainSpec, fresh_model, resolve
 
 POLICY_KEY = "policy"
 """The save policy's entry in a checkpoint, beside "app" (model and optimizer) and "trainer"."""
@@ -302,8 +302,7 @@ def build_model(config: Config, spec: TrainSpec, vocab_size: int | None,
                 world: distributed.World) -> tuple[nn.Module, int]:
     """The spec's model built from `seed` (the same full model on every rank), then moved and
     sharded; with its parameter count."""
-    torch.manual_seed(config.seed)
-    model = spec.build_model(ModelContext(config, vocab_size))
+    model = fresh_model(spec, config, vocab_size)
     n_params = sum(p.numel() for p in model.parameters())
     return distributed.shard(model, spec, world, config.parallel), n_params
 

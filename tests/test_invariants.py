@@ -30,7 +30,7 @@ from checkpointing import CheckpointManager, ModelOptimizerState
 from elastic_train import config as config_lib
 from elastic_train import data
 from elastic_train.events import Event
-from elastic_train.model import build_model
+from elastic_train.spec import fresh_model, resolve
 from elastic_train.trainer import consumed_fingerprints, data_digest
 
 STEPS = 6
@@ -190,10 +190,10 @@ def test_restoring_the_newest_commit_passes() -> None:
 
 def state_factory(run: Path, seq_len: int = SEQ):
     vocab = data.TokenStore(str(run / "data")).vocab_size
-    cfg = config_lib.load(None, {})
+    cfg = config_lib.load(None, {"data.seq_len": str(seq_len)})
 
     def build() -> dict[str, Any]:
-        model = build_model(cfg.model, seq_len, vocab, cfg.seed)
+        model = fresh_model(resolve(cfg.model), cfg, vocab)
         return {"app": ModelOptimizerState(model), "trainer": {"step": -1, "config_digest": ""}}
 
     return build
