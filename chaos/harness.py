@@ -285,7 +285,7 @@ def _agents_and_orphans(cluster: LocalCluster, fired: list[Fired], records: list
                         completed: bool) -> dict[str, invariants.Verdict]:
     """`agents_exited` and `no_orphans`, from what is alive now, before the harness kills
     anything: processes of a node whose agent has exited (or was killed by a fault) that are
-    still alive after ORPHAN_GRACE_S."""
+    still alive after ORPHAN_GRACE_S. A vanished (frozen) node is not asked this."""
     from elastic_train.node import procs
 
     last_start = max((float(r["time"]) for r in events(records, Event.START)), default=0.0)
@@ -295,7 +295,10 @@ def _agents_and_orphans(cluster: LocalCluster, fired: list[Fired], records: list
                                   removed=n.removed is not None, noticed=n.index in noticed,
                                   joined_final_world=n.index not in added_late)
               for n in cluster.nodes]
-    ended = {str(a.node) for a in agents if a.code is not None or a.removed}
+    # A vanished node's processes are frozen on purpose, as a reclaimed VM's would be (they
+    # never run again); they are reaped with the cluster, and the check after it covers them.
+    vanished = {str(n.index) for n in cluster.nodes if n.frozen}
+    ended = {str(a.node) for a in agents if a.code is not None or a.removed} - vanished
     deadline = time.monotonic() + ORPHAN_GRACE_S
     while True:
         orphans = [p for p in procs.tagged({TAG_ENV: cluster.tag})

@@ -93,7 +93,7 @@ def elastic_chaos(request: pytest.FixtureRequest, tmp_path: Path) -> ElasticChao
     config = request.config
     kept = config.getoption("--elastic-chaos-out")
     out = Path(kept) / _slug(request.node.name) if kept else tmp_path / "chaos"
-    cache = Path(config.cache.mkdir("elastic-chaos")) if config.cache is not None \
+    cache = Path(config.cache.mkdir("elastic-chaos")) if getattr(config, "cache", None) \
         else tmp_path / "chaos-cache"
     return ElasticChaos(out, cache, config.getoption("--elastic-chaos-seed"))
 

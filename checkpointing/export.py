@@ -53,7 +53,7 @@ def read_model_weights(storage: Storage, step: int | None = None, prefix: str = 
     report = verify_step(storage, info, deep=True)
     if not report.ok:
         raise CorruptCheckpoint(report.detail)
-    reader = ParallelReader(storage.child(step_dir(info.step)))
+    reader = ParallelReader(storage.child(step_dir(info.step)), info.files)
     head = prefix + "."
     weights = {
         fqn: torch.empty(meta.size, dtype=meta.properties.dtype)

@@ -188,7 +188,7 @@ def test_trainer_workers_are_warm_forks_and_a_crash_restarts_one(tmp_path: Path)
         assert trainer.pid not in {c.pid for c in agent.children()}
         # torchrun starts each rank as the node's worker, with the trainer's arguments.
         ranks = [c.cmdline() for c in agent.children() if c.pid != server.pid]
-        handed_over = ["-m", "elastic_train.node.worker", *entry[2:]]
+        handed_over = ["-m", "elastic_train.node.worker", *cluster.entry[2:]]
         assert ranks and all(cmd[-len(handed_over):] == handed_over for cmd in ranks), ranks
         # Forked from the server, which imported torch and the trainer before it served (a fork
         # has the server's imports: test_prefork.py), and never exec'd: its command line is

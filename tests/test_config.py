@@ -14,6 +14,7 @@ import torch
 import checkpointing
 from elastic_train import config as cfg
 from elastic_train.model import GPT, config_for
+from elastic_train.spec import names
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -78,8 +79,8 @@ def test_the_checkpoint_section_is_what_the_manager_takes():
 @pytest.mark.parametrize("overrides,message", [
     ({"checkpont.every": "5"},
      "unknown config key 'checkpont.every' (did you mean 'checkpoint.every'?)"),
-    ({"model": "huge"}, "model='huge' is not a registered spec; expected one of base, small, "
-                        "tiny or package.module:NAME"),
+    ({"model": "huge"}, "model='huge' is not a registered spec; expected one of "
+                        f"{', '.join(names())} or package.module:NAME"),
     ({"data.micro_batch": "-1"}, "data.micro_batch=-1 must be >= 0 (0: no accumulation)"),
     ({"steps": "0"}, "steps=0 must be >= 1"),
     ({"steps": "ten"}, "steps='ten' is not a valid int"),

@@ -102,7 +102,8 @@ def fingerprints(run: Path, step: int, world: int, shares: dict[int, int] | None
     total = torch.zeros(BATCH, dtype=torch.float64)
     for rank in range(world):
         reads_as = (shares or {}).get(rank, rank)
-        stream = data.DataStream(store, seq_len=SEQ, batch_size=BATCH, seed=0, rank=reads_as,
+        stream = data.DataStream(data.TokenDataset(store, SEQ), batch_size=BATCH, seed=0,
+                                 rank=reads_as,
                                  world_size=world, start_step=step - 1, prefetch=0)
         batch = next(stream)
         total += consumed_fingerprints(batch, BATCH, SimpleNamespace(rank=rank, size=world))

@@ -47,8 +47,9 @@ def test_the_built_in_sizes_are_registered_as_entry_points_in_pyproject():
 
 
 @pytest.mark.parametrize("ref,message", [
-    ("huge", "model='huge' is not a registered spec; expected one of base, small, tiny or "
-             "package.module:NAME"),
+    # Every registered name is listed: the built-ins, and any installed project's (the example).
+    ("huge", f"model='huge' is not a registered spec; expected one of {', '.join(spec.names())} "
+             "or package.module:NAME"),
     ("no_such_pkg.mod:SPEC", "model='no_such_pkg.mod:SPEC': no module named 'no_such_pkg' "
                              "(is it installed or on PYTHONPATH?)"),
     ("elastic_train.model:HUGE", "model='elastic_train.model:HUGE': module "
