@@ -297,7 +297,7 @@ def _agents_and_orphans(cluster: LocalCluster, fired: list[Fired], records: list
               for n in cluster.nodes]
     # A vanished node's processes are frozen on purpose, as a reclaimed VM's would be (they
     # never run again); they are reaped with the cluster, and the check after it covers them.
-    vanished = {str(n.index) for n in cluster.nodes if n.frozen}
+    vanished = {str(n.index) for n in cluster.nodes if getattr(n, "frozen", None)}
     ended = {str(a.node) for a in agents if a.code is not None or a.removed} - vanished
     deadline = time.monotonic() + ORPHAN_GRACE_S
     while True:

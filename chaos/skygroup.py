@@ -510,7 +510,8 @@ def run_scenario(scenario: GroupScenario, out: Path, cache: Path | None = None,
         tail.poll()
         records = tail.records
         try:
-            committed, verify = harness._verifier(dataclasses.replace(backend, checkpoint_uri=uri))
+            committed, verify = harness._verifier(
+                dataclasses.replace(backend, checkpoint_uri=uri), scenario)
         except Exception as e:  # noqa: BLE001 - the invariant fails; the report is still written
             committed, verify = [], (lambda step, e=e: (False, str(e)))
     survivors += [str(pid) for pid in backend.pids if psutil.pid_exists(pid)]
