@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from checkpointing.commit import list_steps, read_commit, verify_step
+from checkpointing.commit import committed_info, list_steps, verify_step
 from checkpointing.errors import CheckpointError, CorruptCheckpoint, NoSuchCheckpoint
 from checkpointing.retention import collect_garbage
 from checkpointing.storage import Storage
@@ -118,16 +118,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     storage = storage_for(args.uri)
-    step = args.step
-    if step is None:
-        committed = list_steps(storage).committed
-        if not committed:
-            raise NoSuchCheckpoint(f"no committed step under {storage.url}")
-        info = committed[-1]
-    else:
-        info = read_commit(storage, step)
-        if info is None:
-            raise NoSuchCheckpoint(f"no committed step {step} under {storage.url}")
+    info = committed_info(storage, args.step)
     report = verify_step(storage, info, deep=not args.quick)
     print(("ok: " if report.ok else "BAD: ") + report.detail)
     return 0 if report.ok else 1

@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from checkpointing.errors import CorruptCheckpoint
+from checkpointing.errors import CorruptCheckpoint, NoSuchCheckpoint
 from checkpointing.storage import Storage
 
 COMMIT_FILE = "COMMIT.json"
@@ -188,6 +188,20 @@ def list_steps(storage: Storage) -> Listing:
         else:
             committed.append(info)
     return Listing(committed, partial)
+
+
+def committed_info(storage: Storage, step: int | None = None) -> CommitInfo:
+    """The commit of `step`, or the newest commit. Raises NoSuchCheckpoint naming the URI when
+    that step (or any step) is not committed."""
+    if step is None:
+        committed = list_steps(storage).committed
+        if not committed:
+            raise NoSuchCheckpoint(f"no committed step under {storage.url}")
+        return committed[-1]
+    info = read_commit(storage, step)
+    if info is None:
+        raise NoSuchCheckpoint(f"no committed step {step} under {storage.url}")
+    return info
 
 
 @dataclass

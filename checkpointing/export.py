@@ -24,9 +24,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from checkpointing.commit import list_steps, read_commit, step_dir, verify_step
+from checkpointing.commit import committed_info, step_dir, verify_step
 from checkpointing.dcp_io import ParallelReader
-from checkpointing.errors import CorruptCheckpoint, NoSuchCheckpoint
+from checkpointing.errors import CorruptCheckpoint
 from checkpointing.storage import Storage
 
 MODEL_PREFIX = "app.model"
@@ -40,16 +40,7 @@ def read_model_weights(storage: Storage, step: int | None = None, prefix: str = 
 
     Raises NoSuchCheckpoint when the step is not committed (or nothing is), CorruptCheckpoint
     when its files do not match COMMIT.json, ValueError when it holds no tensor under `prefix`."""
-    if step is None:
-        committed = list_steps(storage).committed
-        if not committed:
-            raise NoSuchCheckpoint(f"no committed step under {storage.url}")
-        info = committed[-1]
-    else:
-        found = read_commit(storage, step)
-        if found is None:
-            raise NoSuchCheckpoint(f"no committed step {step} under {storage.url}")
-        info = found
+    info = committed_info(storage, step)
     report = verify_step(storage, info, deep=True)
     if not report.ok:
         raise CorruptCheckpoint(report.detail)
