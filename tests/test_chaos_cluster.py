@@ -54,12 +54,18 @@ def test_kill_node_takes_every_descendant_and_close_leaves_nothing(tmp_path: Pat
         _wait_until(lambda: all(len(_descendants(cluster.node(i).agent.pid)) >= 2
                                 for i in (0, 1)))
         doomed = _descendants(cluster.node(1).agent.pid)
-        seen |= {p.pid for p in doomed} | {p.pid for p in _descendants(cluster.node(0).agent.pid)}
+        first_workers = _descendants(cluster.node(0).agent.pid)
+        seen |= {p.pid for p in doomed} | {p.pid for p in first_workers}
 
         cluster.kill_node(1)
         gone, alive = psutil.wait_procs(doomed, timeout=10)
         assert not alive, f"survived a node kill: {alive}"
         assert cluster.live_nodes() == [0]
+        # The survivor re-forms alone: its agent replaces the workers it had. Hanging a worker
+        # before that would stop one the restart is about to kill.
+        psutil.wait_procs(first_workers, timeout=60)
+        _wait_until(lambda: len(_descendants(cluster.node(0).agent.pid)) >= 2)
+        seen |= {p.pid for p in _descendants(cluster.node(0).agent.pid)}
 
         pid = cluster.hang_worker(0)
         _wait_until(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED, 10)
