@@ -105,6 +105,32 @@ def test_a_participant_whose_heartbeat_lapsed_makes_the_others_re_form() -> None
             handler.shutdown()
 
 
+def test_the_survivors_of_a_lapsed_node_re_form_without_waiting_out_the_last_call() -> None:
+    """The survivors of a vanished node know who is left: their round completes once they are
+    in. The last call outlasts the join timeout: a round that waited it out would fail the join
+    with a timeout instead of completing."""
+    store = host_store("127.0.0.1", 0)
+    params = RendezvousParameters(backend=FAST_BACKEND, endpoint=f"127.0.0.1:{store.port}",
+                                  run_id="test-lapse", min_nodes=1, max_nodes=2,
+                                  local_addr="127.0.0.1", is_host="false", join_timeout="10",
+                                  last_call_timeout="600", first_call_timeout="600",
+                                  keep_alive_interval="0.2", keep_alive_max_attempt="3")
+    handlers = [get_rendezvous_handler(params) for _ in range(2)]
+    threads = [threading.Thread(target=h.next_rendezvous) for h in handlers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    survivor, vanished = handlers
+    try:
+        vanished._stop_heartbeats()
+        _wait_until(lambda: survivor.num_nodes_waiting() >= 1)
+        assert survivor.next_rendezvous().world_size == 1
+    finally:
+        for handler in handlers:
+            handler.shutdown()
+
+
 @pytest.mark.parametrize(("key", "value"), [("poll_interval", "fast"),
                                             ("keep_alive_interval", "0"),
                                             ("last_call_timeout", "-1"),

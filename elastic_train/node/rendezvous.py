@@ -18,8 +18,10 @@ listens.
 A round re-formed for a joining node completes as soon as every node it expects has joined,
 not a last call later: the agents that let the node in write how many nodes the next round
 expects (the world plus the waiting nodes) into the store, and the node whose joining makes the
-count complete marks the round complete. Any other re-form (a node lost, a worker failed) waits
-out the last call as torch does: nobody knows yet how many nodes are still alive.
+count complete marks the round complete. A re-form for a node whose keep-alive lapsed (below)
+expects the survivors in the same way. Any other re-form (a worker failed, a node killed with its
+sockets reset) waits out the last call as torch does: nobody knows yet how many nodes are still
+alive.
 
 A node lost without a word (a reclaimed VM resets no socket) is found by its heartbeats: torch
 drops a participant whose keep-alive lapsed from the shared state, and this handler then tells
@@ -190,18 +192,28 @@ def _handler_class() -> type[Any]:
                       f"{', '.join(sorted(str(n) for n in lost))}; now round {state.round}, "
                       f"{len(state.participants)} participant(s), {waiting} waiting",
                       file=sys.stderr, flush=True)
+                if state.round == self._formed[0] and state.complete and \
+                        self._this_node in state.participants:
+                    # The survivors still hold this round: the next one expects them alone.
+                    self._expect_next_round(state, waiting)
                 return max(waiting, 1)
             if waiting == 0 or self._holds_back():
                 return 0
             state = self._state_holder.state
             if state.complete:  # this agent re-forms now: tell the next round whom to expect
-                expected = min(len(state.participants) + waiting, self._settings.max_nodes)
-                try:
-                    self._store.set(_expected_key(self._settings.run_id, state.round + 1),
-                                    str(expected))
-                except Exception:  # noqa: BLE001 - the round then waits out its last call
-                    pass
+                self._expect_next_round(state, waiting)
             return waiting
+
+        def _expect_next_round(self, state: Any, waiting: int) -> None:
+            """Let the next round complete once this round's participants and the nodes
+            waiting have joined, instead of after its whole last call. A node that never comes
+            (lost meanwhile) costs only that last call, as it would without this."""
+            expected = min(len(state.participants) + waiting, self._settings.max_nodes)
+            try:
+                self._store.set(_expected_key(self._settings.run_id, state.round + 1),
+                                str(expected))
+            except Exception:  # noqa: BLE001 - the round then waits out its last call
+                pass
 
         def lost_peers(self) -> frozenset[Any]:
             """Nodes of the world this agent formed that are no longer participants of its
