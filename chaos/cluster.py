@@ -266,17 +266,12 @@ class LocalCluster:
                 raise ClusterError(f"node {index} was already removed")
             node.removed = time.time()
         tags = {TAG_ENV: self.tag, NODE_ENV: str(node.index)}
-        # Twice: a process forked while the first pass ran is stopped by the second.
-        for _ in range(2):
-            found = [node.agent.pid] if node.agent.poll() is None else []
-            found += [p.pid for p in procs.tagged(tags) if p.pid not in found]
-            for pid in found:
-                if pid not in node.frozen and procs.signal_quietly(pid, self.freeze_signal):
-                    node.frozen.add(pid)
+        root = node.agent.pid if node.agent.poll() is None else None
+        node.frozen |= procs.freeze(root, tags, self.freeze_signal)
         node.pids |= node.frozen
         if not node.frozen:
             raise ClusterError(f"node {index} had no process to freeze")
-        running = _not_stopped(node.frozen, FREEZE_CHECK_S)
+        running = procs.not_stopped(node.frozen, FREEZE_CHECK_S)
         if running:
             raise ClusterError(f"node {index}: {len(running)} of {len(node.frozen)} process(es) "
                                f"not frozen after {FREEZE_CHECK_S:g} s (pids "
@@ -412,23 +407,6 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
-
-
-def _not_stopped(pids: set[int], timeout_s: float) -> set[int]:
-    """Those of `pids` still alive and not stopped after up to `timeout_s` (polled)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        running = set()
-        for pid in pids:
-            try:
-                if psutil.Process(pid).status() not in (psutil.STATUS_STOPPED,
-                                                        psutil.STATUS_ZOMBIE):
-                    running.add(pid)
-            except psutil.NoSuchProcess:
-                continue
-        if not running or time.monotonic() >= deadline:
-            return running
-        time.sleep(0.02)
 
 
 def _readline_within(proc: subprocess.Popen[str], timeout_s: float) -> str:

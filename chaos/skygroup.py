@@ -209,12 +209,23 @@ class SkyGroup:
 
     # -- the simulated controller ---------------------------------------------------------
     def _lose(self, task: GroupTask, why: str) -> None:
+        """The task's node is gone. A worker's is frozen, as a reclaimed VM looks to its peers
+        (sockets open, heartbeats stopped, no reset), and reaped when its replacement launches;
+        the controller starts the recovery clock at once, as its status poll would find the
+        cluster gone. The coordinator's is killed instead: on loopback a frozen listener still
+        completes TCP handshakes, which a vanished VM does not, while a killed one refuses them
+        as the field's failed connects do."""
         with self._lock:
             if self._stop.is_set() or task.status in TERMINAL:
                 return
             task.lost = True
             self._record(why, task)
-        self._kill(task)
+            if not task.primary or task.shell is None or task.shell.poll() is not None:
+                self._kill(task)
+                return
+            frozen = procs.freeze(task.shell.pid, {TAG_ENV: self.tag, NODE_ENV: task.name})
+            self._record("frozen", task, processes=len(frozen))
+            self._recover(task, self.clock(), self.recovery_delay_s, "cluster lost")
 
     def _control(self) -> None:
         while not self._stop.wait(0.1):
@@ -266,6 +277,7 @@ class SkyGroup:
 
     def _launch(self, task: GroupTask, new_cluster: bool) -> None:
         if new_cluster:
+            self._kill(task)  # the lost cluster's frozen processes: that VM is long gone
             task.cluster += 1
             task.lost = False
         home = self._home(task)

@@ -13,7 +13,9 @@ psutil is imported on first use: the prefork client imports this module and must
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +52,42 @@ def signal_tree(pid: int, sig: int) -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             continue
     return tree
+
+
+def freeze(root_pid: int | None, tags: Mapping[str, str], sig: int = signal.SIGSTOP) -> set[int]:
+    """Stop `root_pid` first (so that it starts nothing new), then every process carrying `tags`,
+    in two passes (a process forked while the first ran is stopped by the second): a node frozen
+    the way a reclaimed VM looks to its peers, sockets open and silent. Returns the pids
+    signalled; a process gone meanwhile is skipped, never an error. Check the effect with
+    `not_stopped`."""
+    frozen: set[int] = set()
+    for _ in range(2):
+        found = [root_pid] if root_pid is not None else []
+        found += [p.pid for p in tagged(tags) if p.pid not in found]
+        for pid in found:
+            if pid not in frozen and signal_quietly(pid, sig):
+                frozen.add(pid)
+    return frozen
+
+
+def not_stopped(pids: Iterable[int], timeout_s: float) -> set[int]:
+    """Those of `pids` still alive and not stopped after up to `timeout_s` (polled)."""
+    import psutil
+
+    pids = set(pids)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        running = set()
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() not in (psutil.STATUS_STOPPED,
+                                                        psutil.STATUS_ZOMBIE):
+                    running.add(pid)
+            except psutil.NoSuchProcess:
+                continue
+        if not running or time.monotonic() >= deadline:
+            return running
+        time.sleep(0.02)
 
 
 def tagged(tags: Mapping[str, str]) -> list[psutil.Process]:
