@@ -217,7 +217,9 @@ class Storage:
         if the bucket is missing, the credentials are missing or the write is denied. Raises
         StorageError naming the URL (and the cause, redacted); a missing bucket or directory that
         the store cannot create raises it too."""
-        rel = f"_probe/{uuid.uuid4().hex}"
+        # One name per probe at the root: two writers probing at once (a relaunch overlapping
+        # the old job's teardown) must not remove each other's directory mid-probe.
+        rel = f"_probe-{uuid.uuid4().hex}"
         body = b"elastic-train storage probe"
         try:
             self.write_bytes(rel, body)
@@ -227,10 +229,6 @@ class Storage:
         except FileNotFoundError as e:
             raise StorageError(f"{self.url}: not writable (no such bucket or directory: "
                                f"{self.redact(str(e))})") from None
-        if self.is_local:
-            import shutil
-
-            shutil.rmtree(self.path("_probe"), ignore_errors=True)
 
     def list_files(self, rel: str = "") -> dict[str, int]:
         """{name relative to `rel`: size} of every file below `rel`; {} if there is none."""

@@ -3,6 +3,8 @@ storage errors fail at once; a start-of-run probe catches a missing bucket."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from ckpt_workers import Trainer, assert_same, build_model, full_state, train_steps
@@ -172,4 +174,27 @@ def test_the_probe_passes_and_leaves_nothing_behind(s3):
     with CheckpointManager(uri, PATIENT, storage_options=s3.storage_options) as manager:
         manager.check_storage()
         assert manager.writer_epoch == 1
-    assert "_probe" not in Storage(uri, s3.storage_options).list_dirs()
+    storage = Storage(uri, s3.storage_options)
+    assert not [n for n in [*storage.list_dirs(), *storage.list_files()] if "_probe" in n]
+
+
+def test_two_writers_probing_one_directory_at_once_both_pass(tmp_path):
+    """A relaunched job's rank 0 may probe while the old one's still does: neither may remove
+    what the other is probing with."""
+    storage = Storage(f"file://{tmp_path}/run", {})
+    errors: list[Exception] = []
+
+    def probe_often() -> None:
+        for _ in range(200):
+            try:
+                storage.probe()
+            except StorageError as e:
+                errors.append(e)
+
+    threads = [threading.Thread(target=probe_often) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[:1]
+    assert not list((tmp_path / "run").iterdir()), "a probe left something behind"

@@ -515,20 +515,25 @@ def _group_run(name: str, tmp_path: Path, cache: Path) -> skygroup.GroupRun:
 
 
 def _regrown_from_a_save_for_the_join(run: skygroup.GroupRun, task: str) -> None:
-    """The world shrank to 1 and grew back to 2 when the replacement joined, and the grown world
-    restored a checkpoint saved after the replacement was launched: the joiner waited for a save
-    instead of rolling the world back to an older commit. (How many steps the world trained
-    between that save and the re-form is a timing figure: bench/group.py.)"""
+    """The world ends at 2 again, restored from the newest commit. When the survivors trained
+    alone in between (the usual case), that commit was saved after the replacement was launched:
+    the joiner waited for a save instead of rolling the world back to an older commit. A
+    replacement that is back before the survivors' re-form completes (the lost node's keep-alive
+    has not lapsed yet) re-forms with them from the newest commit, which is as good. (How many
+    steps the world trained between that save and the re-form is a timing figure:
+    bench/group.py.)"""
     records = run.records
     worlds = [int(r["world_size"]) for r in events(records, "start")]
-    assert 1 in worlds and worlds[-1] == 2, worlds
+    assert worlds[-1] == 2, worlds
     relaunched = [e["wall"] for e in run.events if e["event"] == "launched"
                   and e["task"] == task][1]
     grown = max(i for i, r in enumerate(records) if r.get("event") == "start"
                 and int(r["world_size"]) == 2)
     newest = events(records[:grown], "commit")[-1]
     assert int(records[grown]["restored_step"]) == int(newest["step"])
-    assert float(newest["time"]) > relaunched, "saved for the join, after the replacement came"
+    if 1 in worlds:
+        assert float(newest["time"]) > relaunched, \
+            "saved for the join, after the replacement came"
 
 
 def _relaunched_only(run: skygroup.GroupRun, name: str) -> None:
