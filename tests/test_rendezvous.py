@@ -105,29 +105,52 @@ def test_a_participant_whose_heartbeat_lapsed_makes_the_others_re_form() -> None
             handler.shutdown()
 
 
-def test_the_survivors_of_a_lapsed_node_re_form_without_waiting_out_the_last_call() -> None:
-    """The survivors of a vanished node know who is left: their round completes once they are
-    in. The last call outlasts the join timeout: a round that waited it out would fail the join
-    with a timeout instead of completing."""
+def _two_node_world(run_id: str, keep_alive_interval: str) -> tuple[Any, list[Any]]:
+    """The store, and two handlers on it that formed a world (min 1, max 2) whose next rounds
+    could only complete early: the last call outlasts the join timeout, so a round that waited
+    it out would fail the join with a timeout instead of completing."""
     store = host_store("127.0.0.1", 0)
     params = RendezvousParameters(backend=FAST_BACKEND, endpoint=f"127.0.0.1:{store.port}",
-                                  run_id="test-lapse", min_nodes=1, max_nodes=2,
-                                  local_addr="127.0.0.1", is_host="false", join_timeout="10",
+                                  run_id=run_id, min_nodes=1, max_nodes=2,
+                                  local_addr="127.0.0.1", is_host="false", join_timeout="8",
                                   last_call_timeout="600", first_call_timeout="600",
-                                  keep_alive_interval="0.2", keep_alive_max_attempt="3")
+                                  keep_alive_interval=keep_alive_interval,
+                                  keep_alive_max_attempt="3")
     handlers = [get_rendezvous_handler(params) for _ in range(2)]
     threads = [threading.Thread(target=h.next_rendezvous) for h in handlers]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
-    survivor, vanished = handlers
+    return store, handlers
+
+
+def test_the_survivors_of_a_lapsed_node_re_form_without_waiting_out_the_last_call() -> None:
+    """The survivors of a vanished node know who is left: their round completes once they are
+    in."""
+    _store, (survivor, vanished) = _two_node_world("test-lapse", keep_alive_interval="0.2")
     try:
         vanished._stop_heartbeats()
         _wait_until(lambda: survivor.num_nodes_waiting() >= 1)
         assert survivor.next_rendezvous().world_size == 1
     finally:
-        for handler in handlers:
+        for handler in (survivor, vanished):
+            handler.shutdown()
+
+
+def test_a_node_that_leaves_lets_the_others_re_form_at_once() -> None:
+    """A node with a preemption notice leaves: the others see it gone long before its keep-alive
+    could lapse (3 x 20 s here, longer than the waits below), re-form alone without waiting out
+    the last call, and the rendezvous stays open for them."""
+    _store, (survivor, leaver) = _two_node_world("test-leave", keep_alive_interval="20")
+    try:
+        assert survivor.num_nodes_waiting() == 0
+        assert leaver.leave()
+        _wait_until(lambda: survivor.num_nodes_waiting() >= 1, timeout_s=5)
+        assert survivor.lost_peers() == {leaver._this_node}
+        assert survivor.next_rendezvous().world_size == 1
+    finally:
+        for handler in (survivor, leaver):
             handler.shutdown()
 
 

@@ -405,6 +405,9 @@ def bounded_agent_class() -> type[Any]:
     node of global rank 0, which writes the final weights after the last collective (minutes for
     a large model); on the head node the rendezvous store must outlive that.
 
+    Stopped with a preemption notice on its node, it first leaves the rendezvous
+    (`leave()` of the c10d-fast handler), so the other nodes re-form at once.
+
     Rank assignment does not wait on the store either: `AgentCommand.env` sets
     TORCH_ELASTIC_WORKER_IDENTICAL (every node runs the same number of workers). These are
     private methods of torch's agent; tests/test_field_failures.py fails if an upgrade moves
@@ -416,7 +419,23 @@ def bounded_agent_class() -> type[Any]:
         def _stop_workers(self, worker_group: WorkerGroup) -> None:
             self._shutdown(signal.SIGKILL, timeout=self._shutdown_timeout)
 
+        def _shutdown(self, death_sig: signal.Signals = signal.SIGTERM,
+                      timeout: int = 30) -> None:
+            # A node with a preemption notice goes for good (its worker saved, then SIGTERMed
+            # this agent): leave the rendezvous first, so the others re-form now rather than
+            # when its keep-alive lapses.
+            leave = getattr(self._rdzv_handler, "leave", None)
+            if death_sig == signal.SIGTERM and leave is not None and _noticed():
+                leave()
+            super()._shutdown(death_sig, timeout)
+
     return BoundedAgent
+
+
+def _noticed() -> bool:
+    """Whether this node holds a preemption notice (its file exists)."""
+    notice = os.environ.get(NOTICE_FILE_ENV, "")
+    return bool(notice) and os.path.exists(notice)
 
 
 def run_agent(args: list[str]) -> int:
@@ -466,8 +485,7 @@ def run_agent(args: list[str]) -> int:
     except SignalException as e:
         # A worker with a preemption notice saves, then SIGTERMs its agent (this process) so the
         # node leaves instead of rejoining; any other signal is SkyPilot stopping the job.
-        notice = os.environ.get(NOTICE_FILE_ENV, "")
-        if notice and os.path.exists(notice):
+        if _noticed():
             return exit_codes.PREEMPTED
         return 128 + int(e.sigval)
     finally:

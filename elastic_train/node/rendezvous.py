@@ -215,6 +215,27 @@ def _handler_class() -> type[Any]:
             except Exception:  # noqa: BLE001 - the round then waits out its last call
                 pass
 
+        def leave(self) -> bool:
+            """This node goes for good (a preemption notice; its state is saved): it stops its
+            heartbeats and leaves the round's participants now, so that the others re-form at
+            once instead of after its keep-alive lapses (they see it gone, and expect only
+            themselves in the next round). The rendezvous stays open for them. Returns False,
+            printing why, when the store refused: the lapse then does the same, later."""
+            from torch.distributed.elastic.rendezvous import dynamic_rendezvous as dyn
+
+            self._stop_heartbeats()
+            try:
+                self._op_executor.run(dyn._RendezvousExitOp(),
+                                      self._get_deadline(self._settings.timeout.close))
+            except Exception as e:  # noqa: BLE001 - the others find the lapse instead
+                print(f"c10d-fast: could not leave the rendezvous ({type(e).__name__}: {e}); "
+                      "the others will find this node's keep-alive lapsed", file=sys.stderr,
+                      flush=True)
+                return False
+            print("c10d-fast: left the rendezvous (this node goes)", file=sys.stderr,
+                  flush=True)
+            return True
+
         def lost_peers(self) -> frozenset[Any]:
             """Nodes of the world this agent formed that are no longer participants of its
             round (as of the last sync, which drops a node whose keep-alive lapsed)."""
