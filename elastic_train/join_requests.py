@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 
 from elastic_train.node import contract
@@ -18,6 +19,12 @@ class JoinRequests:
     `save_before_join_s`."""
 
     POLL_S = 0.1
+    REFORM_GRACE_S = 1.5
+    """How long rank 0 waits, after the save for a joining node committed, for the agents to
+    re-form: their monitor interval (0.5 s on the cloud) and the stop of the workers."""
+    HOLD_MAX_S = 4.0
+    """The longest rank 0 holds the world for a join in all; below the step timer's 8 s floor, so
+    the ranks waiting for rank 0 in the next step's all-reduce never count as hung."""
 
     def __init__(self, endpoint: str, key: str) -> None:
         from torch.distributed import TCPStore
@@ -29,6 +36,7 @@ class JoinRequests:
         self._asked = threading.Event()
         self._stop = threading.Event()
         self._save_step: int | None = None
+        self._committed = threading.Event()
         self._store.set(f"{key}/{contract.LISTENING}", "1")
         self._poller = threading.Thread(target=self._poll, name="join-requests", daemon=True)
         self._poller.start()
@@ -72,6 +80,23 @@ class JoinRequests:
                 self._store.set(f"{self.key}/{contract.SAVED}", str(step))
             except RuntimeError:
                 pass  # the agents re-form after their save_before_join_s anyway
+            self._committed.set()
+
+    def hold(self, step: int, grace_s: float = REFORM_GRACE_S,
+             most_s: float = HOLD_MAX_S) -> bool:
+        """After starting the save of `step`: if it is the save a joining node asked for, block
+        until it has committed and `grace_s` more have passed, at most `most_s` in all. The
+        agents re-form meanwhile, which stops this process; any step trained in that time
+        would be discarded (the grown world restores this save), so waiting loses nothing. If
+        no re-form comes (the joining node went away, the save failed), training goes on.
+        Returns whether the save committed within the hold; False at once for any other step."""
+        if self._save_step != step:
+            return False
+        start = time.monotonic()
+        committed = self._committed.wait(most_s)
+        if committed:
+            self._stop.wait(max(0.0, min(grace_s, most_s - (time.monotonic() - start))))
+        return committed
 
     def close(self) -> None:
         self._stop.set()

@@ -119,6 +119,13 @@ class SavePolicy(Stateful):
         here. Call it before handing the state to the checkpointer."""
         self.last_save_step = step
 
+    def hold_for_join(self, step: int) -> None:
+        """Rank 0, right after starting the save of `step`: if a joining node asked for it,
+        wait for the re-form instead of training steps it would discard
+        (`JoinRequests.hold`). Returns at once otherwise, and on other ranks."""
+        if self.join_requests is not None:
+            self.join_requests.hold(step)
+
     def on_commit(self, step: int, stall_s: float, commit_s: float) -> None:
         """A checkpoint of `step` committed (rank 0, any thread): learn its cost, and let a node
         that asked to join in once the save it asked for is committed."""

@@ -559,6 +559,7 @@ class Trainer(Stateful):
                 elif save is Save.DUE:
                     self.save_policy.record_save(step)
                     self.checkpoints.save(step, self.state)
+                    self.save_policy.hold_for_join(step)
         finally:
             stream.close()
         self._finish()

@@ -3,7 +3,9 @@ storage errors fail at once; a start-of-run probe catches a missing bucket."""
 
 from __future__ import annotations
 
+import os
 import threading
+import zlib
 
 import pytest
 import torch
@@ -120,6 +122,17 @@ def test_chunk_checksums_catch_a_flip_in_a_partly_read_file():
         record.check("f", bytes(flipped), start)
     # The tail chunk ends at the end of the file, not on a chunk border.
     record.check("f", data[2 * CRC_CHUNK_BYTES:], 2 * CRC_CHUNK_BYTES)
+
+
+@pytest.mark.parametrize("size", [0, 1, CRC_CHUNK_BYTES - 1, CRC_CHUNK_BYTES,
+                                  CRC_CHUNK_BYTES + 1, 2 * CRC_CHUNK_BYTES + 12345])
+def test_the_whole_files_crc_combined_from_its_chunks_is_the_files_crc(size):
+    """One pass over the bytes: the whole file's CRC-32 is combined from its chunks' CRCs, and is
+    what any CRC-32 of the file says (a reader checks the whole file against it)."""
+    data = os.urandom(size)
+    record = FileRecord.of(data)
+    assert record.crc32 == zlib.crc32(data) & 0xFFFFFFFF
+    record.check("f", data)
 
 
 def test_commit_json_records_chunk_checksums_and_the_writer_epoch(tmp_path):

@@ -216,8 +216,13 @@ def test_a_joining_node_waits_for_rank_0s_save_then_gets_in() -> None:
         assert not requests.save_now(step=41)  # one save per request
         requests.on_commit(step=30)  # an older save committing does not count
         assert first.num_nodes_waiting() == 0
+        # Rank 0 holds after starting the join's save: not for another step; for this one
+        # until it commits (here: never, so the hold ends at its bound and training goes on).
+        assert not requests.hold(41, most_s=60)
+        assert not requests.hold(40, most_s=0.05)
         requests.on_commit(step=40)
         assert first.num_nodes_waiting() == 1
+        assert requests.hold(40, grace_s=0)  # committed: the agents re-form now
         requests.close()
 
 
