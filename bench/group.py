@@ -1,13 +1,17 @@
 """The job-group launch mode: what losing a worker task or the coordinator costs, and goodput of
 the group mode against the whole-cluster mode.
 
-Part 1 (measured): two group-mode chaos runs under `chaos.skygroup` (the rendered group YAML run
+Part 1 (measured): three group-mode chaos runs under `chaos.skygroup` (the rendered group YAML run
 as SkyPilot runs it; real torchrun agents, S3 on a loopback moto server, the tiny model):
 - `chaos/scenarios/group/worker-lost.yaml`: a worker task's node is reclaimed without notice.
   survivors_pause_s = the loss -> the survivors' first step in the smaller world (target <= 3 s);
   join_pause_s = the last step of the smaller world -> the first step of the grown one;
   steps_lost_at_join = the last step the smaller world reached - the step the grown one restored
   (target 0: the joiner waits for a save).
+- `chaos/scenarios/group/worker-noticed.yaml`: a worker task's node gets a preemption notice,
+  saves and leaves. noticed_pause_s = the last step of the world of 2 -> the first step of the
+  smaller one (target <= 3 s); noticed_steps_lost = the last step of the world of 2 - the step
+  the smaller one restored (target 0).
 - `chaos/scenarios/group/coordinator-lost.yaml`: the coordinator's node is reclaimed; SkyPilot
   re-launches it on a new address. coordinator_cost_s = the replacement coordinator launched ->
   the workers' first step against it (target <= 10 s); committed_steps_lost = the newest commit
@@ -44,8 +48,8 @@ from chaos.metrics import Record, events, step_records
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ROOT / "chaos" / "scenarios" / "group"
-TARGETS = {"survivors_pause_s": 3.0, "steps_lost_at_join": 0, "coordinator_cost_s": 10.0,
-           "committed_steps_lost": 0}
+TARGETS = {"survivors_pause_s": 3.0, "steps_lost_at_join": 0, "noticed_pause_s": 3.0,
+           "noticed_steps_lost": 0, "coordinator_cost_s": 10.0, "committed_steps_lost": 0}
 DEFAULTS = {"survivors_pause_s": 3.0, "join_pause_s": 4.5, "restart_s": 30.0}
 """Part 2's inputs when part 1 is skipped: the targets, and a whole-cluster restart (setup,
 torchrun, restore) of 30 s."""
@@ -74,6 +78,19 @@ def worker_lost_figures(run: skygroup.GroupRun) -> dict[str, float]:
         - int(records[grown]["restored_step"]),
         "restart_s": round(float(step_records(records)[0]["time"])
                            - _wall(run, "launched", "w0"), 3),
+    }
+
+
+def worker_noticed_figures(run: skygroup.GroupRun) -> dict[str, float]:
+    records = run.records
+    shrunk = min(i for i, r in enumerate(records) if r.get("event") == "start"
+                 and int(r["world_size"]) == 1)
+    before = step_records(records[:shrunk])
+    after = step_records(records[shrunk:])
+    return {
+        "noticed_pause_s": round(float(after[0]["time"]) - float(before[-1]["time"]), 3),
+        "noticed_steps_lost": max(int(r["step"]) for r in before)
+        - int(records[shrunk]["restored_step"]),
     }
 
 
@@ -145,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict[str, Any] = dict(DEFAULTS)
     if not args.skip_runs:
         for name, measure in (("worker-lost", worker_lost_figures),
+                              ("worker-noticed", worker_noticed_figures),
                               ("coordinator-lost", coordinator_lost_figures)):
             scenario = skygroup.load_scenario(SCENARIOS / f"{name}.yaml")
             run = skygroup.run_scenario(scenario, args.out / name, timeout_s=args.timeout,

@@ -66,6 +66,11 @@ def test_nodes_lost_added_crashed_and_preempted(tmp_path: Path, chaos_cache: Pat
     assert (lost["world_before"], lost["world_after"]) == (2, 1)
     assert added["world_after"] == 2 and added["node"] == 2
     assert lost["recovery_s"] is not None and lost["lost_steps"] <= 5
+    # The noticed node left the rendezvous as its agent stopped: the survivor did not have to
+    # wait for its keep-alive to lapse.
+    preempted = rep["faults"][3]
+    log = (tmp_path / "nodes" / f"node{preempted['node']}.log").read_text()
+    assert "left the rendezvous" in log, log[-2000:]
     # storage: file keeps the checkpoints under --out, where they can be resumed from
     assert rep["run_uri"] == "file://" + str((tmp_path / "checkpoints").resolve())
     assert any((tmp_path / "checkpoints").glob("step_*/COMMIT.json"))

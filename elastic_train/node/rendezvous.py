@@ -161,6 +161,7 @@ def _handler_class() -> type[Any]:
         """(round, participants) of the world this agent's workers run in."""
 
         def next_rendezvous(self) -> Any:
+            self._expect_survivors()
             info = super().next_rendezvous()
             state = self._state_holder.state  # as the round completed: the world of `info`
             self._formed = (state.round, frozenset(state.participants))
@@ -204,14 +205,31 @@ def _handler_class() -> type[Any]:
                 self._expect_next_round(state, waiting)
             return waiting
 
+        def _expect_survivors(self) -> None:
+            """Re-forming after a failure (this node's workers failed): if nodes of this world
+            have left (a noticed preemption) or lapsed, the next round expects those still here
+            and those waiting, as when the loss is seen first through the heartbeats."""
+            if self._formed is None:
+                return
+            try:
+                self._state_holder.sync()
+            except Exception:  # noqa: BLE001 - the round then waits out its last call
+                return
+            state = self._state_holder.state
+            if state.round == self._formed[0] and state.complete and \
+                    self._this_node in state.participants and self.lost_peers():
+                self._expect_next_round(state, len(state.wait_list))
+
         def _expect_next_round(self, state: Any, waiting: int) -> None:
             """Let the next round complete once this round's participants and the nodes
-            waiting have joined, instead of after its whole last call. A node that never comes
-            (lost meanwhile) costs only that last call, as it would without this."""
+            waiting have joined, instead of after its whole last call. The first agent to say
+            wins: it saw the round before any survivor left it to rejoin, so a later, smaller
+            count (a survivor already gone from the participants) must not replace it. A node
+            that never comes (lost meanwhile) costs only the last call, as without this."""
             expected = min(len(state.participants) + waiting, self._settings.max_nodes)
             try:
-                self._store.set(_expected_key(self._settings.run_id, state.round + 1),
-                                str(expected))
+                self._store.compare_set(_expected_key(self._settings.run_id, state.round + 1),
+                                        "", str(expected))
             except Exception:  # noqa: BLE001 - the round then waits out its last call
                 pass
 
