@@ -166,6 +166,12 @@ class ParallelConfig:
     compile: bool = False
     """torch.compile each block (needs a C++ compiler on CPU, Triton on GPU); the first steps
     are slower while it compiles."""
+    meta_init: Literal["auto", "on", "off"] = "auto"
+    """For a spec with `init_weights`: build the model on the meta device, shard it, then
+    allocate and initialise only this rank's shards (no rank ever holds the whole model).
+    auto: where DTensor's random ops give the same weights at any world size (CUDA-like
+    devices); on: also elsewhere (on CPU the initial weights then depend on the world size);
+    off: build the whole model on every rank, then shard it."""
 
 
 @dataclass

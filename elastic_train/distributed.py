@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -126,7 +126,8 @@ def shard(model: nn.Module, spec: TrainSpec, world: World, cfg: ParallelConfig) 
     factor stays); the trainer scales the summed gradient by the world size to undo that.
     A `torch.compile` that cannot compile (no C++ compiler for a CPU build) fails at the first
     forward, not here."""
-    model = model.to(world.device)
+    if not is_meta(model):  # a meta model is allocated on the device once sharded
+        model = model.to(world.device)
     blocks = list(spec.blocks(model))
     for block in blocks:
         if cfg.activation_checkpointing:
@@ -137,3 +138,30 @@ def shard(model: nn.Module, spec: TrainSpec, world: World, cfg: ParallelConfig) 
     plan = spec.shard or shard_per_block
     plan(model, blocks, {"mesh": mesh, "mp_policy": mixed_precision(cfg, world.device)})
     return model
+
+
+def is_meta(model: nn.Module) -> bool:
+    """Whether `model` was built on the meta device (shapes only, no memory)."""
+    return any(p.is_meta for p in model.parameters())
+
+
+def uses_meta_init(spec: TrainSpec, cfg: ParallelConfig, device: torch.device) -> bool:
+    """Whether to build `spec`'s model on the meta device (`parallel.meta_init`): only a spec
+    that can initialise a sharded model (`init_weights`); on `auto`, only where DTensor's random
+    ops follow the whole tensor whatever the sharding (CUDA-like devices), so the initial weights
+    are the same at any world size."""
+    if spec.init_weights is None or cfg.meta_init == "off":
+        return False
+    return cfg.meta_init == "on" or device.type not in ("cpu", "meta")
+
+
+def materialise(model: nn.Module, init_weights: Callable[[nn.Module], None], seed: int,
+                world: World) -> None:
+    """Allocate this rank's shards of a sharded meta model on the world's device and initialise
+    them with the spec's `init_weights`. On CPU, DTensor's random ops draw each shard from this
+    rank's own generator, so it is seeded per rank (else every shard would repeat the same
+    numbers). Raises what `init_weights` raises."""
+    model.to_empty(device=world.device)
+    torch.manual_seed(seed if world.device.type != "cpu" else seed + world.rank)
+    with torch.no_grad():
+        init_weights(model)

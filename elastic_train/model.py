@@ -138,7 +138,16 @@ def gpt_spec(size: str) -> TrainSpec:
         return GPT(config_for(size, ctx.config.data.seq_len, ctx.vocab_size))
 
     return TrainSpec(name=f"gpt-{size}", build_model=build, loss=gpt_loss,
-                     blocks=lambda model: model.blocks)
+                     blocks=lambda model: model.blocks, init_weights=init_gpt)
+
+
+def init_gpt(model: nn.Module) -> None:
+    """Initialise a GPT allocated from the meta device: every submodule's own defaults (LayerNorm
+    ones and zeros, Linear biases), then the GPT-2 init of its matrices."""
+    for module in model.modules():
+        if module is not model and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    model.reset_parameters()
 
 
 TINY = gpt_spec("tiny")

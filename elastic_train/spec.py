@@ -81,7 +81,8 @@ class TrainSpec:
 
     The trainer calls them in this order, on every rank:
     1. `build_model(ctx)`, right after seeding torch with the run's `seed`: the full model on the
-       CPU, the same on every rank (the trainer moves and shards it).
+       CPU, the same on every rank (the trainer moves and shards it); or, with `init_weights`
+       and `parallel.meta_init`, on the meta device, initialised by `init_weights` once sharded.
     2. `shard(model, blocks, fsdp_kwargs)`: applies the sharding plan. The default calls FSDP2's
        `fully_shard` on each of `blocks(model)`, then on the root.
     3. `build_optimizer(model, cfg.optim)` (default: AdamW, weight decay on matrices only) and
@@ -114,6 +115,12 @@ class TrainSpec:
     """A map-style dataset instead of prepared token shards (`data.uri` is then ignored). It
     must be the same on every rank and every restart: its items are chosen by the data order's
     pure function of (seed, step), which is what makes resume exact at any world size."""
+    init_weights: Callable[[nn.Module], None] | None = None
+    """Initialise every parameter and buffer of the model in place, from the torch RNG. Given
+    it, the trainer may build the model on the meta device (`parallel.meta_init`), shard it,
+    allocate only this rank's shards and then call this on the sharded model, under
+    `torch.no_grad()`: it must work on DTensor parameters (the `torch.nn.init` functions and
+    module `reset_parameters` do)."""
 
 
 def names() -> list[str]:

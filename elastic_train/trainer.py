@@ -301,10 +301,20 @@ def check_storage(config: Config, world: distributed.World,
 def build_model(config: Config, spec: TrainSpec, vocab_size: int | None,
                 world: distributed.World) -> tuple[nn.Module, int]:
     """The spec's model built from `seed` (the same full model on every rank), then moved and
-    sharded; with its parameter count."""
-    model = fresh_model(spec, config, vocab_size)
+    sharded; or, with `parallel.meta_init` (`distributed.uses_meta_init`), built on the meta
+    device, sharded, and only this rank's shards allocated and initialised. With its parameter
+    count."""
+    if meta := distributed.uses_meta_init(spec, config.parallel, world.device):
+        with torch.device("meta"):
+            model = fresh_model(spec, config, vocab_size)
+    else:
+        model = fresh_model(spec, config, vocab_size)
     n_params = sum(p.numel() for p in model.parameters())
-    return distributed.shard(model, spec, world, config.parallel), n_params
+    model = distributed.shard(model, spec, world, config.parallel)
+    if meta:
+        assert spec.init_weights is not None  # uses_meta_init checked it
+        distributed.materialise(model, spec.init_weights, config.seed, world)
+    return model, n_params
 
 
 def build_checkpointer(config: Config, world: distributed.World,
@@ -522,7 +532,9 @@ class Trainer(Stateful):
                                       for i, (name, t) in enumerate(marks) if i > 0})
         if world.is_main:
             where = f"step {restored}" if restored is not None else "scratch"
-            say(f"training {self.spec.name} ({self.n_params / 1e6:.1f}M params) on "
+            built = ", built on the meta device" if distributed.uses_meta_init(
+                self.spec, cfg.parallel, world.device) else ""
+            say(f"training {self.spec.name} ({self.n_params / 1e6:.1f}M params{built}) on "
                 f"{world.size} {world.device.type} rank(s), {self.micro_batches} micro-batch(es) "
                 f"per step, from {where} to step {cfg.steps}")
         stream = data.DataStream(

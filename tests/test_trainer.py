@@ -3,7 +3,9 @@ resumable at any step and world size, and it learns."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -141,3 +143,44 @@ def test_a_checkpoint_without_a_policy_entry_loads_and_other_missing_entries_rai
         assert state["trainer"] == {"step": 6, "config_digest": "old"}
         with pytest.raises(CheckpointError, match="Missing key"):
             manager.load({"app": {"x": 0}, "policy": fresh}, optional={"policy"})
+
+
+def test_a_model_built_on_the_meta_device_trains_and_resumes_exactly(runs, tmp_path: Path):
+    """`parallel.meta_init=on`: the GPT is built on the meta device, sharded over 2 ranks, and
+    only each rank's shards are allocated and initialised. From scratch it trains (finite losses
+    that fall: nothing left uninitialised); resumed from the full-built run's step-6 commit it
+    continues bit-identically (the restore overwrites every shard it allocated)."""
+    scratch = tmp_path / "scratch"
+    out = train(scratch, 2, *COMMON, "--parallel.meta_init=on")
+    assert "built on the meta device" in out.stdout
+    losses = [r["loss"] for r in steps(scratch)]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
+    # Another initialisation draw, the same distributions: it starts where the full build does.
+    assert losses[0] == pytest.approx(steps(runs["w2"])[0]["loss"], rel=0.05)
+    weights = final_weights(scratch)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+    resumed = tmp_path / "resumed"
+    step6 = Path("checkpoints") / "step_00000006"
+    shutil.copytree(runs["w2"] / step6, resumed / step6)
+    train(resumed, 2, *COMMON, "--parallel.meta_init=on")
+    assert [r["loss"] for r in steps(resumed)] == [r["loss"] for r in steps(runs["w2"])[6:]]
+    wa, wb = final_weights(runs["w2"]), final_weights(resumed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize(("meta_init", "device", "with_init", "expected"), [
+    ("auto", "cpu", True, False),   # DTensor's CPU random ops would depend on the world size
+    ("auto", "cuda", True, True),
+    ("on", "cpu", True, True),
+    ("off", "cuda", True, False),
+    ("on", "cuda", False, False),   # a spec that cannot initialise a sharded model
+])
+def test_which_models_are_built_on_the_meta_device(meta_init, device, with_init, expected):
+    from elastic_train.config import ParallelConfig
+    from elastic_train.distributed import uses_meta_init
+    from elastic_train.model import TINY
+
+    spec = TINY if with_init else dataclasses.replace(TINY, init_weights=None)
+    assert uses_meta_init(spec, ParallelConfig(meta_init=meta_init),
+                          torch.device(device)) is expected
