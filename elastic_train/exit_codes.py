@@ -10,3 +10,6 @@ CHECKPOINT_FAILED = 76
 """A save failed for good with checkpoint.on_failure=stop; restart resumes from the last commit."""
 PREEMPTED = 77
 """This node had a preemption notice, saved, and left the job."""
+JOB_ENDED = 78
+"""The rendezvous was closed before this node joined and the run has no final weights: another
+node ended the job (it gave up with its own exit code). Restarting this node cannot help."""

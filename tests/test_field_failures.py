@@ -264,3 +264,19 @@ def test_checkpoint_collectives_are_bounded_by_the_configured_timeout(tmp_path: 
     config.parallel.collective_timeout_s = 0.0
     assert distributed.collective_timeout(config.parallel, "gloo") == 20.0
     assert distributed.collective_timeout(config.parallel, "nccl") == 600.0
+
+
+def test_a_node_that_finds_the_job_ended_tells_a_finished_run_from_an_abandoned_one(
+        tmp_path: Path) -> None:
+    """A replacement that comes after the last step finds the rendezvous closed: it exits 0 when
+    the run wrote its final weights (its task must not fail), else JOB_ENDED."""
+    from elastic_train.run_store import FINAL_WEIGHTS
+
+    uri = f"file://{tmp_path}/run"
+    args = ["--nnodes=1:2", "-m", "elastic_train.node.worker", f"--checkpoint.uri={uri}",
+            "--steps=40"]
+    assert not launch.run_finished(args)
+    (tmp_path / "run" / FINAL_WEIGHTS).parent.mkdir(parents=True)
+    (tmp_path / "run" / FINAL_WEIGHTS).write_bytes(b"weights")
+    assert launch.run_finished(args)
+    assert not launch.run_finished(["--nnodes=1:2", "train.py"]), "no trainer entry: unknown"

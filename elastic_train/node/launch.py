@@ -213,6 +213,34 @@ def check_trainer_config(trainer: list[str], num_nodes: int) -> None:
                           "node mounts the same directory")
 
 
+def run_finished(torchrun_args: list[str]) -> bool:
+    """Whether the run the agent's trainer arguments name has written its final weights (under
+    its checkpoint URI). False when that cannot be told (no trainer entry, storage unreachable)."""
+    from elastic_train.node.worker import TRAINER_ENTRY, WORKER_ENTRY
+    from elastic_train.run_store import FINAL_WEIGHTS
+
+    for entry in (TRAINER_ENTRY, WORKER_ENTRY):
+        n = len(entry)
+        starts = [i for i in range(len(torchrun_args) - n + 1)
+                  if tuple(torchrun_args[i:i + n]) == entry]
+        if starts:
+            trainer = torchrun_args[starts[0] + n:]
+            break
+    else:
+        return False
+    path, overrides = (trainer[1], trainer[2:]) if trainer[:1] == ["--config"] else (None, trainer)
+    try:
+        from checkpointing.storage import Storage
+        from elastic_train.trainer import checkpoint_uri
+
+        config = config_lib.load(path, config_lib.parse_overrides(overrides))
+        return Storage(checkpoint_uri(config), retry_timeout_s=10).exists(FINAL_WEIGHTS)
+    except Exception as e:  # noqa: BLE001 - cannot tell: say so, and report the job as ended
+        print(f"elastic-train agent: could not check for the run's final weights: "
+              f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return False
+
+
 def exit_code_of(failures: Mapping[int, int]) -> int:
     """The node's exit code from its workers' (rank -> exit code): a trainer code if any had one."""
     codes = set(failures.values())
@@ -476,7 +504,15 @@ def run_agent(args: list[str]) -> int:
     except ChildFailedError as e:
         return exit_code_of({rank: f.exitcode for rank, f in e.failures.items()})
     except RendezvousClosedError:
-        raise  # another agent ended the job (finished, or gave up with its own exit code)
+        # Another agent ended the job: it finished (a replacement node that comes after the last
+        # step has nothing to do, and must not fail its task), or it gave up with its own code.
+        if run_finished(args):
+            print("elastic-train agent: the run finished before this node joined; nothing to do",
+                  file=sys.stderr, flush=True)
+            return exit_codes.OK
+        print("elastic-train agent: the rendezvous was closed by another node and the run has "
+              "no final weights: the job ended without this node", file=sys.stderr, flush=True)
+        return exit_codes.JOB_ENDED
     except (RendezvousError, DistError) as e:
         print(f"elastic-train agent: the job cannot go on from this node: "
               f"{type(e).__name__}: {' '.join(str(e).split())[:500]}", file=sys.stderr,
