@@ -18,6 +18,7 @@ import difflib
 import hashlib
 import inspect
 import json
+import os
 import sys
 import textwrap
 import typing
@@ -433,6 +434,13 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Co
     config = apply(config, overrides or {})
     validate(config)
     return config
+
+
+def checkpoint_uri(config: Config) -> str:
+    """`checkpoint.uri`, or `{run.dir}/checkpoints` when it is empty: where the run lives."""
+    if config.checkpoint.uri:
+        return config.checkpoint.uri
+    return "file://" + os.path.abspath(os.path.join(config.run.dir, "checkpoints"))
 
 
 def validate(config: Config, world_size: int | None = None) -> None:

@@ -37,12 +37,12 @@ from checkpointing.errors import StorageError
 from checkpointing.storage import Storage
 from elastic_train.events import Event
 from elastic_train.metrics import Record, parse_line
+from elastic_train.node.contract import FINAL_WEIGHTS
 
 log = logging.getLogger(__name__)
 
 METRICS_DIR = "metrics"
 TENSORBOARD_DIR = "tensorboard"
-FINAL_WEIGHTS = "final/model.safetensors"
 RETRY_TIMEOUT_S = 10.0
 """How long one read or write of the run's history retries transient storage faults; a write
 that still fails is tried again with the next flush."""

@@ -53,7 +53,7 @@ from torch.utils.data import default_collate
 from checkpointing import CheckpointManager, ModelOptimizerState
 from checkpointing.errors import StorageError
 from elastic_train import data, distributed, exit_codes
-from elastic_train.config import Config, ConfigError, ParallelConfig, validate
+from elastic_train.config import Config, ConfigError, ParallelConfig, checkpoint_uri, validate
 from elastic_train.dashboards import build_dashboards, check_packages
 from elastic_train.events import Event
 from elastic_train.goodput import store
@@ -206,13 +206,6 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch
-
-
-def checkpoint_uri(config: Config) -> str:
-    """`checkpoint.uri`, or `{run.dir}/checkpoints` when it is empty."""
-    if config.checkpoint.uri:
-        return config.checkpoint.uri
-    return "file://" + os.path.abspath(os.path.join(config.run.dir, "checkpoints"))
 
 
 def build_run_home(config: Config, world: distributed.World) -> SegmentSink | None:

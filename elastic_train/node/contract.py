@@ -31,6 +31,9 @@ AGENT_TAG_ENV = "ELASTIC_TRAIN_AGENT_TAG"
 """Set on each agent a node starts, inherited by its workers: finds them after the agent died."""
 NOTICE_FILE_ENV = "ELASTIC_TRAIN_NOTICE_FILE"
 """A file whose existence is this node's preemption notice (written by the YAML's hook)."""
+FINAL_WEIGHTS = "final/model.safetensors"
+"""Where, under the run's URI, rank 0 writes the final weights: a node that finds the job ended
+looks there to tell a finished run from an abandoned one."""
 
 LISTENING, ASKED, SAVED, EXPECTED, PROCESS_GROUP = (
     "listening", "asked", "saved", "expected", "process_group")

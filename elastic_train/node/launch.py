@@ -216,8 +216,8 @@ def check_trainer_config(trainer: list[str], num_nodes: int) -> None:
 def run_finished(torchrun_args: list[str]) -> bool:
     """Whether the run the agent's trainer arguments name has written its final weights (under
     its checkpoint URI). False when that cannot be told (no trainer entry, storage unreachable)."""
+    from elastic_train.node.contract import FINAL_WEIGHTS
     from elastic_train.node.worker import TRAINER_ENTRY, WORKER_ENTRY
-    from elastic_train.run_store import FINAL_WEIGHTS
 
     for entry in (TRAINER_ENTRY, WORKER_ENTRY):
         n = len(entry)
@@ -231,10 +231,9 @@ def run_finished(torchrun_args: list[str]) -> bool:
     path, overrides = (trainer[1], trainer[2:]) if trainer[:1] == ["--config"] else (None, trainer)
     try:
         from checkpointing.storage import Storage
-        from elastic_train.trainer import checkpoint_uri
 
         config = config_lib.load(path, config_lib.parse_overrides(overrides))
-        return Storage(checkpoint_uri(config), retry_timeout_s=10).exists(FINAL_WEIGHTS)
+        return Storage(config_lib.checkpoint_uri(config), retry_timeout_s=10).exists(FINAL_WEIGHTS)
     except Exception as e:  # noqa: BLE001 - cannot tell: say so, and report the job as ended
         print(f"elastic-train agent: could not check for the run's final weights: "
               f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
