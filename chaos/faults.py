@@ -48,13 +48,19 @@ class Target(Protocol):
     def hang_worker(self, index: int, local_rank: int = 0) -> int: ...
 
 
+LATE_FAULT_ROOM_STEPS = 10
+"""Fewest steps a random node added or wave leaves before the end of the run."""
+
+
 def draw_faults(scenario: Scenario, k: int, seed: int) -> list[Fault]:
     """K faults drawn reproducibly from `seed` (same scenario, k and seed: same faults).
 
     Steps are distinct, between a few steps in and a few steps before the end; kinds are drawn
     among those possible at that point (no removal below min_nodes or one node, no node beyond
     max_nodes, storage_outage only with s3 or gcs), a wave of two nodes lost (killed or vanished)
-    within 0.5-3 s among them when two can go; every fault names its node(s). The result passes
+    within 0.5-3 s among them when two can go; every fault names its node(s). A node added or a
+    wave needs seconds to take effect, so neither is drawn in the last quarter of the run (the
+    run could end first, and `faults_observed` would rightly fail it). The result passes
     `scenario.check`."""
     rng = random.Random(seed)
     steps = scenario.steps
@@ -70,9 +76,10 @@ def draw_faults(scenario: Scenario, k: int, seed: int) -> list[Fault]:
         kinds = ["kill_worker", "hang_worker"]
         if len(alive) > max(1, scenario.min_nodes):
             kinds += ["kill_node", "preempt_node", "vanish_node"]
-        if len(alive) - 2 >= max(1, scenario.min_nodes):
+        room = at <= steps - max(LATE_FAULT_ROOM_STEPS, steps // 4)
+        if len(alive) - 2 >= max(1, scenario.min_nodes) and room:
             kinds.append("wave")
-        if len(alive) < scenario.max_nodes:
+        if len(alive) < scenario.max_nodes and room:
             kinds.append("add_node")
         if scenario.storage != "file":
             kinds.append("storage_outage")

@@ -367,6 +367,10 @@ def test_random_faults_draw_vanished_nodes_and_waves() -> None:
     waves = [f for f in drawn if f.is_wave]
     assert waves and all(len(f.nodes) == 2 and 0.5 <= f.within_s <= 3.0 for f in waves)
     assert {f.kind for f in waves} == {"kill_node", "vanish_node"}
+    # A node added or a wave takes seconds: never drawn where the run could end first.
+    late = [f for f in drawn if (f.kind == "add_node" or f.is_wave)
+            and f.at_step > s.steps - max(10, s.steps // 4)]
+    assert not late, late
 
 
 # --------------------------------------------------------------------------------- harness, soak
