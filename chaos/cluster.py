@@ -278,6 +278,12 @@ class LocalCluster:
                                f"{', '.join(map(str, sorted(running)[:5]))})")
         return node.removed
 
+    def started_workers(self, index: int) -> bool:
+        """Whether node `index`'s agent ever started its workers in a formed world (its log says
+        so), whatever else changed in that re-form."""
+        path = self.node(index).log_path
+        return path.exists() and PHASE_LINES["workers"] in path.read_text(errors="replace")
+
     def log_offsets(self) -> dict[int, int]:
         """The current size of every node's log: `reform_phase` reads what comes after."""
         return {n.index: _size(n.log_path) for n in self.nodes}

@@ -393,6 +393,9 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
         exited = _agents_and_orphans(cluster, injector.fired, tail.records,
                                      bool(events(tail.records, Event.DONE)))
         exit_codes = cluster.exit_codes()
+        for f in injector.fired:  # an added node may join in a re-form that also lost one
+            if f.fault.kind == "add_node" and f.node is not None:
+                f.detail["joined"] = cluster.started_workers(f.node)
         cluster.close()
         tail.poll()
         records = tail.records

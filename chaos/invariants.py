@@ -292,7 +292,8 @@ def fault_effects(fired: Iterable[Fired], records: list[Record],
     - kill_node, kill_worker, hang_worker: a restart (`start`) followed it;
     - preempt_node, vanish_node: a later world was smaller than the one it hit (the freeze itself
       is checked when it fires: every process of the node seen stopped); add_node: a later one
-      larger;
+      larger, or the node's agent started its workers in a world (`detail["joined"]`, set by
+      the harness: a node added while another was lost joins a world of the same size);
     - storage_outage: the storage proxy failed at least one request in its window
       (`outage_hits(t0, t1)` counts them);
     - `during: checkpoint_upload`: the upload of `upload_step` had been asked for (a save of it
@@ -313,7 +314,7 @@ def fault_effects(fired: Iterable[Fired], records: list[Record],
         elif kind in ("preempt_node", "vanish_node") and not any(
                 int(r.get("world_size", 0)) < f.world_before for r in later):
             problems.append(f"{label}: no smaller world followed it")
-        elif kind == "add_node" and not any(
+        elif kind == "add_node" and not f.detail.get("joined") and not any(
                 int(r.get("world_size", 0)) > f.world_before for r in later):
             problems.append(f"{label}: no larger world followed it")
         elif kind == "storage_outage":

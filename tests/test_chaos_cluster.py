@@ -53,6 +53,7 @@ def test_kill_node_takes_every_descendant_and_close_leaves_nothing(tmp_path: Pat
             cluster.add_node()
         _wait_until(lambda: all(len(_descendants(cluster.node(i).agent.pid)) >= 2
                                 for i in (0, 1)))
+        assert cluster.started_workers(0) and cluster.started_workers(1)
         doomed = _descendants(cluster.node(1).agent.pid)
         first_workers = _descendants(cluster.node(0).agent.pid)
         seen |= {p.pid for p in doomed} | {p.pid for p in first_workers}

@@ -304,6 +304,12 @@ def test_a_fault_whose_action_failed_or_changed_nothing_fails_faults_observed() 
     assert not verdict.ok and "no restart followed" in verdict.detail
     assert not invariants.faults_observed([fired("add_node", 10.0)], restart).ok
     assert invariants.faults_observed([fired("preempt_node", 10.0)], restart).ok
+    # A node added while another left joins a world of the same size: its agent's log is what
+    # shows it joined (the harness records it); without that, the same run fails.
+    same_size = [start(None, t=0.0), start(2, world=2, t=20.0)]
+    assert invariants.faults_observed([fired("add_node", 10.0, joined=True)], same_size).ok
+    verdict = invariants.faults_observed([fired("add_node", 10.0, joined=False)], same_size)
+    assert not verdict.ok and "no larger world" in verdict.detail
 
 
 def test_a_storage_outage_that_failed_no_request_fails() -> None:

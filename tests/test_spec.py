@@ -1,9 +1,10 @@
 """The train spec: how `model` names one, what a bad reference says, and the CPU paths of the
-per-block options (activation checkpointing) the spec's blocks enable."""
+per-block options (activation checkpointing, compile) the spec's blocks enable."""
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import sys
 from pathlib import Path
 
@@ -70,13 +71,15 @@ def test_a_malformed_reference_is_refused_before_anything_is_imported():
         cfg.load(None, {"model": "pkg:"})
 
 
-def grads_of_one_step(checkpointed: bool) -> dict[str, torch.Tensor]:
+def grads_of_one_step(checkpointed: bool, compiled: bool = False) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     ctx = spec.ModelContext(cfg.Config(), vocab_size=256)
     model = TINY.build_model(ctx)
-    if checkpointed:
-        for block in TINY.blocks(model):
+    for block in TINY.blocks(model):
+        if checkpointed:
             checkpoint_activations(block)
+        if compiled:
+            block.compile()  # as `distributed.shard` does with parallel.compile
     tokens = torch.randint(0, 256, (3, 33), generator=torch.Generator().manual_seed(1))
     loss, count = gpt_loss(model, (tokens[:, :-1], tokens[:, 1:]))
     assert count == 3 * 32
@@ -110,3 +113,15 @@ def test_a_torch_outside_the_tested_range_is_said_in_one_line(version: str, insi
     assert (warning is None) == inside
     if warning:
         assert "\n" not in warning and version in warning and TESTED_TORCH in warning
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.timeout(600)
+def test_compiled_blocks_keep_names_and_gradients():
+    """`parallel.compile` on CPU: each block compiled (inductor), the same parameter names and
+    the same gradients as eager, within float tolerance (fused kernels sum in another order)."""
+    plain, compiled = grads_of_one_step(False), grads_of_one_step(False, compiled=True)
+    assert plain.keys() == compiled.keys()
+    for name in plain:
+        torch.testing.assert_close(compiled[name], plain[name], rtol=1e-4, atol=1e-6)
