@@ -23,9 +23,10 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -331,8 +332,8 @@ def _outage_hits(backend: Backend) -> Callable[[float, float], int] | None:
 
 
 def outcome_checks(records: list[Record], steps: int, final_model: Path, ref: Reference,
-                   committed: list[int], verify: Callable[[int], tuple[bool, str]]
-                   ) -> dict[str, invariants.Verdict]:
+                   committed: list[int], verify: Callable[[int], tuple[bool, str]],
+                   committed_during: Iterable[int] = ()) -> dict[str, invariants.Verdict]:
     """The invariants on what a run produced, against its fault-free reference: every way of
     running one (the local cluster, a SkyPilot job group, sky/train.yaml's `run:`) checks these,
     then adds what it knows of its own processes and faults."""
@@ -344,8 +345,43 @@ def outcome_checks(records: list[Record], steps: int, final_model: Path, ref: Re
                                                           steps),
         "weights_match_reference": invariants.weights_match(final_model, ref.final_model,
                                                             changed),
-        "checkpoints_verified": invariants.checkpoints_verified(records, committed, verify),
+        "checkpoints_verified": invariants.checkpoints_verified(records, committed, verify,
+                                                                committed_during),
     }
+
+
+class CommitWatcher:
+    """The steps seen committed in storage while a run trains, polled every POLL_S straight from
+    the storage server (not through the fault proxy). A restore is judged against these too: a
+    rank 0 killed between a commit and its `commit` event leaves no event, and garbage
+    collection may have removed the step by the end. Use as a context manager."""
+
+    POLL_S = 1.0
+
+    def __init__(self, uri: str, storage_options: dict[str, Any]) -> None:
+        from checkpointing.storage import Storage
+
+        self.storage = Storage(uri, storage_options, retry_timeout_s=2)
+        self.seen: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="commit-watcher", daemon=True)
+
+    def _poll(self) -> None:
+        from checkpointing.commit import list_steps
+
+        while not self._stop.wait(self.POLL_S):
+            try:
+                self.seen |= {info.step for info in list_steps(self.storage).committed}
+            except Exception:  # noqa: BLE001 - an unreadable moment; the next poll tries again
+                continue
+
+    def __enter__(self) -> CommitWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
 
 
 def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
@@ -374,6 +410,8 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
             out / "nodes", ["-m", "elastic_train.train", *_args(overrides)],
             min_nodes=scenario.min_nodes, max_nodes=scenario.max_nodes,
             procs_per_node=scenario.procs_per_node, env=backend.env))
+        watcher = stack.enter_context(CommitWatcher(backend.checkpoint_uri,
+                                                    backend.storage_options))
         tail = MetricsTail(run_dir / "metrics.jsonl")
         t0 = time.time()
         progress = _Progress(log, t0, scenario.steps)
@@ -414,7 +452,8 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
     final_model = run_dir / "final_model.pt"
     changed = invariants.world_changed(records, ref.world_size)
     checks = {
-        **outcome_checks(records, scenario.steps, final_model, ref, committed, verify),
+        **outcome_checks(records, scenario.steps, final_model, ref, committed, verify,
+                         watcher.seen),
         **exited,
         "faults_observed": invariants.faults_observed(
             injector.fired, records, outage_hits, [f.describe() for f in injector.unfired()]),

@@ -215,10 +215,14 @@ def stale_restores(records: list[Record]) -> list[str]:
 
 
 def checkpoints_verified(records: list[Record], committed_now: list[int],
-                         verify: Callable[[int], tuple[bool, str]]) -> Verdict:
+                         verify: Callable[[int], tuple[bool, str]],
+                         committed_during: Iterable[int] = ()) -> Verdict:
     """`committed_now`: steps with a commit marker in storage after the run; `verify(step)`
-    returns (ok, why) for one of them (the harness's checks its files and loads it)."""
-    committed_seen = {int(r["step"]) for r in events(records, Event.COMMIT)} | set(committed_now)
+    returns (ok, why) for one of them (the harness's checks its files and loads it);
+    `committed_during`: steps seen committed in storage while the run trained (a commit whose
+    event died with rank 0, since collected as garbage, was still a commit)."""
+    committed_seen = {int(r["step"]) for r in events(records, Event.COMMIT)} | \
+        set(committed_now) | set(committed_during)
     bad_restores = [r.get("restored_step") for r in events(records, Event.START)
                     if r.get("restored_step") is not None
                     and int(r["restored_step"]) not in committed_seen]

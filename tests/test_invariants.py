@@ -186,6 +186,17 @@ def test_restoring_the_newest_commit_passes() -> None:
     assert invariants.checkpoints_verified(records, [3, 6], lambda s: (True, "ok")).ok
 
 
+def test_a_restore_of_a_step_never_committed_fails_unless_storage_showed_its_commit() -> None:
+    """Rank 0 killed right after committing step 9 logs no `commit` for it; the restart restores
+    9, and garbage collection removes it before the run ends. Only what the harness saw in
+    storage during the run tells that commit from a restore of uncommitted files."""
+    records = [start(None), commit(3), commit(6), start(9), commit(12), commit(15)]
+    verdict = invariants.checkpoints_verified(records, [12, 15], lambda s: (True, "ok"))
+    assert not verdict.ok and "[9] that were never committed" in verdict.detail
+    assert invariants.checkpoints_verified(records, [12, 15], lambda s: (True, "ok"),
+                                           committed_during=[3, 6, 9, 12]).ok
+
+
 # --------------------------------------------------------------------------- checkpoints load
 
 
@@ -217,6 +228,26 @@ def test_every_committed_checkpoint_of_the_run_loads(run: Path, tmp_path: Path) 
     assert sorted(got) == [3, 6]
     assert all(ok for ok, _ in got.values()), got
     assert all("loads at world size 1" in why for _, why in got.values())
+
+
+def test_the_harness_sees_commits_while_the_run_trains(run: Path, tmp_path: Path) -> None:
+    """`CommitWatcher` lists what is committed as it appears, and keeps it once it is gone."""
+    from chaos.harness import CommitWatcher
+
+    ckpt = checkpoint_copy(run, tmp_path)
+    step3 = ckpt / "step_00000003"
+    held = tmp_path / "held"
+    step3.rename(held)  # not there yet
+    with CommitWatcher("file://" + str(ckpt), {}) as watcher:
+        deadline = time.monotonic() + 30
+        while watcher.seen != {6} and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert watcher.seen == {6}
+        held.rename(step3)  # committed later
+        while 3 not in watcher.seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        shutil.rmtree(step3)  # then collected as garbage
+    assert watcher.seen == {3, 6}
 
 
 def test_a_corrupted_or_truncated_shard_fails_checkpoints_verified(run: Path,
