@@ -118,10 +118,12 @@ class StepTimer:
     peer or local hang, or this process stopped); its agent then restarts the node's workers.
 
     The bound is max(`floor_s`, HANG_STEP_FACTOR x p99 of the last HANG_WINDOW steps), measured in
-    this process (a new world has new step times). The first steps of a process compile,
-    allocate and connect: until HANG_WARMUP_STEPS steps after the first one are measured, a step
-    may take `first_steps_s` (the collective timeout, which bounds them anyway). A checkpoint
-    load runs before the first step and a save between steps: neither is timed.
+    this process (a new world has new step times). The first step of a process compiles,
+    allocates and connects: it may take `first_steps_s` (the collective timeout, which bounds it
+    anyway). Until HANG_WARMUP_STEPS more are measured, a step may take HANG_STEP_FACTOR x the
+    first one (at least the floor, at most `first_steps_s`): a hang right after a restart is
+    then found by the floor, not by the collective timeout. A checkpoint load runs before the
+    first step and a save between steps: neither is timed.
 
     Disabled when `floor_s` is 0 or no watchdog serves a FIFO. A watchdog that is not (or no
     longer) there leaves steps untimed, with one warning, rather than failing them: it starts
@@ -134,22 +136,28 @@ class StepTimer:
         self.clock = clock
         self.recent: deque[float] = deque(maxlen=HANG_WINDOW)
         self.measured = 0
+        self.first_s: float | None = None
+        """How long this process's first step took."""
         self._warned = False
 
     def timeout_s(self) -> float:
         """Seconds the next step may take (0: untimed)."""
         if self.floor_s <= 0:
             return 0.0
-        if len(self.recent) < HANG_WARMUP_STEPS:
+        if self.first_s is None:
             return max(self.floor_s, self.first_steps_s)
+        if len(self.recent) < HANG_WARMUP_STEPS:
+            return max(self.floor_s, min(self.first_steps_s, HANG_STEP_FACTOR * self.first_s))
         ordered = sorted(self.recent)
         p99 = ordered[math.ceil(0.99 * len(ordered)) - 1]
         return max(self.floor_s, HANG_STEP_FACTOR * p99)
 
     def observe(self, seconds: float) -> None:
-        """A step took `seconds`; the first one of the process is not counted (see above)."""
+        """A step took `seconds`; the first one of the process is kept apart (see above)."""
         self.measured += 1
-        if self.measured > 1:
+        if self.measured == 1:
+            self.first_s = seconds
+        else:
             self.recent.append(seconds)
 
     @contextmanager

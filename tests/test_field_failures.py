@@ -235,10 +235,17 @@ def test_the_step_timer_is_on_by_default_and_sized_from_measured_steps() -> None
     assert cfg.hang_timeout_s > rdzv.keep_alive_interval * rdzv.keep_alive_max_attempt
     client = _Client()
     timer = StepTimer(cfg.hang_timeout_s, first_steps_s=20.0, client=client)
-    # A slow first step (compilation, allocation) and the warmup ones get the first-steps bound,
-    # and the first one does not count towards the p99.
+    # A slow first step (compilation, allocation) gets the first-steps bound, the warmup ones a
+    # multiple of it (here more than the first-steps bound: capped), and the first one does not
+    # count towards the p99.
     _run_steps(timer, [15.0, 0.1, 0.1])
     assert [round(a) for a in client.acquired] == [20, 20, 20]
+    # After a fast first step (a restarted process, warm), a hang on the next step is found by
+    # the floor, not after the whole first-steps bound.
+    warm = StepTimer(cfg.hang_timeout_s, first_steps_s=20.0, client=_Client())
+    _run_steps(warm, [0.3, 0.1, 0.1])
+    assert [round(a) for a in warm.client.acquired] == [20, cfg.hang_timeout_s,
+                                                        cfg.hang_timeout_s]
     assert timer.timeout_s() == cfg.hang_timeout_s  # fast steps: the floor
     _run_steps(timer, [4.0] * 5)
     assert timer.timeout_s() == pytest.approx(HANG_STEP_FACTOR * 4.0)  # slow steps: k x p99
