@@ -121,7 +121,12 @@ def test_a_torch_outside_the_tested_range_is_said_in_one_line(version: str, insi
 def test_compiled_blocks_keep_names_and_gradients():
     """`parallel.compile` on CPU: each block compiled (inductor), the same parameter names and
     the same gradients as eager, within float tolerance (fused kernels sum in another order)."""
-    plain, compiled = grads_of_one_step(False), grads_of_one_step(False, compiled=True)
+    from torch._dynamo.utils import counters
+
+    plain = grads_of_one_step(False)
+    counters.clear()
+    compiled = grads_of_one_step(False, compiled=True)
+    assert counters["stats"]["unique_graphs"] >= 1, "no block was compiled"
     assert plain.keys() == compiled.keys()
     for name in plain:
-        torch.testing.assert_close(compiled[name], plain[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(compiled[name], plain[name], rtol=1e-3, atol=1e-5)
