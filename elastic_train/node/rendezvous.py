@@ -18,10 +18,12 @@ listens.
 A round re-formed for a joining node completes as soon as every node it expects has joined,
 not a last call later: the agents that let the node in write how many nodes the next round
 expects (the world plus the waiting nodes) into the store, and the node whose joining makes the
-count complete marks the round complete. A re-form for a node whose keep-alive lapsed (below)
-expects the survivors in the same way. Any other re-form (a worker failed, a node killed with its
-sockets reset) waits out the last call as torch does: nobody knows yet how many nodes are still
-alive.
+count complete marks the round complete. A re-form for nodes whose keep-alive lapsed (below) or
+that left (a node with a preemption notice leaves the rendezvous as it goes: `leave`) expects the
+survivors in the same way, whether their agents see it in their poll or through their workers'
+failed collective. Any other re-form (a node killed with its sockets reset, before its
+keep-alive lapsed) waits out the last call as torch does: nobody knows yet how many nodes are
+still alive.
 
 A node lost without a word (a reclaimed VM resets no socket) is found by its heartbeats: torch
 drops a participant whose keep-alive lapsed from the shared state, and this handler then tells
@@ -222,10 +224,11 @@ def _handler_class() -> type[Any]:
 
         def _expect_next_round(self, state: Any, waiting: int) -> None:
             """Let the next round complete once this round's participants and the nodes
-            waiting have joined, instead of after its whole last call. The first agent to say
-            wins: it saw the round before any survivor left it to rejoin, so a later, smaller
-            count (a survivor already gone from the participants) must not replace it. A node
-            that never comes (lost meanwhile) costs only the last call, as without this."""
+            waiting have joined, instead of after its whole last call. The first count written
+            wins: a later agent may see fewer participants (a survivor already left the round
+            to rejoin), which must not replace a fuller count. A count too low costs one more
+            re-form (a node left out joins right after); too high (a node lost meanwhile), the
+            last call, as without this."""
             expected = min(len(state.participants) + waiting, self._settings.max_nodes)
             try:
                 self._store.compare_set(_expected_key(self._settings.run_id, state.round + 1),
