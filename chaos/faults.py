@@ -38,6 +38,7 @@ class Target(Protocol):
     """What the injector acts on (a `LocalCluster` plus the storage proxy)."""
 
     def live_nodes(self) -> list[int]: ...
+    def started_workers(self, index: int) -> bool: ...
     def add_node(self) -> int: ...
     def kill_node(self, index: int) -> float: ...
     def vanish_node(self, index: int) -> float: ...
@@ -120,6 +121,15 @@ class Fired:
     removed_at: float | None = None
     """preempt_node: time.time() when the node was killed after its notice."""
     detail: dict[str, Any] = field(default_factory=dict)
+
+
+def changed_no_world(fired: list[Fired]) -> list[bool]:
+    """Per fault: it was aimed at a node lost before it ever trained (added, still joining), so
+    no world could show it: the loss itself (`detail["in_world"]` False, recorded as it fired)
+    and that node's add_node."""
+    never_trained = {f.node for f in fired if f.detail.get("in_world") is False}
+    return [f.detail.get("in_world") is False
+            or (f.fault.kind == "add_node" and f.node in never_trained) for f in fired]
 
 
 class Injector:
@@ -269,6 +279,10 @@ class Injector:
         """Act on one node (or on none) and record it."""
         rec = Fired(index=index, fault=f, node=node, at_step=self.step, time=self.clock(),
                     world_before=self.world, detail=detail)
+        if f.kind in REMOVES_NODE and node is not None:
+            # A node lost before it ever trained (added, still joining) changes no world: what
+            # `faults_observed` can ask of the fault depends on this, known only now.
+            rec.detail["in_world"] = self.target.started_workers(node)
         try:
             if f.kind == "kill_node":
                 rec.time = self.target.kill_node(node)

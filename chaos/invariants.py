@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from chaos.faults import changed_no_world
 from chaos.metrics import Lineage, Record, events, step_records
 from elastic_train.events import Event
 
@@ -300,17 +301,23 @@ def fault_effects(fired: Iterable[Fired], records: list[Record],
       the harness: a node added while another was lost joins a world of the same size);
     - storage_outage: the storage proxy failed at least one request in its window
       (`outage_hits(t0, t1)` counts them);
+    - a node lost before it ever trained (`detail["in_world"]` False, recorded when the fault
+      fired: an added node still joining): its action succeeding is all there is to see, and
+      its own add_node is exempt too (no world could grow by a node that was gone);
     - `during: checkpoint_upload`: the upload of `upload_step` had been asked for (a save of it
       committed or failed at some point, or the restart it caused came before any commit of
       it) and had not committed when the fault fired.
     """
+    fired = list(fired)
     problems = []
     starts = events(records, Event.START)
-    for f in fired:
+    for f, unseen in zip(fired, changed_no_world(fired), strict=True):
         kind = f.fault.kind
         label = f"{kind}{'' if f.node is None else ' node ' + str(f.node)} at step {f.at_step}"
         if "error" in f.detail:
             problems.append(f"{label}: its action failed ({f.detail['error']})")
+            continue
+        if unseen:
             continue
         later = [r for r in starts if float(r["time"]) > f.time]
         if kind in ("kill_node", "kill_worker", "hang_worker") and not later:

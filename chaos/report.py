@@ -21,7 +21,7 @@ from typing import Any
 
 import jsonschema
 
-from chaos.faults import Fired
+from chaos.faults import Fired, changed_no_world
 from chaos.metrics import Record, events, is_step, step_records
 from chaos.scenario import schema
 from elastic_train.events import Event
@@ -34,7 +34,7 @@ def summarize_faults(fired: list[Fired], records: list[Record], t0: float) -> li
     """One report entry per fired fault (schema: report.faults[])."""
     entries = []
     times = sorted(f.time for f in fired)
-    for f in fired:
+    for f, unseen in zip(fired, changed_no_world(fired), strict=True):
         cause = f.time
         later = [t for t in times if t > f.time + SAME_MOMENT_S]
         if f.fault.kind in ("add_node", "preempt_node"):
@@ -49,6 +49,8 @@ def summarize_faults(fired: list[Fired], records: list[Record], t0: float) -> li
             window_end = later[0] if later else float("inf")
             start_i = next((i for i, r in enumerate(records) if r.get("event") == Event.START
                             and cause < float(r["time"]) < window_end), None)
+        if unseen:  # no pause of its own: a later re-form is another fault's
+            start_i = None
         recovery_s: float | None = None
         world_after = f.world_before
         lost = 0

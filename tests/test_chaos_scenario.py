@@ -182,6 +182,8 @@ class FakeCluster:
         self.nodes = list(range(nodes))
         self.marks = 0
         self._phase: tuple[int, str | None] = (0, None)
+        self.joining: set[int] = set()
+        """Nodes added whose workers have not started yet."""
 
     @property
     def phase(self) -> str | None:
@@ -207,9 +209,13 @@ class FakeCluster:
     def live_nodes(self) -> list[int]:
         return list(self.nodes)
 
+    def started_workers(self, index: int) -> bool:
+        return index not in self.joining
+
     def add_node(self) -> int:
         self.calls.append(("add",))
         self.nodes.append(len(self.nodes))
+        self.joining.add(self.nodes[-1])
         return self.nodes[-1]
 
     def kill_node(self, index: int) -> float:
@@ -355,7 +361,8 @@ def test_a_reform_fault_waits_for_its_phase_after_the_fault_before_it() -> None:
     cluster.phase = "workers"
     inj.observe([])
     assert cluster.calls == [("kill", 2), ("vanish", 1)]
-    assert inj.fired[1].detail == {"phase_seen": "workers", "after_start": False}
+    assert inj.fired[1].detail == {"phase_seen": "workers", "after_start": False,
+                                   "in_world": True}
 
 
 def test_random_faults_draw_vanished_nodes_and_waves() -> None:
@@ -371,6 +378,25 @@ def test_random_faults_draw_vanished_nodes_and_waves() -> None:
     late = [f for f in drawn if (f.kind == "add_node" or f.is_wave)
             and f.at_step > s.steps - max(10, s.steps // 4)]
     assert not late, late
+
+
+def test_a_node_lost_before_it_trained_is_recorded_so_at_fire_time() -> None:
+    cluster = FakeCluster()
+    faults = [Fault("add_node", at_step=2), Fault("kill_node", at_step=3, node=2),
+              Fault("kill_node", at_step=4, node=1)]
+    inj = Injector(faults, cluster, checkpoint_every=5, steps=20, log=lambda m: None)
+    added, early, trained = inj.observe(steps(1, 4))
+    assert added.node == 2 and "in_world" not in added.detail
+    assert early.detail["in_world"] is False and trained.detail["in_world"] is True
+    # No world grew or shrank by node 2; the run restarted once, for node 1.
+    records = [{"event": "start", "time": 0.0, "world_size": 2},
+               {"event": "start", "time": 1e9, "world_size": 1}]
+    assert invariants.faults_observed(inj.fired, records).ok
+    # The same schedule, node 2 having trained before it was killed: its loss must show.
+    early.detail["in_world"] = True
+    verdict = invariants.faults_observed(inj.fired, records[:1] + [
+        {"event": "start", "time": 1e9, "world_size": 2}])
+    assert not verdict.ok and "add_node" in verdict.detail
 
 
 # --------------------------------------------------------------------------------- harness, soak
