@@ -106,16 +106,19 @@ class RendezvousState:
         return pickle.loads(base64.b64decode(self.store.get(self.key)))
 
 
-# Timing-sensitive on a loaded 2-core machine: the test must catch the survivors between joining
-# a round and its completion, and sometimes does not ("not reached"). Not strict, still run.
-@pytest.mark.xfail(strict=False, reason="the re-form window is not always caught on 2 cores")
 @pytest.mark.timeout(420)
 def test_two_of_three_nodes_lost_the_second_during_the_re_form_the_survivor_finishes(
         tmp_path: Path) -> None:
-    """Node 1 dies; node 2 dies once it has joined the survivors' next round, before that round
-    completes: the round completes with a dead participant. The survivor must not wait for it
-    in rank assignment (torch waited 60 s there for its role info, then the agent died with
-    exit code 1); it re-forms again without it and finishes."""
+    """Node 1 dies; node 2 dies as soon as it is seen in the survivors' next round, mostly before
+    that round completes (then the round completes with a dead participant), otherwise before
+    or while its workers start. The survivor must not wait for it in rank assignment (torch
+    waited 60 s there for its role info, then the agent died with exit code 1); it re-forms
+    again without it and finishes.
+
+    The trigger is the round's membership, not its completion: a round of two completes within
+    the last call of its first joiner, a window that polling may miss on two busy cores, but node
+    2 stays in that round until it is killed, so the loss always lands in the re-form or right
+    after it (whether the round had completed is printed)."""
     metrics = Metrics(tmp_path)
     steps = 60
     with LocalCluster(tmp_path / "cluster", _entry(tmp_path, steps), min_nodes=1,
@@ -128,14 +131,18 @@ def test_two_of_three_nodes_lost_the_second_during_the_re_form_the_survivor_fini
         formed = rdzv.read()
         assert formed.complete and len(formed.participants) == 3
         cluster.kill_node(1)
+        seen: list[Any] = []
 
-        def both_survivors_joined_the_next_round() -> bool:
+        def both_survivors_in_a_later_round() -> bool:
             state = rdzv.read()
-            return state.round > formed.round and not state.complete and \
-                len(state.participants) == 2
+            if state.round > formed.round and len(state.participants) == 2:
+                seen.append(state)
+                return True
+            return False
 
-        _wait_until(both_survivors_joined_the_next_round, 60, "the survivors re-forming")
+        _wait_until(both_survivors_in_a_later_round, 60, "the survivors re-forming")
         cluster.kill_node(2)
+        print(f"node 2 lost in round {seen[0].round} (complete: {seen[0].complete})")
         assert cluster.wait(300), "the survivor did not finish"
         assert cluster.exit_codes()[0] == 0, cluster.node(0).log_path.read_text()[-3000:]
     records = metrics.records()
