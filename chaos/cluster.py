@@ -23,15 +23,15 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 
 import psutil
 
-from elastic_train.node import prefork, procs
+from elastic_train.node import launch, prefork, procs
 from elastic_train.node.agent import DEFAULT_SHUTDOWN_TIMEOUT_S, AgentCommand, runs_trainer
-from elastic_train.node.rendezvous import RendezvousSettings
+from elastic_train.node.rendezvous import RendezvousSettings, expect_first_round
 
 TAG_ENV = "CHAOS_RUN_TAG"
 """Set on every agent; inherited by its workers and their helpers. Value: the cluster's tag."""
@@ -73,6 +73,10 @@ PHASE_LINES: dict[str, str] = {
 """What torchrun's agent logs (at INFO, torch/distributed/elastic/agent/server/api.py) as it enters
 each phase of a (re-)form: `reform_phase` reads node logs for them."""
 
+FIRST_CALL_S: float = launch.RDZV.first_call_timeout or 30.0
+"""`first_world`: how long the first round waits for the nodes it expects (the cloud launcher's
+first call)."""
+
 FREEZE_CHECK_S = 5.0
 """vanish_node: how long the stopped processes may take to show as stopped (SIGSTOP is
 asynchronous) before the freeze counts as failed."""
@@ -91,6 +95,10 @@ class LocalCluster:
         max_restarts: worker failures each node's agent absorbs before it gives up.
         prefork: start trainer workers as forks of a per-node prefork server (warm) rather than
             as fresh interpreters; only for the `-m elastic_train.train` entry.
+        first_world: nodes the caller adds at once at the start. The job's first round then
+            completes when all of them have joined, waiting up to `FIRST_CALL_S` for a slow one
+            (as the cloud launcher's first call does), rather than forming with whichever joined
+            within the last call and growing right after; None: torch's last call.
     """
 
     def __init__(
@@ -108,6 +116,7 @@ class LocalCluster:
         # not by running out of them.
         max_restarts: int = 1000,
         prefork: bool = True,
+        first_world: int | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.entry = list(entry)
@@ -120,6 +129,9 @@ class LocalCluster:
         self.procs_per_node = procs_per_node
         self.extra_env = dict(env or {})
         self.rdzv = rdzv or RendezvousSettings.fast()
+        if first_world is not None and self.rdzv.first_call_timeout is None:
+            self.rdzv = replace(self.rdzv, first_call_timeout=FIRST_CALL_S)
+        self.first_world = first_world
         self.shutdown_timeout_s = shutdown_timeout_s
         self.max_restarts = max_restarts
         self.prefork = prefork and runs_trainer(self.entry)
@@ -158,6 +170,12 @@ class LocalCluster:
             self.close()
             raise ClusterError(f"rendezvous store did not start (see {self.workdir}/store.log)")
         self.store_port = int(line.split()[1])
+        if self.first_world is not None:
+            from torch.distributed import TCPStore
+
+            client = TCPStore("127.0.0.1", self.store_port, is_master=False,
+                              wait_for_workers=False)
+            expect_first_round(client, self.run_id, self.first_world)
 
     def close(self) -> None:
         """Kill every node and the store; reap them; sweep any process still tagged with this run.

@@ -409,7 +409,7 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
         cluster = stack.enter_context(LocalCluster(
             out / "nodes", ["-m", "elastic_train.train", *_args(overrides)],
             min_nodes=scenario.min_nodes, max_nodes=scenario.max_nodes,
-            procs_per_node=scenario.procs_per_node, env=backend.env))
+            procs_per_node=scenario.procs_per_node, env=backend.env, first_world=scenario.nodes))
         watcher = stack.enter_context(CommitWatcher(backend.checkpoint_uri,
                                                     backend.storage_options))
         tail = MetricsTail(run_dir / "metrics.jsonl")

@@ -132,10 +132,6 @@ def test_a_wave_of_two_of_three_nodes_within_two_seconds(tmp_path: Path,
     assert rep["exit_codes"]["0"] == 0 and rep["outcome"] == "done"
 
 
-# Known not to hold yet on a 2-core machine: a three-node cluster does not always form one world
-# before the first loss, so the phase trigger is not reached. Kept running (not strict) so that
-# the day it passes is seen; docs/benchmarks.md ("Field failures") records what was observed.
-@pytest.mark.xfail(strict=False, reason="a loss in each re-form phase is not yet reliable here")
 @pytest.mark.parametrize("phase", ["rendezvous", "workers", "restore"])
 def test_a_node_lost_in_each_phase_of_a_reform(tmp_path: Path, chaos_cache: Path,
                                                phase: str) -> None:

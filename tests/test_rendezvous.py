@@ -18,7 +18,12 @@ from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
 
 from elastic_train.join_requests import JoinRequests
 from elastic_train.node.contract import JOIN_KEY_ENV, RDZV_STORE_ENV, world_store
-from elastic_train.node.rendezvous import FAST_BACKEND, RendezvousSettings, host_store
+from elastic_train.node.rendezvous import (
+    FAST_BACKEND,
+    RendezvousSettings,
+    expect_first_round,
+    host_store,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -290,6 +295,29 @@ def test_the_first_round_waits_its_first_call_for_a_node_a_second_late() -> None
     for handler in (first, second):
         handler.shutdown()
     assert sizes == [2, 2], "the first node formed a world of its own"
+
+
+def test_the_first_round_completes_once_the_nodes_it_was_told_of_have_joined() -> None:
+    """Room for a third node that is not coming: told that two start, the first round completes
+    when both have joined. Its first call outlasts the join timeout, so a round that waited for
+    the third node would fail both joins with a timeout instead."""
+    store = host_store("127.0.0.1", 0)
+    params = RendezvousParameters(backend=FAST_BACKEND, endpoint=f"127.0.0.1:{store.port}",
+                                  run_id="test-told", min_nodes=1, max_nodes=3,
+                                  local_addr="127.0.0.1", is_host="false", join_timeout="30",
+                                  last_call_timeout="0.1", first_call_timeout="600")
+    expect_first_round(store, "test-told", 2)
+    handlers = [get_rendezvous_handler(params) for _ in range(2)]
+    sizes: list[int] = []
+    threads = [threading.Thread(target=lambda h=h: sizes.append(h.next_rendezvous().world_size))
+               for h in handlers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for handler in handlers:
+        handler.shutdown()
+    assert sizes == [2, 2]
 
 
 def test_a_worker_ignores_join_variables_left_over_from_another_run(

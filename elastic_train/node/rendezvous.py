@@ -326,6 +326,14 @@ def _executor_class() -> type[Any]:
     return CompleteWhenExpectedExecutor
 
 
+def expect_first_round(store: TCPStore, run_id: str, nodes: int) -> None:
+    """Tell job `run_id`'s first round how many nodes start together: it completes as soon as
+    that many have joined rather than at the end of its first call (which is then only the wait
+    for a node that fails to start). Whoever starts the nodes knows the count; the first writer
+    wins. Raises what the store raises when it cannot be reached."""
+    store.compare_set(_expected_key(run_id, 0), "", str(nodes))
+
+
 def _expected_key(run_id: str, round_: int) -> str:
     return f"{contract.round_key(run_id, round_)}/{contract.EXPECTED}"
 
