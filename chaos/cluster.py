@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 
@@ -299,8 +301,17 @@ class LocalCluster:
     def started_workers(self, index: int) -> bool:
         """Whether node `index`'s agent ever started its workers in a formed world (its log says
         so), whatever else changed in that re-form."""
+        return self.workers_started_at(index) is not None
+
+    def workers_started_at(self, index: int) -> float | None:
+        """time.time() at which node `index`'s agent first started its workers in a formed world
+        (the timestamp of that line of its log); None: it never did."""
         path = self.node(index).log_path
-        return path.exists() and PHASE_LINES["workers"] in path.read_text(errors="replace")
+        if not path.exists():
+            return None
+        with open(path, errors="replace") as f:
+            line = next((line for line in f if PHASE_LINES["workers"] in line), None)
+        return None if line is None else _log_time(line)
 
     def log_offsets(self) -> dict[int, int]:
         """The current size of every node's log: `reform_phase` reads what comes after."""
@@ -424,6 +435,17 @@ class LocalCluster:
         node.pids |= procs.kill_tree(node.agent, {TAG_ENV: self.tag, NODE_ENV: str(node.index)})
         if node.prefork_socket:
             prefork.remove(node.prefork_socket)
+
+
+def _log_time(line: str) -> float | None:
+    """The time of one of torch's log lines (`I1201 12:57:19.434000 pid file:line] ...`, local
+    time, no year: this year's)."""
+    match = re.match(r"[IWEF](\d{4}) (\d\d:\d\d:\d\d\.\d+) ", line)
+    if match is None:
+        return None
+    year = time.localtime().tm_year
+    when = datetime.strptime(f"{year}{match[1]} {match[2]}", "%Y%m%d %H:%M:%S.%f")
+    return when.timestamp()
 
 
 def _size(path: Path) -> int:

@@ -433,7 +433,10 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
         exit_codes = cluster.exit_codes()
         for f in injector.fired:  # an added node may join in a re-form that also lost one
             if f.fault.kind == "add_node" and f.node is not None:
-                f.detail["joined"] = cluster.started_workers(f.node)
+                joined_at = cluster.workers_started_at(f.node)
+                f.detail["joined"] = joined_at is not None
+                if joined_at is not None:
+                    f.detail["joined_at"] = joined_at
         cluster.close()
         tail.poll()
         records = tail.records

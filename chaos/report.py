@@ -7,7 +7,10 @@ with a larger world, whenever it comes; preempt_node: the first with a smaller o
 the fault caused no restart:
 
 - recovery_s: T -> the first step line after that start (the first step completed in the new
-  world); null without a restart.
+  world); null without a restart. An added node that joined is timed to the first start after
+  its agent started its workers (its log says when), whatever the size of that world.
+- pause_s: the last step line before that start -> the first one after it: how long training
+  stood still (for an added node, the survivors' pause to let it in; its boot is not in it).
 - world_after: that step's world size (world_before without a restart).
 - lost_steps: the last step reported before that start minus the step it restored (steps that
   were computed and thrown away); 0 without a restart.
@@ -37,7 +40,14 @@ def summarize_faults(fired: list[Fired], records: list[Record], t0: float) -> li
     for f, unseen in zip(fired, changed_no_world(fired), strict=True):
         cause = f.time
         later = [t for t in times if t > f.time + SAME_MOMENT_S]
-        if f.fault.kind in ("add_node", "preempt_node"):
+        if f.detail.get("joined_at") is not None:
+            # The added node's agent logged when it started its workers: the world it joined
+            # is the first to start after that, whatever its size (a node lost in the same
+            # re-form leaves it unchanged) and whichever fault came between.
+            joined_at = float(f.detail["joined_at"])
+            start_i = next((i for i, r in enumerate(records) if r.get("event") == Event.START
+                            and float(r["time"]) >= joined_at), None)
+        elif f.fault.kind in ("add_node", "preempt_node"):
             # A node joins when it is ready, and a noticed node leaves when its save is done,
             # maybe after later faults fired: the restart is the first larger (smaller) world.
             grow = f.fault.kind == "add_node"
@@ -52,15 +62,19 @@ def summarize_faults(fired: list[Fired], records: list[Record], t0: float) -> li
         if unseen:  # no pause of its own: a later re-form is another fault's
             start_i = None
         recovery_s: float | None = None
+        pause_s: float | None = None
         world_after = f.world_before
         lost = 0
         if start_i is not None:
             start = records[start_i]
-            before = [int(r["step"]) for r in records[:start_i] if is_step(r)]
-            lost = max(0, (max(before) if before else 0) - int(start.get("restored_step") or 0))
+            before = [r for r in records[:start_i] if is_step(r)]
+            lost = max(0, max((int(r["step"]) for r in before), default=0)
+                       - int(start.get("restored_step") or 0))
             first = next((r for r in records[start_i + 1:] if is_step(r)), None)
             if first is not None:
                 recovery_s = round(float(first["time"]) - cause, 3)
+                if before:
+                    pause_s = round(float(first["time"]) - float(before[-1]["time"]), 3)
                 world_after = int(first["world_size"])
             else:
                 world_after = int(start.get("world_size", world_after))
@@ -72,13 +86,14 @@ def summarize_faults(fired: list[Fired], records: list[Record], t0: float) -> li
             "world_before": f.world_before,
             "world_after": world_after,
             "recovery_s": recovery_s,
+            "pause_s": pause_s,
             "lost_steps": lost,
         }
         if f.fault.during is not None:
             entry["during"] = f.fault.during
         if f.removed_at is not None:
             entry["removed_t"] = round(f.removed_at - t0, 3)
-        entry.update({k: v for k, v in f.detail.items() if k != "pid"})
+        entry.update({k: v for k, v in f.detail.items() if k not in ("pid", "joined_at")})
         entries.append(entry)
     return entries
 

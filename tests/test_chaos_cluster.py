@@ -49,11 +49,16 @@ def test_kill_node_takes_every_descendant_and_close_leaves_nothing(tmp_path: Pat
     seen: set[int] = set()
     with LocalCluster(tmp_path / "cluster", [str(script)], min_nodes=1, max_nodes=2) as cluster:
         assert cluster.store_port
+        added = time.time()
         for _ in range(2):
             cluster.add_node()
         _wait_until(lambda: all(len(_descendants(cluster.node(i).agent.pid)) >= 2
                                 for i in (0, 1)))
         assert cluster.started_workers(0) and cluster.started_workers(1)
+        # When each agent logged that it started its workers: after the node was added, before
+        # its workers were seen (log lines carry milliseconds).
+        assert all(added - 0.01 <= (cluster.workers_started_at(i) or 0) <= time.time()
+                   for i in (0, 1))
         doomed = _descendants(cluster.node(1).agent.pid)
         first_workers = _descendants(cluster.node(0).agent.pid)
         seen |= {p.pid for p in doomed} | {p.pid for p in first_workers}

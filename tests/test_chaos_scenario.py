@@ -265,6 +265,7 @@ def test_fault_summaries_attribute_restarts_and_validate(tmp_path: Path) -> None
     assert entries[0]["world_after"] == 1
     assert entries[0]["lost_steps"] == 2
     assert entries[0]["recovery_s"] == pytest.approx(20 + 11 - 14)
+    assert entries[0]["pause_s"] == pytest.approx((20 + 11) - (1 + 12))
     rep = {"scenario": BASE, "completed": True, "final_step": 20, "wall_s": 40.0,
            "goodput": 0.5, "faults": entries, "run_uri": "file:///x",
            "invariants": {k: {"ok": True, "detail": ""} for k in
@@ -274,6 +275,26 @@ def test_fault_summaries_attribute_restarts_and_validate(tmp_path: Path) -> None
     png = report.plot_timeline(records, entries, t0, 20, tmp_path / "timeline.png", "t")
     assert png.stat().st_size > 1000
     assert "kill_node" in report.summary_table(rep)
+
+
+def test_an_added_node_is_timed_to_the_world_it_joined_not_to_the_next_larger_one() -> None:
+    """Node 2 is added, node 1 lost before node 2 is in: node 2 joins the survivors' re-form,
+    a world of the same size; a later world of three is another node's doing."""
+    t0 = 1000.0
+    records = [start(None, 2, t0), *steps(1, 12, 2, t0), start(12, 2, t0 + 15),
+               *steps(13, 20, 2, t0 + 15), start(20, 3, t0 + 40), *steps(21, 25, 3, t0 + 40)]
+    added = Fired(index=0, fault=Fault("add_node", at_step=4), node=2, at_step=4, time=t0 + 5,
+                  world_before=2, detail={"joined": True, "joined_at": t0 + 14.5})
+    lost = Fired(index=1, fault=Fault("kill_node", at_step=9, node=1), node=1, at_step=9,
+                 time=t0 + 10, world_before=2)
+    entry = report.summarize_faults([added, lost], records, t0)[0]
+    assert entry["recovery_s"] == pytest.approx(15 + 13 - 5)
+    assert entry["pause_s"] == pytest.approx((15 + 13) - 12)
+    assert "joined_at" not in entry
+    # Without the time it joined, the first larger world is all there is to go by.
+    del added.detail["joined_at"]
+    assert report.summarize_faults([added, lost], records, t0)[0]["recovery_s"] == \
+        pytest.approx(40 + 21 - 5)
 
 
 # --------------------------------------------------------------------------------- waves, reforms
