@@ -221,9 +221,6 @@ class LocalCluster:
                 prefork_socket=os.path.join(tempfile.gettempdir(), f"et-{self.tag}-{index}.sock")
                 if self.prefork else "",
                 max_restarts=self.max_restarts,
-                # The harness measures recoveries: a dead worker is noticed within 0.1 s, not
-                # the 0.5 s a cloud node's agent takes.
-                monitor_interval_s=0.1,
                 shutdown_timeout_s=self.shutdown_timeout_s,
             )
             agent.clear_notice()

@@ -135,7 +135,6 @@ class StepTimer:
         self.client = client
         self.clock = clock
         self.recent: deque[float] = deque(maxlen=HANG_WINDOW)
-        self.measured = 0
         self.first_s: float | None = None
         """How long this process's first step took."""
         self._warned = False
@@ -154,8 +153,7 @@ class StepTimer:
 
     def observe(self, seconds: float) -> None:
         """A step took `seconds`; the first one of the process is kept apart (see above)."""
-        self.measured += 1
-        if self.measured == 1:
+        if self.first_s is None:
             self.first_s = seconds
         else:
             self.recent.append(seconds)

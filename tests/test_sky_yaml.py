@@ -226,7 +226,7 @@ def test_launcher_builds_torchrun_from_skypilots_variables():
         "--rdzv-endpoint=10.0.0.1:29400", f"--rdzv-id={task_id}",
         f"--rdzv-conf={launch.RDZV.conf()}",
         "--local-addr=10.0.0.2", f"--max-restarts={agent.DEFAULT_MAX_RESTARTS}",
-        "--monitor-interval=0.5"]
+        f"--monitor-interval={agent.DEFAULT_MONITOR_INTERVAL_S:g}"]
     assert "is_host=false" in launch.RDZV.conf() and "last_call_timeout=1," in launch.RDZV.conf()
     # Each rank hands the trainer's arguments to the node's prefork server.
     entry = args.index("-m")

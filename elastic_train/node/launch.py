@@ -75,12 +75,12 @@ DEFAULT_AGENT_RESTARTS = 3
 NOTICE_FILE = "~/.elastic-train/preemption-notice"
 """Written by `sky/train.yaml`'s preemption hook; the trainer polls ELASTIC_TRAIN_NOTICE_FILE."""
 
-# The harness's settings are for loopback; real networks get more room: heartbeats 1 s x 5 and a
-# 1 s last call. join_timeout stays torch's 600 s: real nodes finish their setup minutes apart.
+# The harness's settings are for loopback; real networks get more room: heartbeats 0.5 s x 4 and
+# a 1 s last call. join_timeout stays torch's 600 s: real nodes finish their setup minutes apart.
 # The first round waits up to 30 s for every node SkyPilot started (it completes as soon as all
 # have joined), so that the job does not start on the nodes that were a second faster.
-RDZV = RendezvousSettings(last_call_timeout=1, first_call_timeout=30, keep_alive_interval=1,
-                          keep_alive_max_attempt=5, join_timeout=None)
+RDZV = RendezvousSettings(last_call_timeout=1, first_call_timeout=30, keep_alive_interval=0.25,
+                          keep_alive_max_attempt=6, join_timeout=None)
 
 TASK_ENVS = ("BUCKET", "RUN_NAME", "DATA_URI", "CONFIG", "TRAIN_ARGS", "MIN_NODES")
 """The task `envs` this module reads; `sky/train.yaml` declares each."""
@@ -194,15 +194,19 @@ def agent_command(node: Node, env: Mapping[str, str], endpoint: str | None = Non
     )
 
 
+def trainer_config(trainer: list[str]) -> config_lib.Config:
+    """The config that the trainer's arguments (`[--config FILE] --key=value...`) give. Raises
+    ConfigError with a one-line message."""
+    path, overrides = (trainer[1], trainer[2:]) if trainer[:1] == ["--config"] else (None, trainer)
+    return config_lib.load(path, config_lib.parse_overrides(overrides))
+
+
 def check_trainer_config(trainer: list[str], num_nodes: int) -> None:
     """Validate the trainer's config (`[--config FILE] --key=value...`) once, here, before torchrun
     starts: a bad value would otherwise fail every worker and be restarted MAX_RESTARTS times.
     Raises LaunchError with the config's one-line message."""
-    path, overrides = None, trainer
-    if trainer[:1] == ["--config"]:
-        path, overrides = trainer[1], trainer[2:]
     try:
-        config = config_lib.load(path, config_lib.parse_overrides(overrides))
+        config = trainer_config(trainer)
     except config_lib.ConfigError as e:
         raise LaunchError(str(e)) from None
     uri = config.checkpoint.uri
@@ -228,11 +232,10 @@ def run_finished(torchrun_args: list[str]) -> bool:
             break
     else:
         return False
-    path, overrides = (trainer[1], trainer[2:]) if trainer[:1] == ["--config"] else (None, trainer)
     try:
         from checkpointing.storage import Storage
 
-        config = config_lib.load(path, config_lib.parse_overrides(overrides))
+        config = trainer_config(trainer)
         return Storage(config_lib.checkpoint_uri(config), retry_timeout_s=10).exists(FINAL_WEIGHTS)
     except Exception as e:  # noqa: BLE001 - cannot tell: say so, and report the job as ended
         print(f"elastic-train agent: could not check for the run's final weights: "
