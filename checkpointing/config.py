@@ -55,8 +55,11 @@ class CheckpointConfig:
     copy is done (a step pre-hook), so the copy overlaps forward and backward. Anything else that
     mutates the saved tensors before then must call `maybe_wait_for_staging()` first.
     blocking: `save` copies everything before it returns."""
-    write_threads: int = field(default=2, metadata=TUNING)
-    """Files written (and uploaded) concurrently per rank (>= 1)."""
+    write_threads: int | None = field(default=None, metadata=TUNING)
+    """Files each rank's shard is split into, written (and uploaded) concurrently (>= 1). None:
+    8 on an object store, where each is a request in flight and they add up; 2 on a local or
+    shared filesystem, where a write is a copy into the page cache that more threads only make
+    compete with training (docs/benchmarks.md)."""
     read_threads: int = field(default=8, metadata=TUNING)
     """Ranged reads in flight per rank during a load (>= 1)."""
     collective_timeout_s: float = field(default=600.0, metadata=TUNING)
@@ -66,12 +69,17 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         self.validate(prefix=f"{type(self).__name__}.")
 
+    def write_threads_for(self, is_local: bool) -> int:
+        """`write_threads`, or its default for a local filesystem or an object store."""
+        return self.write_threads or (2 if is_local else 8)
+
     def validate(self, prefix: str = "") -> None:
         """Raise ValueError for the first impossible value, in one line: `{prefix}{field}=value`
         and what is expected. Subclasses that add fields extend this."""
         checks = [(isinstance(self.keep, int) and self.keep >= 1, "keep", "must be >= 1"),
                   (self.retry_timeout_s >= 0, "retry_timeout_s", "must be >= 0"),
-                  (self.write_threads >= 1, "write_threads", "must be >= 1"),
+                  (self.write_threads is None or self.write_threads >= 1, "write_threads",
+                   "must be >= 1 (or unset)"),
                   (self.read_threads >= 1, "read_threads", "must be >= 1"),
                   (self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0")]
         hints = typing.get_type_hints(type(self))

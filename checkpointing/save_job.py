@@ -194,6 +194,7 @@ class SaveWriter:
         self.report = report
         self.epoch: int | None = None
         """Rank 0's writer epoch, claimed by `claim_epoch` (or lazily by the first save)."""
+        self.write_threads = config.write_threads_for(storage.is_local)
 
     def claim_epoch(self) -> int:
         """Rank 0: become the newest writer of the run (once). Raises StorageError."""
@@ -229,7 +230,7 @@ class SaveWriter:
         early: SerializeFirstWriter | None = None
         if job.deferred:
             # Serialise from the live tensors first: after this the fence lets training go on.
-            early = SerializeFirstWriter(target, self.config.write_threads, tee=tee)
+            early = SerializeFirstWriter(target, self.write_threads, tee=tee)
             try:
                 failure = self._dcp_save(job, early)
             finally:
@@ -244,7 +245,7 @@ class SaveWriter:
                     failure = Failure(failure.kind, f"rank {self.ranks.rank}: {failure.message}")
                 records = early.records
             else:
-                writer = RecordingWriter(target, self.config.write_threads, tee=tee)
+                writer = RecordingWriter(target, self.write_threads, tee=tee)
                 failure = self._dcp_save(job, writer)
                 records = writer.records
         job.staged = None  # the stager keeps the buffers; drop our reference early

@@ -4,6 +4,7 @@ failures, and the commit protocol's rules as readers and GC see them."""
 from __future__ import annotations
 
 import pickle
+import struct
 
 import pytest
 import torch
@@ -99,7 +100,7 @@ def test_load_of_an_uncommitted_step_raises_naming_it(tmp_path):
     ("when_busy", "queue", "must be one of 'wait', 'skip'"),
     ("on_failure", "ignore", "must be one of 'continue', 'stop'"),
     ("retry_timeout_s", -1, "must be >= 0"), ("staging", "lazy", "must be one of"),
-    ("write_threads", 0, "must be >= 1"), ("collective_timeout_s", 0, "must be > 0")])
+    ("write_threads", 0, "must be >= 1 (or unset)"), ("collective_timeout_s", 0, "must be > 0")])
 def test_bad_config_values_fail_with_one_line_naming_field_value_and_expectation(
         field, value, expected):
     with pytest.raises(ValueError) as e:
@@ -192,3 +193,44 @@ def test_loading_into_a_different_model_raises_a_checkpoint_error(tmp_path):
         other = torch.nn.Sequential(torch.nn.Linear(3, 3))
         with pytest.raises(CheckpointError, match="loading step 1"):
             manager.load({"app": ModelOptimizerState(other, torch.optim.AdamW(other.parameters()))})
+
+
+@pytest.mark.parametrize("users_setting", [True, False])
+def test_a_save_skips_torchs_zip_crc_and_leaves_the_users_setting_as_it_was(tmp_path,
+                                                                           users_setting):
+    """Our own CRCs guard every byte (COMMIT.json); torch's zip CRC would be a second pass. The
+    files still load with DCP's own reader, which does not need it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.utils.serialization import config
+
+    config.save.compute_crc32 = users_setting
+    try:
+        state = {"weights": torch.arange(1000, dtype=torch.float32)}
+        with CheckpointManager(tmp_path, CheckpointConfig(mode="sync")) as manager:
+            manager.save(3, state)
+        assert config.save.compute_crc32 is users_setting
+        # Every record of the archives DCP wrote carries no CRC (zip central directory).
+        data = b"".join(f.read_bytes() for f in (tmp_path / "step_00000003").glob("*.distcp"))
+        offsets = [i for i in range(len(data) - 4) if data[i:i + 4] == b"PK\x01\x02"]
+        assert offsets and all(struct.unpack_from("<I", data, i + 16)[0] == 0 for i in offsets)
+        loaded = {"weights": torch.zeros(1000)}
+        dcp.load(loaded, storage_reader=dcp.FileSystemReader(str(tmp_path / "step_00000003")),
+                 no_dist=True)
+        assert torch.equal(loaded["weights"], state["weights"])
+    finally:
+        config.save.compute_crc32 = True
+
+
+def test_a_rank_writes_eight_files_to_an_object_store_and_two_to_a_filesystem(s3_proxy,
+                                                                               tmp_path):
+    """Concurrent requests add up on an object store; on a filesystem more writers only compete
+    with training (docs/benchmarks.md). An explicit `write_threads` wins."""
+    many = {f"t{i}": torch.full((256,), float(i)) for i in range(16)}
+    for uri, options, config, files in [
+            (s3_proxy.url("files"), s3_proxy.storage_options, CheckpointConfig(mode="sync"), 8),
+            (str(tmp_path / "a"), None, CheckpointConfig(mode="sync"), 2),
+            (str(tmp_path / "b"), None, CheckpointConfig(mode="sync", write_threads=3), 3)]:
+        with CheckpointManager(uri, config, storage_options=options) as manager:
+            manager.save(1, many)
+            info = manager.steps()[-1]
+        assert sum(name.endswith(".distcp") for name in info.files) == files, uri
