@@ -295,11 +295,6 @@ class LocalCluster:
                                f"{', '.join(map(str, sorted(running)[:5]))})")
         return node.removed
 
-    def started_workers(self, index: int) -> bool:
-        """Whether node `index`'s agent ever started its workers in a formed world (its log says
-        so), whatever else changed in that re-form."""
-        return self.workers_started_at(index) is not None
-
     def workers_started_at(self, index: int) -> float | None:
         """time.time() at which node `index`'s agent first started its workers in a formed world
         (the timestamp of that line of its log); None: it never did."""

@@ -38,7 +38,7 @@ class Target(Protocol):
     """What the injector acts on (a `LocalCluster` plus the storage proxy)."""
 
     def live_nodes(self) -> list[int]: ...
-    def started_workers(self, index: int) -> bool: ...
+    def workers_started_at(self, index: int) -> float | None: ...
     def add_node(self) -> int: ...
     def kill_node(self, index: int) -> float: ...
     def vanish_node(self, index: int) -> float: ...
@@ -124,9 +124,9 @@ class Fired:
 
 
 def changed_no_world(fired: list[Fired]) -> list[bool]:
-    """Per fault: it was aimed at a node lost before it ever trained (added, still joining), so
-    no world could show it: the loss itself (`detail["in_world"]` False, recorded as it fired)
-    and that node's add_node."""
+    """Per fault: it was aimed at a node lost before it ever trained (added, still joining, or
+    its first world never started), so no world could show it: the loss itself (`detail["in_world"]`
+    False, recorded as it fired) and that node's add_node."""
     never_trained = {f.node for f in fired if f.detail.get("in_world") is False}
     return [f.detail.get("in_world") is False
             or (f.fault.kind == "add_node" and f.node in never_trained) for f in fired]
@@ -171,6 +171,8 @@ class Injector:
         self._uploading: int | None = None
         # In the run's own clock (the records' "time"), so that replays are deterministic.
         self._run_time = 0.0
+        self._last_start = float("-inf")
+        """When the newest world reported `start` (the records' clock)."""
         self._upload_began = 0.0
         self._quiet_until = 0.0
         self.later: list[tuple[float, int, Fault, int, float]] = []
@@ -196,6 +198,7 @@ class Injector:
                     self._upload_began = self._run_time
             elif r.get("event") == Event.START:
                 self.world = int(r.get("world_size", self.world))
+                self._last_start = float(r.get("time", self._last_start))
                 self._uploading = None
                 self._started_since_mark = True
             elif r.get("event") in (Event.COMMIT, Event.SAVE_FAILED):
@@ -280,9 +283,12 @@ class Injector:
         rec = Fired(index=index, fault=f, node=node, at_step=self.step, time=self.clock(),
                     world_before=self.world, detail=detail)
         if f.kind in REMOVES_NODE and node is not None:
-            # A node lost before it ever trained (added, still joining) changes no world: what
-            # `faults_observed` can ask of the fault depends on this, known only now.
-            rec.detail["in_world"] = self.target.started_workers(node)
+            # A node lost before it ever trained (added and still joining, or its first workers
+            # not yet through a world's start) changes no world: what `faults_observed` can ask
+            # of the fault depends on this, known only now. A world's `start` comes after every
+            # rank's workers started and restored.
+            started = self.target.workers_started_at(node)
+            rec.detail["in_world"] = started is not None and self._last_start >= started
         try:
             if f.kind == "kill_node":
                 rec.time = self.target.kill_node(node)

@@ -302,8 +302,9 @@ def fault_effects(fired: Iterable[Fired], records: list[Record],
     - storage_outage: the storage proxy failed at least one request in its window
       (`outage_hits(t0, t1)` counts them);
     - a node lost before it ever trained (`detail["in_world"]` False, recorded when the fault
-      fired: an added node still joining): its action succeeding is all there is to see, and
-      its own add_node is exempt too (no world could grow by a node that was gone);
+      fired: an added node still joining, or whose first workers had not yet been through a
+      world's `start`): its action succeeding is all there is to see, and its own
+      add_node is exempt too (no world could grow by a node that was gone);
     - `during: checkpoint_upload`: the upload of `upload_step` had been asked for (a save of it
       committed or failed at some point, or the restart it caused came before any commit of
       it) and had not committed when the fault fired.

@@ -54,7 +54,6 @@ def test_kill_node_takes_every_descendant_and_close_leaves_nothing(tmp_path: Pat
             cluster.add_node()
         _wait_until(lambda: all(len(_descendants(cluster.node(i).agent.pid)) >= 2
                                 for i in (0, 1)))
-        assert cluster.started_workers(0) and cluster.started_workers(1)
         # When each agent logged that it started its workers: after the node was added, before
         # its workers were seen (log lines carry milliseconds).
         assert all(added - 0.01 <= (cluster.workers_started_at(i) or 0) <= time.time()

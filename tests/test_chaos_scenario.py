@@ -209,8 +209,9 @@ class FakeCluster:
     def live_nodes(self) -> list[int]:
         return list(self.nodes)
 
-    def started_workers(self, index: int) -> bool:
-        return index not in self.joining
+    def workers_started_at(self, index: int) -> float | None:
+        # Nodes of the initial world started before anything the tests feed the injector.
+        return None if index in self.joining else float("-inf")
 
     def add_node(self) -> int:
         self.calls.append(("add",))
@@ -409,6 +410,15 @@ def test_a_node_lost_before_it_trained_is_recorded_so_at_fire_time() -> None:
     added, early, trained = inj.observe(steps(1, 4))
     assert added.node == 2 and "in_world" not in added.detail
     assert early.detail["in_world"] is False and trained.detail["in_world"] is True
+    # Node 2's workers did start, but no world reported `start` after that: it never trained.
+    cluster.joining.discard(2)
+    cluster.workers_started_at = lambda index: 5.0 if index == 2 else float("-inf")
+    late = Injector([Fault("vanish_node", at_step=5, node=2)], cluster, checkpoint_every=5,
+                    steps=20, log=lambda m: None)
+    assert late.observe([start(None, 2, t=4.0), *steps(5, 5)])[0].detail["in_world"] is False
+    again = Injector([Fault("vanish_node", at_step=5, node=2)], cluster, checkpoint_every=5,
+                     steps=20, log=lambda m: None)
+    assert again.observe([start(3, 3, t=6.0), *steps(5, 5)])[0].detail["in_world"] is True
     # No world grew or shrank by node 2; the run restarted once, for node 1.
     records = [{"event": "start", "time": 0.0, "world_size": 2},
                {"event": "start", "time": 1e9, "world_size": 1}]
