@@ -97,7 +97,7 @@ class CheckpointManager:
             "saves_started": 0, "committed": 0, "skipped": 0, "failed": 0, "aborted": 0,
             "waits": 0, "wait_s": 0.0, "last_stall_s": None, "last_commit_s": None,
             "last_committed_step": None, "loads": 0, "last_load_s": None,
-            "fence_waits": 0, "last_fence_wait_s": None, "fallbacks": 0,
+            "fence_waits": 0, "last_fence_wait_s": None, "fence_wait_s": 0.0, "fallbacks": 0,
         }
         self._failure: SaveFailed | None = None
         self.storage = Storage(uri, storage_options, self.config.retry_timeout_s)
@@ -181,7 +181,9 @@ class CheckpointManager:
                 return
             t0 = time.monotonic()
             job.staging_done.wait()
-            job.fence_wait_s += time.monotonic() - t0
+            waited = time.monotonic() - t0
+            job.fence_wait_s += waited
+            self.metrics["fence_wait_s"] += waited
             self.metrics["fence_waits"] += 1
             self.metrics["last_fence_wait_s"] = job.fence_wait_s
 

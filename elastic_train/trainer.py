@@ -130,10 +130,16 @@ class StepTimer:
     alongside the node's agent, not before it."""
 
     def __init__(self, floor_s: float, first_steps_s: float, client: Any = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 waited_s: Callable[[], float] = lambda: 0.0) -> None:
         self.floor_s, self.first_steps_s = floor_s, first_steps_s
         self.client = client
         self.clock = clock
+        self.waited_s = waited_s
+        """Seconds this process has waited so far on something other than its step (the
+        checkpoint's fence): taken out of the step times the bound is sized from, so that a
+        step held up by a save (a storage outage) does not stretch the bound for the next
+        HANG_WINDOW steps."""
         self.recent: deque[float] = deque(maxlen=HANG_WINDOW)
         self.first_s: float | None = None
         """How long this process's first step took."""
@@ -172,25 +178,28 @@ class StepTimer:
                     say("warning: no hang watchdog serves TORCHELASTIC_TIMER_FILE yet; "
                         "this step runs untimed")
                     self._warned = True
-        began = self.clock()
+        began, waited = self.clock(), self.waited_s()
         try:
             yield
         finally:
-            self.observe(self.clock() - began)
+            self.observe(self.clock() - began - (self.waited_s() - waited))
             if armed:
                 with suppress(BrokenPipeError):
                     self.client.release("step")
 
 
-def build_step_timer(cfg: ParallelConfig, backend: str) -> StepTimer:
-    """The step timer of `parallel.hang_timeout_s`, on the FIFO at TORCHELASTIC_TIMER_FILE."""
+def build_step_timer(cfg: ParallelConfig, backend: str,
+                     checkpoints: CheckpointManager) -> StepTimer:
+    """The step timer of `parallel.hang_timeout_s`, on the FIFO at TORCHELASTIC_TIMER_FILE; the
+    time a step waits at the checkpoint's fence is not counted as the step's."""
     path = os.environ.get("TORCHELASTIC_TIMER_FILE")
     client = None
     if cfg.hang_timeout_s > 0 and path:
         from torch.distributed.elastic.timer import FileTimerClient
 
         client = FileTimerClient(path)
-    return StepTimer(cfg.hang_timeout_s, distributed.collective_timeout(cfg, backend), client)
+    return StepTimer(cfg.hang_timeout_s, distributed.collective_timeout(cfg, backend), client,
+                     waited_s=lambda: float(checkpoints.metrics["fence_wait_s"]))
 
 
 def _process_age_s() -> float:
@@ -430,7 +439,7 @@ class Trainer(Stateful):
             allow_change=config.checkpoint.allow_data_change)
         self.state = {"app": ModelOptimizerState(self.model, self.optimizer), "trainer": self,
                       POLICY_KEY: self.save_policy, DATA_ORDER_KEY: self.data_order}
-        self.step_timer = build_step_timer(config.parallel, self.world.backend)
+        self.step_timer = build_step_timer(config.parallel, self.world.backend, self.checkpoints)
         self.startup["model"] = time.time()
 
     # -- Stateful: the checkpoint's "trainer" entry ----------------------------------------------

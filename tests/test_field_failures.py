@@ -294,3 +294,27 @@ def test_a_node_that_finds_the_job_ended_tells_a_finished_run_from_an_abandoned_
     (tmp_path / "run" / FINAL_WEIGHTS).write_bytes(b"weights")
     assert launch.run_finished(args)
     assert not launch.run_finished(["--nnodes=1:2", "train.py"]), "no trainer entry: unknown"
+
+
+def test_a_step_held_up_at_the_checkpoint_fence_does_not_stretch_the_hang_bound() -> None:
+    """A storage outage held one step 2.6 s at the fence (soak seed 22): counted as the step's
+    own time, it made the bound 5 x 2.9 s for the next hundred steps, and a hang then took
+    16.7 s to find. Only the step's own time is measured."""
+    from elastic_train.trainer import HANG_WARMUP_STEPS, StepTimer
+
+    fence = {"waited": 0.0}
+
+    def run(timer: StepTimer) -> float:
+        _run_steps(timer, [0.3] * (HANG_WARMUP_STEPS + 2))
+        fence["waited"] += 2.6  # the next step waits 2.6 s of its 2.9 s at the fence
+        waits = iter([fence["waited"] - 2.6, fence["waited"]])
+        timer.waited_s = lambda: next(waits)
+        _run_steps(timer, [2.9])
+        timer.waited_s = lambda: fence["waited"]
+        return timer.timeout_s()
+
+    assert run(StepTimer(8.0, first_steps_s=20.0, client=_Client())) == 8.0
+    # Without the fence's account, the same steps stretch the bound past the floor.
+    blind = StepTimer(8.0, first_steps_s=20.0, client=_Client())
+    _run_steps(blind, [0.3] * (HANG_WARMUP_STEPS + 2) + [2.9])
+    assert blind.timeout_s() > 8.0
