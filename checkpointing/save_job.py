@@ -35,8 +35,10 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
+import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor
 
 from checkpointing.cache import LocalCache
 from checkpointing.collectives import Failure, RankGroup
@@ -60,6 +62,11 @@ from checkpointing.state import ModelOptimizerState
 from checkpointing.storage import Storage
 
 log = logging.getLogger(__name__)
+
+FILE_BYTES = 32 * 2**20
+"""A rank's shard is split into files of at least this size, at most `write_threads` of them:
+each file is a request of its own, which pays on a large shard and only adds requests (and time
+to a save and a restore) on a small one."""
 
 
 class SerializeFirstWriter(RecordingWriter):
@@ -227,10 +234,11 @@ class SaveWriter:
         records: dict[str, FileRecord] = {}
         tee = self.cache.step_storage(job.step) if self.cache is not None else None
         target = self.storage.child(step_dir(job.step))
+        files = max(1, min(self.write_threads, -(-_tensor_bytes(job.staged) // FILE_BYTES)))
         early: SerializeFirstWriter | None = None
         if job.deferred:
             # Serialise from the live tensors first: after this the fence lets training go on.
-            early = SerializeFirstWriter(target, self.write_threads, tee=tee)
+            early = SerializeFirstWriter(target, files, tee=tee)
             try:
                 failure = self._dcp_save(job, early)
             finally:
@@ -245,7 +253,7 @@ class SaveWriter:
                     failure = Failure(failure.kind, f"rank {self.ranks.rank}: {failure.message}")
                 records = early.records
             else:
-                writer = RecordingWriter(target, self.write_threads, tee=tee)
+                writer = RecordingWriter(target, files, tee=tee)
                 failure = self._dcp_save(job, writer)
                 records = writer.records
         job.staged = None  # the stager keeps the buffers; drop our reference early
@@ -311,3 +319,16 @@ class SaveWriter:
             return None
         except BaseException as e:  # noqa: BLE001
             return Failure.of(e, self.storage.redact)
+
+
+def _tensor_bytes(state: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict; a DTensor counts this rank's shard."""
+    if isinstance(state, DTensor):
+        state = state.to_local()
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, Mapping):
+        return sum(_tensor_bytes(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_tensor_bytes(value) for value in state)
+    return 0

@@ -221,11 +221,19 @@ def test_a_save_skips_torchs_zip_crc_and_leaves_the_users_setting_as_it_was(tmp_
         config.save.compute_crc32 = True
 
 
-def test_a_rank_writes_eight_files_to_an_object_store_and_two_to_a_filesystem(s3_proxy,
-                                                                               tmp_path):
+def test_a_rank_writes_eight_files_to_an_object_store_and_two_to_a_filesystem(
+        s3_proxy, tmp_path, monkeypatch):
     """Concurrent requests add up on an object store; on a filesystem more writers only compete
-    with training (docs/benchmarks.md). An explicit `write_threads` wins."""
+    with training (docs/benchmarks.md). An explicit `write_threads` wins. A small shard is one
+    file (here: 16 KiB, files of at least 1 KiB, and of at least the real 32 MiB)."""
+    from checkpointing import save_job
+
     many = {f"t{i}": torch.full((256,), float(i)) for i in range(16)}
+    small = CheckpointConfig(mode="sync")
+    with CheckpointManager(str(tmp_path / "small"), small) as manager:
+        manager.save(1, many)
+        assert sum(name.endswith(".distcp") for name in manager.steps()[-1].files) == 1
+    monkeypatch.setattr(save_job, "FILE_BYTES", 1024)
     for uri, options, config, files in [
             (s3_proxy.url("files"), s3_proxy.storage_options, CheckpointConfig(mode="sync"), 8),
             (str(tmp_path / "a"), None, CheckpointConfig(mode="sync"), 2),
