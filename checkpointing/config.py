@@ -56,8 +56,8 @@ class CheckpointConfig:
     mutates the saved tensors before then must call `maybe_wait_for_staging()` first.
     blocking: `save` copies everything before it returns."""
     write_threads: int | None = field(default=None, metadata=TUNING)
-    """The most files each rank's shard is split into (files of at least 32 MiB), written and
-    uploaded concurrently (>= 1). None: 8 on an object store, where each is a request in flight
+    """The most files each rank's shard is split into (two, or files of at least 32 MiB), written
+    and uploaded concurrently (>= 1). None: 8 on an object store, where each is a request in flight
     and they add up; 2 on a local or shared filesystem, where a write is a copy into the page
     cache that more threads only make compete with training (docs/benchmarks.md)."""
     read_threads: int = field(default=8, metadata=TUNING)

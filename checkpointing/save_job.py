@@ -67,6 +67,10 @@ FILE_BYTES = 32 * 2**20
 """A rank's shard is split into files of at least this size, at most `write_threads` of them:
 each file is a request of its own, which pays on a large shard and only adds requests (and time
 to a save and a restore) on a small one."""
+MIN_FILES = 2
+"""But never fewer files than this (unless `write_threads` is smaller): two small requests in
+flight cost what one does, and a shard of two files is what the checkpoint's fault tests
+inject into (a failure on the second file of a rank)."""
 
 
 class SerializeFirstWriter(RecordingWriter):
@@ -234,7 +238,8 @@ class SaveWriter:
         records: dict[str, FileRecord] = {}
         tee = self.cache.step_storage(job.step) if self.cache is not None else None
         target = self.storage.child(step_dir(job.step))
-        files = max(1, min(self.write_threads, -(-_tensor_bytes(job.staged) // FILE_BYTES)))
+        files = min(self.write_threads,
+                    max(MIN_FILES, -(-_tensor_bytes(job.staged) // FILE_BYTES)))
         early: SerializeFirstWriter | None = None
         if job.deferred:
             # Serialise from the live tensors first: after this the fence lets training go on.
