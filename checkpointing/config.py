@@ -56,10 +56,11 @@ class CheckpointConfig:
     mutates the saved tensors before then must call `maybe_wait_for_staging()` first.
     blocking: `save` copies everything before it returns."""
     write_threads: int | None = field(default=None, metadata=TUNING)
-    """The most files each rank's shard is split into (two, or files of at least 32 MiB), written
-    and uploaded concurrently (>= 1). None: 8 on an object store, where each is a request in flight
-    and they add up; 2 on a local or shared filesystem, where a write is a copy into the page
-    cache that more threads only make compete with training (docs/benchmarks.md)."""
+    """The most files each rank's shard is split into, each written and uploaded by a thread of
+    its own (>= 1; how many below that: `save_job.files_per_rank`). None: 8 on an object store,
+    where each is a request in flight and they add up; 2 on a local or shared filesystem, where a
+    write is a copy into the page cache that more threads only make compete with training
+    (docs/benchmarks.md)."""
     read_threads: int = field(default=8, metadata=TUNING)
     """Ranged reads in flight per rank during a load (>= 1)."""
     collective_timeout_s: float = field(default=600.0, metadata=TUNING)
@@ -68,10 +69,6 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         self.validate(prefix=f"{type(self).__name__}.")
-
-    def write_threads_for(self, is_local: bool) -> int:
-        """`write_threads`, or its default for a local filesystem or an object store."""
-        return self.write_threads or (2 if is_local else 8)
 
     def validate(self, prefix: str = "") -> None:
         """Raise ValueError for the first impossible value, in one line: `{prefix}{field}=value`

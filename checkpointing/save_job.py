@@ -64,7 +64,7 @@ from checkpointing.storage import Storage
 log = logging.getLogger(__name__)
 
 FILE_BYTES = 32 * 2**20
-"""A rank's shard is split into files of at least this size, at most `write_threads` of them:
+"""A rank's shard is split into files of at least this size (`files_per_rank`):
 each file is a request of its own, which pays on a large shard and only adds requests (and time
 to a save and a restore) on a small one."""
 MIN_FILES = 2
@@ -205,7 +205,6 @@ class SaveWriter:
         self.report = report
         self.epoch: int | None = None
         """Rank 0's writer epoch, claimed by `claim_epoch` (or lazily by the first save)."""
-        self.write_threads = config.write_threads_for(storage.is_local)
 
     def claim_epoch(self) -> int:
         """Rank 0: become the newest writer of the run (once). Raises StorageError."""
@@ -238,8 +237,8 @@ class SaveWriter:
         records: dict[str, FileRecord] = {}
         tee = self.cache.step_storage(job.step) if self.cache is not None else None
         target = self.storage.child(step_dir(job.step))
-        files = min(self.write_threads,
-                    max(MIN_FILES, -(-_tensor_bytes(job.staged) // FILE_BYTES)))
+        files = files_per_rank(self.config.write_threads, self.storage.is_local,
+                               _tensor_bytes(job.staged))
         early: SerializeFirstWriter | None = None
         if job.deferred:
             # Serialise from the live tensors first: after this the fence lets training go on.
@@ -324,6 +323,14 @@ class SaveWriter:
             return None
         except BaseException as e:  # noqa: BLE001
             return Failure.of(e, self.storage.redact)
+
+
+def files_per_rank(write_threads: int | None, is_local: bool, shard_bytes: int) -> int:
+    """How many files (each written and uploaded by a thread of its own) a rank's shard of
+    `shard_bytes` is split into: files of at least FILE_BYTES, never fewer than MIN_FILES, at
+    most `write_threads` (unset: 8 on an object store, 2 on a filesystem; CheckpointConfig)."""
+    most = write_threads or (2 if is_local else 8)
+    return min(most, max(MIN_FILES, -(-shard_bytes // FILE_BYTES)))
 
 
 def _tensor_bytes(state: Any) -> int:
