@@ -93,25 +93,30 @@ def _without_zip_crc() -> Generator[None, None, None]:
 
 
 class _UploadingFileSystem(_FsspecFileSystem):
-    """DCP's filesystem seam: writes are buffered and uploaded whole through `Storage`."""
+    """DCP's filesystem seam: each file DCP writes is buffered whole and handed to an upload
+    thread as soon as it is serialised (`file_written`), so the first upload overlaps the
+    serialisation of the next file; `wait_uploads` waits for all of them."""
 
-    def __init__(self, storage: Storage, tee: Storage | None) -> None:
+    def __init__(self, storage: Storage, tee: Storage | None, upload_threads: int = 1) -> None:
         super().__init__()
         self.fs = storage.fs
         self.storage = storage
         self.tee = tee
+        self.upload_threads = max(1, upload_threads)
         self.records: dict[str, FileRecord] = {}
         self.errors: list[BaseException] = []
         self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._uploads: list[Any] = []
 
     def upload(self, name: str, data: bytes) -> None:
-        """Write one whole file (retried), remember its size and CRC, copy it to the cache."""
+        """Write one whole file (retried) with its CRC-32, which the store checks where it can;
+        remember its size and CRCs; copy it to the cache."""
         record = FileRecord.of(data)
         try:
-            self.storage.write_bytes(name, data)
+            self.storage.write_bytes(name, data, crc32=record.crc32)
         except BaseException as e:
-            # DCP's extra writer threads die on an exception without reporting it (their files
-            # just go missing from the results); remember it so write_data raises it.
+            # Upload threads have no caller to raise to: remember it for wait_uploads.
             with self._lock:
                 self.errors.append(e)
             raise
@@ -123,6 +128,29 @@ class _UploadingFileSystem(_FsspecFileSystem):
             except Exception as e:  # noqa: BLE001 - the cache is an optimisation, never a failure
                 log.warning("could not cache %s: %s", name, type(e).__name__)
 
+    def file_written(self, name: str, data: bytes) -> None:
+        """DCP finished serialising `name`: upload it on an upload thread."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.upload_threads,
+                                                thread_name_prefix="ckpt-upload")
+            self._uploads.append(self._pool.submit(self.upload, name, data))
+
+    def wait_uploads(self) -> BaseException | None:
+        """Wait for every upload handed on so far; return the first failure of any."""
+        with self._lock:
+            uploads, self._uploads = self._uploads, []
+            pool, self._pool = self._pool, None
+        for future in uploads:
+            future.exception()  # recorded in self.errors by upload()
+        if pool is not None:
+            pool.shutdown()
+        return self.errors[0] if self.errors else None
+
+    def upload_metadata(self, data: bytes) -> None:
+        """Write `.metadata`, DCP's last file (after every rank's data files)."""
+        self.upload(METADATA_FILE, data)
+
     @contextmanager
     def create_stream(self, path: str | os.PathLike, mode: str) -> Generator[io.IOBase, None, None]:
         if "r" in mode:
@@ -132,44 +160,62 @@ class _UploadingFileSystem(_FsspecFileSystem):
         buffer = _KeepOpenBuffer()
         with _without_zip_crc():
             yield buffer
-        # Only reached when DCP finished writing the file without an error.
-        try:
-            self.upload(posixpath.basename(os.fspath(path)), buffer.getvalue())
-        except Exception:  # noqa: BLE001 - recorded in self.errors; RecordingWriter.write_data
-            pass  # raises it, from the thread DCP reports errors for (its helpers drop them)
-        finally:
-            buffer.release()
+        # Only reached when DCP finished writing the file without an error. getvalue() shares
+        # the buffer's bytes (no copy) once nothing more is written to it.
+        self.file_written(posixpath.basename(os.fspath(path)), buffer.getvalue())
+        buffer.release()
 
     def mkdir(self, path: str | os.PathLike) -> None:
         if self.storage.is_local:
             os.makedirs(self.storage.root, exist_ok=True)
 
     def exists(self, path: str | os.PathLike) -> bool:
-        return self.storage.exists(posixpath.basename(os.fspath(path)))
+        # DCP asks whether `.metadata` exists (prepare_local_plan) only to warn before it
+        # overwrites; the save clears the step directory itself (save_job.py). Answering
+        # from storage would be a request per rank per save, and, in the serialise-first
+        # save, a storage access (retried through an outage) while training waits on it.
+        return False
 
 
 class RecordingWriter(FsspecWriter):
-    """A DCP StorageWriter for one step directory. After `dcp.save`, `records` lists the files
-    this rank wrote (name -> size, CRC). Upload failures raise `StorageError` out of `dcp.save`
-    (wrapped by DCP in its `CheckpointException`)."""
+    """A DCP StorageWriter for one step directory that splits this rank's shard into `files`
+    files. One thread serialises them, one after another, into memory, and each is uploaded on a
+    thread of its own as soon as it is whole: the uploads overlap the serialisation, and
+    serialising threads would only compete for the GIL and memory bandwidth. After `dcp.save`,
+    `records` lists the files this rank wrote (name -> size, CRC). Upload failures raise
+    `StorageError` out of `dcp.save` (wrapped by DCP in its `CheckpointException`)."""
 
-    def __init__(self, storage: Storage, thread_count: int = 2, tee: Storage | None = None):
+    def __init__(self, storage: Storage, files: int = 2, tee: Storage | None = None):
         super().__init__(storage.url, single_file_per_rank=True, sync_files=False,
-                         thread_count=thread_count, overwrite=True, **storage.storage_options)
-        self.fs = _UploadingFileSystem(storage, tee)
+                         thread_count=files, overwrite=True, **storage.storage_options)
+        self.fs = self._filesystem(storage, tee, files)
+
+    @staticmethod
+    def _filesystem(storage: Storage, tee: Storage | None, files: int) -> _UploadingFileSystem:
+        return _UploadingFileSystem(storage, tee, files)
 
     @property
     def records(self) -> dict[str, FileRecord]:
         return dict(cast(_UploadingFileSystem, self.fs).records)
 
+    def _write_data(self, planner: SavePlanner, file_queue: Any) -> Future[list[WriteResult]]:
+        # DCP split the plan into `thread_count` files (write_data); serialise them on one
+        # thread (DCP's own GPU-to-host copy-ahead applies to a single thread only).
+        files, self.thread_count = self.thread_count, 1
+        try:
+            return super()._write_data(planner, file_queue)
+        finally:
+            self.thread_count = files
+
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        """DCP's threaded write, then a check that every item was written: an upload that failed
-        in one of DCP's helper threads would otherwise leave a silently incomplete checkpoint."""
-        future = super().write_data(plan, planner)
+        """DCP's write, then every upload awaited and a check that every item was written."""
+        try:
+            future = super().write_data(plan, planner)
+        finally:  # also when serialising failed: no upload outlives the save
+            failure = cast(_UploadingFileSystem, self.fs).wait_uploads()
+        if failure is not None:
+            raise failure
         results = future.wait()
-        errors = cast(_UploadingFileSystem, self.fs).errors
-        if errors:
-            raise errors[0]
         if len(results) != len(plan.items):
             raise RuntimeError(f"DCP wrote {len(results)} of {len(plan.items)} items")
         return future
@@ -182,7 +228,7 @@ class RecordingWriter(FsspecWriter):
             storage_md.update({wr.index: wr.storage_data for wr in wr_list})
         metadata.storage_data = storage_md
         metadata.storage_meta = self.storage_meta()
-        cast(_UploadingFileSystem, self.fs).upload(METADATA_FILE, pickle.dumps(metadata))
+        cast(_UploadingFileSystem, self.fs).upload_metadata(pickle.dumps(metadata))
 
 
 class ParallelReader(FsspecReader):

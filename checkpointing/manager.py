@@ -197,14 +197,16 @@ class CheckpointManager:
             handle.remove()
         self._fences = []
 
-    def maybe_wait_for_staging(self) -> None:
-        """Block until the in-flight save no longer reads live state (no-op if it does not).
+    def maybe_wait_for_staging(self, timeout_s: float | None = None) -> bool:
+        """Block until the in-flight save no longer reads live state (no-op if it does not),
+        or at most `timeout_s`; returns whether it no longer does.
 
         Must be called before mutating saved tensors other than through the optimizer's step().
         """
         job = self._job
         if job is not None and not job.staging_done.is_set():
-            job.staging_done.wait()
+            return job.staging_done.wait(timeout_s)
+        return True
 
     def _report(self, job: SaveJob) -> None:
         """The writer thread's report of a final outcome: metrics, log, event, stop policy."""

@@ -32,7 +32,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import torch
@@ -47,13 +46,12 @@ from checkpointing.commit import (
     CommitInfo,
     FileRecord,
     new_commit,
-    read_commit,
     step_dir,
     verify_step,
     write_commit,
 )
 from checkpointing.config import CheckpointConfig
-from checkpointing.dcp_io import METADATA_FILE, RecordingWriter, _UploadingFileSystem
+from checkpointing.dcp_io import RecordingWriter, _UploadingFileSystem
 from checkpointing.errors import CorruptCheckpoint, SaveAborted
 from checkpointing.fence import check_epoch, claim_epoch
 from checkpointing.retention import collect_garbage
@@ -75,49 +73,49 @@ inject into (a failure on the second file of a rank)."""
 
 class SerializeFirstWriter(RecordingWriter):
     """A `RecordingWriter` for state that is still live: `dcp.save` only serialises, every file
-    into memory (DCP's threads read the live tensors) and `.metadata` too; nothing reaches
-    storage until `upload_all()`, which checksums and uploads them, `write_threads` at a time,
-    and raises the first upload's failure. So the live state is no longer read once `dcp.save`
-    returns, and storage may be slow or down meanwhile without holding training up."""
+    into memory (DCP's thread reads the live tensors) and `.metadata` too; nothing reaches
+    storage until `upload_all()`, which checksums and uploads them, a thread a file, and raises
+    the first upload's failure. So the live state is no longer read once `dcp.save` returns, and
+    storage may be slow or down meanwhile without holding training up."""
 
-    def __init__(self, storage: Storage, thread_count: int = 2, tee: Storage | None = None
-                 ) -> None:
-        super().__init__(storage, thread_count, tee=tee)
-        self.fs = _UploadLater(storage, tee)
-        self._threads = max(1, thread_count)
+    @staticmethod
+    def _filesystem(storage: Storage, tee: Storage | None, files: int) -> _UploadingFileSystem:
+        return _UploadLater(storage, tee, files)
 
     def upload_all(self) -> None:
-        cast(_UploadLater, self.fs).upload_all(self._threads)
+        cast(_UploadLater, self.fs).upload_all()
 
 
 class _UploadLater(_UploadingFileSystem):
     """Keeps each file DCP writes (and `.metadata`) in memory until `upload_all`. The bytes are
     the serialisation buffer itself (`BytesIO.getvalue` shares it), not a copy."""
 
-    def __init__(self, storage: Storage, tee: Storage | None) -> None:
-        super().__init__(storage, tee)
-        self.pending: list[tuple[str, bytes | memoryview]] = []
+    def __init__(self, storage: Storage, tee: Storage | None, upload_threads: int) -> None:
+        super().__init__(storage, tee, upload_threads)
+        self.pending: list[tuple[str, bytes]] = []
+        self.metadata: bytes | None = None
 
-    def upload(self, name: str, data: bytes | memoryview) -> None:
+    def file_written(self, name: str, data: bytes) -> None:
         with self._lock:
             self.pending.append((name, data))
 
-    def upload_all(self, threads: int) -> None:
+    def upload_metadata(self, data: bytes) -> None:
+        self.metadata = data
+
+    def upload_all(self) -> None:
         """Upload every kept file, data files first and `.metadata` last (size, CRC and cache as
         `RecordingWriter`), dropping each once written. Raises the first upload's failure."""
         with self._lock:
             pending, self.pending = self.pending, []
-        files = [item for item in pending if item[0] != METADATA_FILE]
-        last = [item for item in pending if item[0] == METADATA_FILE]
-        write = super().upload
-        with ThreadPoolExecutor(threads, thread_name_prefix="ckpt-upload") as pool:
-            for future in [pool.submit(write, name, data) for name, data in files]:
-                future.exception()  # recorded in self.errors by upload()
-        if not self.errors:
-            for name, data in last:
-                write(name, data)
-        if self.errors:
-            raise self.errors[0]
+        for name, data in pending:
+            super().file_written(name, data)
+        del pending
+        failure = self.wait_uploads()
+        if failure is None and self.metadata is not None:
+            metadata, self.metadata = self.metadata, None
+            super().upload_metadata(metadata)
+        elif failure is not None:
+            raise failure
 
 
 class SaveJob:
@@ -307,10 +305,17 @@ class SaveWriter:
             no_dist=not self.ranks.distributed))
 
     def _clear_step(self, step: int) -> None:
+        """Remove what an earlier attempt at `step` left (COMMIT.json first, see commit.py).
+        Nothing there, the usual case, costs one listing and deletes nothing, so it needs no
+        fence check."""
+        found = self.storage.list_files(step_dir(step))
+        if not found:
+            return
         self.check_epoch(f"clear step {step}")
-        if read_commit(self.storage, step) is not None:
+        if COMMIT_FILE in found:
             self.storage.remove([f"{step_dir(step)}/{COMMIT_FILE}"])
-        self.storage.remove_tree(step_dir(step))
+        self.storage.remove(f"{step_dir(step)}/{name}" for name in sorted(found)
+                            if name != COMMIT_FILE)
 
     def _attempt(self, fn: Callable[[], Any]) -> Failure | None:
         """Run fn; return None, or what it raised as a (redacted, one-line) Failure.

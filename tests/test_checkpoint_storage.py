@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
+import urllib.parse
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from ckpt_workers import Trainer, assert_same, build_model, full_state, train_st
 
 from checkpointing import CheckpointConfig, CheckpointManager, ModelOptimizerState
 from checkpointing import cli as ckpt_cli
+from checkpointing.commit import read_commit
 from checkpointing.storage import Storage
 
 pytestmark = pytest.mark.timeout(60)
@@ -166,3 +169,27 @@ def test_cli_reports_a_corrupt_file_and_bad_input_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_cli("ckpt", "gc", uri, "--keep", "0")
     assert "0 must be >= 1" in capsys.readouterr().err
+
+
+def test_an_s3_upload_sends_the_crc_that_commit_json_records(s3):
+    """S3 checks each file's body against the CRC-32 we record (a damaged upload is refused and
+    retried), and botocore, given it, does not hash the bytes once more."""
+    sent: dict[str, dict[str, str]] = {}
+
+    def capture(request, **_) -> None:
+        name = urllib.parse.urlsplit(request.url).path.rsplit("/", 1)[-1]
+        sent[name] = {k.lower(): v.decode() if isinstance(v, bytes) else v
+                      for k, v in request.headers.items()}
+
+    model, opt = trained()
+    with CheckpointManager(s3.url("run"), CheckpointConfig(mode="sync"),
+                           storage_options=s3.storage_options) as manager:
+        manager.storage.list_files()  # the client exists once it has been used
+        manager.storage.fs.s3.meta.events.register("before-send.s3.PutObject", capture)
+        assert manager.save(1, {"app": ModelOptimizerState(model, opt)})
+        info = read_commit(manager.storage, 1)
+    assert info is not None and info.files
+    for name, record in info.files.items():
+        crc = base64.b64encode(record.crc32.to_bytes(4, "big")).decode()
+        assert sent[name]["x-amz-checksum-crc32"] == crc, name
+        assert "x-amz-sdk-checksum-algorithm" not in sent[name], name  # not computed again

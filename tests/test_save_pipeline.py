@@ -56,3 +56,20 @@ def test_an_outage_during_the_upload_does_not_hold_the_fence(s3_proxy) -> None:
     for key, value in fresh.state_dict().items():
         assert torch.equal(value, before[key]), key
         assert not torch.equal(value, model.state_dict()[key]), key
+
+
+def test_serialising_a_save_sends_no_request_so_an_outage_cannot_hold_the_fence(s3_proxy) -> None:
+    proxy, uri = s3_proxy.proxy, s3_proxy.url("run")
+    model, opt = model_and_optimizer()
+    step(model, opt)
+    config = CheckpointConfig(staging="deferred", retry_timeout_s=60)
+    with CheckpointManager(uri, config, storage_options=s3_proxy.storage_options) as manager:
+        proxy.inject("error", status=503, count=None)  # every request fails, retried for 60 s
+        manager.save(1, {"app": ModelOptimizerState(model, opt)})
+        # Serialising asks storage nothing (DCP's "does .metadata exist?" included), so the
+        # fence opens while every request would still be retried.
+        assert manager.maybe_wait_for_staging(timeout_s=30)
+        step(model, opt)
+        proxy.clear()
+        manager.wait()
+        assert manager.latest_step() == 1
