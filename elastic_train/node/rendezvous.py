@@ -280,13 +280,27 @@ def _handler_class() -> type[Any]:
                 if self._asked is None or self._asked[0] != key:
                     self._store.set(f"{key}/{contract.ASKED}", "1")
                     self._asked = (key, self.clock())
+                    _log(f"c10d-fast: a node waits to join; asked rank 0 to save first "
+                         f"(at most {self.save_before_join_s:g} s)")
                 if self._store.check([f"{key}/{contract.SAVED}"]):
+                    _log(f"c10d-fast: the save for the joining node committed after "
+                         f"{self.clock() - self._asked[1]:.2f} s; re-forming")
                     return False
             except Exception:  # noqa: BLE001 - any store trouble: re-form as torch would
                 return False
-            return self.clock() - self._asked[1] < self.save_before_join_s
+            if self.clock() - self._asked[1] < self.save_before_join_s:
+                return True
+            _log(f"c10d-fast: no save committed within {self.save_before_join_s:g} s; "
+                 "letting the waiting node in")
+            return False
 
     return SaveBeforeJoinHandler
+
+
+def _log(message: str) -> None:
+    """One line in the node's log, timestamped as torchrun's own lines are (the join's steps
+    can then be lined up with the agent's)."""
+    print(f"{datetime.now().strftime('%H:%M:%S.%f')[:-3]} {message}", file=sys.stderr, flush=True)
 
 
 @functools.cache
