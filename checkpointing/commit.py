@@ -35,6 +35,7 @@ import re
 import time
 import zlib
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -220,11 +221,18 @@ class Listing:
     """Step directories without a (valid) COMMIT.json: in flight, or debris of a failed save."""
 
 
+LIST_READ_THREADS = 8
+"""COMMIT.json files `list_steps` reads at once: each is a request, and a restore lists first."""
+
+
 def list_steps(storage: Storage) -> Listing:
+    """Every step directory, committed or not. Raises StorageError if storage fails."""
     steps = sorted(s for name in storage.list_dirs() if (s := parse_step_dir(name)) is not None)
     committed, partial = [], []
-    for step in steps:
-        info = read_commit(storage, step)
+    with ThreadPoolExecutor(min(LIST_READ_THREADS, max(1, len(steps))),
+                            thread_name_prefix="ckpt-list") as pool:
+        infos = list(pool.map(lambda step: read_commit(storage, step), steps))
+    for step, info in zip(steps, infos, strict=True):
         if info is None:
             partial.append(step)
         else:

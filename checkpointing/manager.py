@@ -25,6 +25,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch.distributed.checkpoint as dcp
@@ -417,8 +418,11 @@ class CheckpointManager:
         self._check_open()
 
         def probe() -> None:
-            self.storage.probe()
-            self._writer.claim_epoch()
+            # The two are independent requests; side by side, a (re)start waits for one.
+            with ThreadPoolExecutor(1, thread_name_prefix="ckpt-claim") as pool:
+                claim = pool.submit(self._writer.claim_epoch)
+                self.storage.probe()  # first: its error names what is wrong with the URI
+                claim.result()
 
         self._caller_ranks.on_rank_zero(probe, self.storage.redact)
 
