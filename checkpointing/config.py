@@ -56,11 +56,11 @@ class CheckpointConfig:
     mutates the saved tensors before then must call `maybe_wait_for_staging()` first.
     blocking: `save` copies everything before it returns."""
     write_threads: int | None = field(default=None, metadata=TUNING)
-    """The most files each rank's shard is split into, each written and uploaded by a thread of
-    its own (>= 1; how many below that: `save_job.files_per_rank`). None: 8 on an object store,
-    where each is a request in flight and they add up; 2 on a local or shared filesystem, where a
-    write is a copy into the page cache that more threads only make compete with training
-    (docs/benchmarks.md)."""
+    """The most files each rank's shard is split into (>= 1; how many below that:
+    `save_job.files_per_rank`). One thread serialises them in turn; each is uploaded on a thread
+    of its own as soon as it is whole. None: 8 on an object store, where each is a request in
+    flight and they add up; 2 on a local or shared filesystem, where a write is a copy into the
+    page cache that more threads only make compete with training (docs/benchmarks.md)."""
     read_threads: int = field(default=8, metadata=TUNING)
     """Ranged reads in flight per rank during a load (>= 1)."""
     collective_timeout_s: float = field(default=600.0, metadata=TUNING)

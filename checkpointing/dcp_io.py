@@ -23,6 +23,7 @@ again from the remote store instead.
 
 from __future__ import annotations
 
+import bisect
 import io
 import logging
 import os
@@ -327,40 +328,39 @@ class ParallelReader(FsspecReader):
                 record = self._record(name)
                 spans = _merge_ranges([_chunk_aligned(info.offset, info.offset + info.length,
                                                       record) for info in infos])
-                buffers = self._fetch(pool, name, spans)
+                chunks = self._fetch(pool, name, spans)
                 for item, info in zip(items, infos, strict=True):
-                    span = next(s for s in spans if s[0] <= info.offset < s[1])
-                    view = memoryview(buffers[span[0]])[info.offset - span[0]:
-                                                       info.offset - span[0] + info.length]
-                    self._deliver(item, view, planner)
+                    self._deliver(item, chunks.view(info.offset, info.length), planner)
         future: Future[None] = Future()
         future.set_result(None)
         return future
 
-    def _fetch(self, pool: ThreadPoolExecutor, name: str,
-               spans: list[tuple[int, int]]) -> dict[int, bytearray]:
+    def _fetch(self, pool: ThreadPoolExecutor, name: str, spans: list[tuple[int, int]]
+               ) -> _Chunks:
         """The bytes of `spans` of `name`, each chunk checked against its CRC; a cached file
         that fails the check is fetched again from the remote store."""
         record = self._record(name)
         shown = self.storage.url_of(name)
-        jobs = [(start, lo, min(lo + READ_CHUNK_BYTES, end))
+        jobs = [(lo, min(lo + READ_CHUNK_BYTES, end))
                 for start, end in spans for lo in range(start, end, READ_CHUNK_BYTES)]
 
-        def read(source: Storage) -> dict[int, bytearray]:
-            buffers = {start: bytearray(end - start) for start, end in spans}
+        def read(source: Storage) -> _Chunks:
+            chunks: dict[int, bytes] = {}
 
-            def fetch(job: tuple[int, int, int]) -> int:
-                span_start, lo, hi = job
+            def fetch(job: tuple[int, int]) -> int:
+                lo, hi = job
                 data = source.read_bytes(name, lo, hi)
                 if record.chunks:
                     record.check(shown, data, lo)
-                buffers[span_start][lo - span_start:hi - span_start] = data
+                chunks[lo] = data
                 return len(data)
 
             self.bytes_read += sum(pool.map(fetch, jobs))
-            if not record.chunks:  # an older commit: only a whole-file CRC (one span)
-                record.check(shown, buffers[0])
-            return buffers
+            if not record.chunks:  # an older commit: only a whole-file CRC (one span: the file)
+                whole = b"".join(chunks[lo] for lo in sorted(chunks))
+                record.check(shown, whole)
+                chunks = {0: whole}
+            return _Chunks(chunks)
 
         return self._checked_read(name, read)
 
@@ -369,7 +369,7 @@ class ParallelReader(FsspecReader):
         if item.type == LoadItemType.BYTE_IO:
             planner.load_bytes(item, io.BytesIO(view))
             return
-        tensor = cast(torch.Tensor, torch.load(io.BytesIO(view), map_location="cpu",
+        tensor = cast(torch.Tensor, torch.load(_ViewStream(view), map_location="cpu",
                                                weights_only=True))
         tensor = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
         target = planner.resolve_tensor(item).detach()
@@ -378,6 +378,62 @@ class ParallelReader(FsspecReader):
                              f"!= expected {tuple(target.size())}")
         target.copy_(tensor)
         planner.commit_tensor(item, target)
+
+
+class _ViewStream(io.RawIOBase):
+    """A read-only stream over bytes we hold: torch.load reads each record straight from them
+    into the tensor's storage (`readinto`), where `io.BytesIO(view)` would first copy them all."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view = view
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._view)}
+        self._position = max(0, base[whence] + offset)
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        target = memoryview(buffer).cast("B")
+        n = max(0, min(len(target), len(self._view) - self._position))
+        target[:n] = self._view[self._position:self._position + n]
+        self._position += n
+        return n
+
+
+class _Chunks:
+    """A file's fetched byte ranges, kept as the chunks they arrived in rather than copied into
+    one buffer (one pass over the bytes fewer): an item inside one chunk is a view of it; the
+    few that straddle two chunks are joined."""
+
+    def __init__(self, chunks: dict[int, bytes]) -> None:
+        self.chunks = chunks
+        self.starts = sorted(chunks)
+
+    def view(self, offset: int, length: int) -> memoryview:
+        """Bytes [offset, offset + length) of the file, which the fetched chunks cover."""
+        i = bisect.bisect_right(self.starts, offset) - 1
+        lo = self.starts[i]
+        if offset + length <= lo + len(self.chunks[lo]):
+            return memoryview(self.chunks[lo])[offset - lo:offset - lo + length]
+        parts, position, end = [], offset, offset + length
+        while position < end:  # chunks of one span are contiguous
+            lo = self.starts[i]
+            piece = memoryview(self.chunks[lo])[position - lo:end - lo]
+            parts.append(piece)
+            position += len(piece)
+            i += 1
+        return memoryview(b"".join(parts))
 
 
 def _chunk_aligned(start: int, end: int, record: FileRecord) -> tuple[int, int]:

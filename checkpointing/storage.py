@@ -10,9 +10,11 @@ in a message: errors pass through `redact` first.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import posixpath
 import re
+import threading
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -116,6 +118,35 @@ def secret_values(storage_options: Mapping[str, Any] | None = None) -> list[str]
     return found
 
 
+_FILESYSTEMS: dict[tuple[Any, ...], AbstractFileSystem] = {}
+_FILESYSTEMS_LOCK = threading.Lock()
+
+
+def _filesystem(protocol: str, options: Mapping[str, Any]) -> AbstractFileSystem:
+    """The process's fsspec filesystem for `protocol` and `options` under the current fsspec
+    configuration (endpoints and credentials from the environment), made on first use.
+
+    Shared because a client costs 0.1-0.3 s of CPU to make (a session, the service's model,
+    credentials) and a worker opens several Storages (data, checkpoints, metrics, ledger) at
+    every start. Not fsspec's own instance cache: we change the retry count of ours. A forked
+    child makes its own (an instance's event loop does not survive a fork)."""
+    config = {name: value for name, value in os.environ.items()
+              if name.upper().startswith(SECRET_ENV_PREFIXES) or name == "STORAGE_EMULATOR_HOST"}
+    key = (os.getpid(), protocol, json.dumps(options, sort_keys=True, default=repr),
+           json.dumps(fsspec.config.conf.get(protocol), sort_keys=True, default=repr),
+           tuple(sorted(config.items())))
+    with _FILESYSTEMS_LOCK:
+        fs = _FILESYSTEMS.get(key)
+        if fs is None:
+            fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
+            if protocol in CLIENT_RETRIES:
+                # s3fs retries SlowDown/network errors 5 times around botocore's own attempts,
+                # gcsfs 6 times: layers that multiply. `retrying` is the layer that counts.
+                fs.retries = CLIENT_RETRIES[protocol]
+            _FILESYSTEMS[key] = fs
+        return fs
+
+
 def redact(text: str, storage_options: Mapping[str, Any] | None = None) -> str:
     """`text` with every known credential replaced by `***`."""
     for secret in sorted(secret_values(storage_options), key=len, reverse=True):
@@ -140,15 +171,9 @@ class Storage:
         self.storage_options = default_storage_options(self.protocol, self._user_options)
         self.retry_timeout_s = retry_timeout_s
         try:
-            # Our own instance (not fsspec's shared cache), because we change its retry count.
-            self.fs: AbstractFileSystem = fsspec.filesystem(
-                self.protocol, skip_instance_cache=True, **self.storage_options)
+            self.fs: AbstractFileSystem = _filesystem(self.protocol, self.storage_options)
         except (ImportError, ValueError, TypeError) as e:
             raise StorageError(f"cannot open storage {self.url!r}: {self.redact(str(e))}") from e
-        if self.protocol in CLIENT_RETRIES:
-            # s3fs retries SlowDown/network errors 5 times around botocore's own attempts, gcsfs
-            # 6 times: layers that multiply. `retrying` is the layer that counts.
-            self.fs.retries = CLIENT_RETRIES[self.protocol]
         self.root: str = self.fs._strip_protocol(self.url).rstrip("/") or "/"
         self.is_local = self.protocol == "file"
 

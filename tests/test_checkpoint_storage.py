@@ -185,8 +185,12 @@ def test_an_s3_upload_sends_the_crc_that_commit_json_records(s3):
     with CheckpointManager(s3.url("run"), CheckpointConfig(mode="sync"),
                            storage_options=s3.storage_options) as manager:
         manager.storage.list_files()  # the client exists once it has been used
-        manager.storage.fs.s3.meta.events.register("before-send.s3.PutObject", capture)
-        assert manager.save(1, {"app": ModelOptimizerState(model, opt)})
+        events = manager.storage.fs.s3.meta.events  # the process's client: leave it as it was
+        events.register("before-send.s3.PutObject", capture)
+        try:
+            assert manager.save(1, {"app": ModelOptimizerState(model, opt)})
+        finally:
+            events.unregister("before-send.s3.PutObject", capture)
         info = read_commit(manager.storage, 1)
     assert info is not None and info.files
     for name, record in info.files.items():
