@@ -331,7 +331,7 @@ class SaveWriter:
 
 
 def files_per_rank(write_threads: int | None, is_local: bool, shard_bytes: int) -> int:
-    """How many files (each written and uploaded by a thread of its own) a rank's shard of
+    """How many files (each uploaded by a thread of its own once serialised) a rank's shard of
     `shard_bytes` is split into: files of at least FILE_BYTES, never fewer than MIN_FILES, at
     most `write_threads` (unset: 8 on an object store, 2 on a filesystem; CheckpointConfig)."""
     most = write_threads or (2 if is_local else 8)
