@@ -111,11 +111,11 @@ class _UploadLater(_UploadingFileSystem):
             super().file_written(name, data)
         del pending
         failure = self.wait_uploads()
-        if failure is None and self.metadata is not None:
+        if failure is not None:
+            raise failure
+        if self.metadata is not None:
             metadata, self.metadata = self.metadata, None
             super().upload_metadata(metadata)
-        elif failure is not None:
-            raise failure
 
 
 class SaveJob:
