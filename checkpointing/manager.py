@@ -25,7 +25,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Collection, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch.distributed.checkpoint as dcp
@@ -91,6 +91,7 @@ class CheckpointManager:
         self._fences: list[Any] = []
         self._groups: list[RankGroup] = []
         self._closed = False
+        self._storage_check: tuple[Future[None], Future[int]] | None = None
         self.config = config or CheckpointConfig()
         self.config_digest = config_digest
         self.on_event = on_event
@@ -410,21 +411,33 @@ class CheckpointManager:
         if self._closed:
             raise CheckpointError("CheckpointManager is closed")
 
-    def check_storage(self) -> None:
-        """Rank 0: probe the URI (a write, read and delete) and claim the writer epoch; collective.
-        Call before training: a missing bucket, missing credentials or a denied write then fail
-        here, on every rank, with StorageError naming the URI, instead of as an empty run whose
-        saves all fail."""
+    def start_storage_check(self) -> None:
+        """Rank 0: start probing the URI (a write, read and delete) and claiming the writer epoch,
+        on threads of their own; `check_storage()` waits for them. A (re)start calls this first
+        so that the requests overlap its restore instead of preceding it. Raises nothing: the
+        outcome is `check_storage()`'s."""
         self._check_open()
+        if self.rank != 0 or self._storage_check is not None:
+            return
+        pool = ThreadPoolExecutor(2, thread_name_prefix="ckpt-check")
+        self._storage_check = (pool.submit(self.storage.probe),
+                               pool.submit(self._writer.claim_epoch))
+        pool.shutdown(wait=False)
 
-        def probe() -> None:
-            # The two are independent requests; side by side, a (re)start waits for one.
-            with ThreadPoolExecutor(1, thread_name_prefix="ckpt-claim") as pool:
-                claim = pool.submit(self._writer.claim_epoch)
-                self.storage.probe()  # first: its error names what is wrong with the URI
-                claim.result()
+    def check_storage(self) -> None:
+        """Rank 0: probe the URI and claim the writer epoch (`start_storage_check`), and wait for
+        both; collective. Call before training: a missing bucket, missing credentials or a denied
+        write then fail here, on every rank, with StorageError naming the URI, instead of as an
+        empty run whose saves all fail."""
+        self.start_storage_check()
 
-        self._caller_ranks.on_rank_zero(probe, self.storage.redact)
+        def finish() -> None:
+            assert self._storage_check is not None
+            probe, claim = self._storage_check
+            probe.result()  # first: its error names what is wrong with the URI
+            claim.result()
+
+        self._caller_ranks.on_rank_zero(finish, self.storage.redact)
 
     @property
     def writer_epoch(self) -> int | None:

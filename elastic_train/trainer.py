@@ -272,12 +272,24 @@ def build_dataset(config: Config, spec: TrainSpec, world: distributed.World
     return data.TokenDataset(store, config.data.seq_len), store.vocab_size
 
 
-def check_storage(config: Config, world: distributed.World,
-                  checkpoints: CheckpointManager) -> None:
-    """Before step 1 (collective): rank 0 probes the checkpoint URI with a write, read and delete
-    and claims the writer epoch; a file:// run on several nodes must declare
-    `checkpoint.shared_filesystem=true`, and every node's local rank 0 must see a probe file
-    rank 0 wrote. Raises ConfigError (one line naming the URI) on every rank otherwise."""
+def start_storage_check(config: Config, checkpoints: CheckpointManager) -> None:
+    """Before the restore: a file:// run on several nodes must declare
+    `checkpoint.shared_filesystem=true` (ConfigError, one line naming the URI, otherwise); rank 0
+    starts probing the checkpoint URI and claiming the writer epoch, which `check_storage` waits
+    for, so that those requests overlap the restore."""
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    if checkpoints.storage.is_local and nodes > 1 and not config.checkpoint.shared_filesystem:
+        raise ConfigError(f"checkpoint.uri={checkpoints.uri!r} is a local path on {nodes} nodes: "
+                          "use s3:// or gs://, or set checkpoint.shared_filesystem=true if every "
+                          "node mounts the same directory")
+    checkpoints.start_storage_check()
+
+
+def check_storage(world: distributed.World, checkpoints: CheckpointManager) -> None:
+    """Before step 1 (collective): rank 0's probe of the checkpoint URI (a write, read and delete)
+    and its writer epoch (`start_storage_check`) are done; on a file:// run of several nodes,
+    every node's local rank 0 sees a probe file rank 0 wrote. Raises ConfigError (one line
+    naming the URI) on every rank otherwise."""
     try:
         checkpoints.check_storage()
     except StorageError as e:
@@ -286,10 +298,6 @@ def check_storage(config: Config, world: distributed.World,
     if not checkpoints.storage.is_local or nodes <= 1:
         return
     uri = checkpoints.uri
-    if not config.checkpoint.shared_filesystem:
-        raise ConfigError(f"checkpoint.uri={uri!r} is a local path on {nodes} nodes: use s3:// or "
-                          "gs://, or set checkpoint.shared_filesystem=true if every node mounts "
-                          "the same directory")
     probe = f"_shared/{uuid.uuid4().hex}" if world.is_main else ""
     if world.is_main:
         checkpoints.storage.write_bytes(probe, b"shared?")
@@ -432,7 +440,7 @@ class Trainer(Stateful):
                                              self.world.is_main, self.world.device)
         self.ledger = build_ledger(config, self.home)
         self.checkpoints = build_checkpointer(config, self.world, self._on_checkpoint_event)
-        check_storage(config, self.world, self.checkpoints)
+        start_storage_check(config, self.checkpoints)
         self.data_order = DataOrder(
             {"seed": config.seed, "data.batch_size": config.data.batch_size,
              "data.seq_len": config.data.seq_len, "dataset": data.identity_of(self.dataset)},
@@ -523,7 +531,12 @@ class Trainer(Stateful):
         (and `{uri}/final/model.safetensors`).
         Returns `exit_codes.OK`; a noticed node leaves from inside (`leave()`) instead."""
         cfg, world = self.config, self.world
-        restored = self.checkpoints.load(self.state, optional={POLICY_KEY, DATA_ORDER_KEY})
+        try:
+            restored = self.checkpoints.load(self.state, optional={POLICY_KEY, DATA_ORDER_KEY})
+        except StorageError:
+            check_storage(world, self.checkpoints)  # its error names what is wrong with the URI
+            raise
+        check_storage(world, self.checkpoints)
         if self.data_order.changed:
             self.metrics.event(Event.DATA_CHANGED, step=restored, changed=self.data_order.changed)
             say(f"warning: resumed step {restored} with another data order: "

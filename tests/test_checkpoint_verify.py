@@ -191,6 +191,38 @@ def test_the_probe_passes_and_leaves_nothing_behind(s3):
     assert not [n for n in [*storage.list_dirs(), *storage.list_files()] if "_probe" in n]
 
 
+def test_a_restarts_storage_check_runs_beside_its_restore(tmp_path, monkeypatch):
+    """A restart starts its probe and epoch claim, restores, then waits for them: the probe here
+    finishes only once the restore has read a shard, which a check made before the restore (as
+    it once was) would wait for in vain, and fail."""
+    uri = f"file://{tmp_path}/run"
+    expected = save_two_steps(uri)
+    restoring = threading.Event()
+    read_bytes = Storage.read_bytes
+
+    def read_and_tell(self, rel, *args, **kwargs):
+        if rel.endswith(".distcp"):
+            restoring.set()
+        return read_bytes(self, rel, *args, **kwargs)
+
+    def probe_after_the_restore_began(self):
+        if not restoring.wait(timeout=20):
+            raise StorageError("the restore never ran while the probe did")
+
+    monkeypatch.setattr(Storage, "read_bytes", read_and_tell)
+    monkeypatch.setattr(Storage, "probe", probe_after_the_restore_began)
+    model = build_model(7)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train_steps(model, opt, 1, 1)
+    with CheckpointManager(uri, CheckpointConfig(keep=5)) as manager:
+        manager.start_storage_check()
+        state = {"app": ModelOptimizerState(model, opt), "trainer": Trainer()}
+        assert manager.load(state) == 2
+        manager.check_storage()
+        assert manager.writer_epoch == 2  # save_two_steps's writer held epoch 1
+    assert_same(full_state(model, opt), expected[2])
+
+
 def test_two_writers_probing_one_directory_at_once_both_pass(tmp_path):
     """A relaunched job's rank 0 may probe while the old one's still does: neither may remove
     what the other is probing with."""

@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from torch.distributed.elastic.rendezvous import RendezvousParameters
+from torch.distributed.elastic.rendezvous import RendezvousParameters, RendezvousTimeoutError
 from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
 
 from elastic_train.join_requests import JoinRequests
@@ -140,6 +140,28 @@ def test_the_survivors_of_a_lapsed_node_re_form_without_waiting_out_the_last_cal
         assert survivor.next_rendezvous().world_size == 1
     finally:
         for handler in (survivor, vanished):
+            handler.shutdown()
+
+
+@pytest.mark.parametrize("fate", ["killed", "frozen"])
+def test_the_survivors_of_a_killed_node_re_form_without_waiting_for_its_lapse(fate: str) -> None:
+    """A node whose processes died on a machine that still answers refuses connections to its
+    liveness port: its peers drop it from the round at once, long before its keep-alive could
+    lapse (3 x 20 s here, past the 8 s join timeout), and re-form alone. A frozen node (a
+    vanished VM) still answers, or not at all: it is left to its keep-alive, so the join times
+    out here, as it must not drop a node that may be alive."""
+    _store, (survivor, lost) = _two_node_world(f"test-kill-{fate}", keep_alive_interval="20")
+    try:
+        lost._stop_heartbeats()
+        if fate == "killed":
+            lost.liveness.close()
+            assert survivor.next_rendezvous().world_size == 1
+        else:
+            with pytest.raises(RendezvousTimeoutError):
+                survivor.next_rendezvous()
+            assert lost._this_node in survivor._state_holder.state.participants
+    finally:
+        for handler in (survivor, lost):
             handler.shutdown()
 
 

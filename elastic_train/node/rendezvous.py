@@ -21,9 +21,15 @@ expects (the world plus the waiting nodes) into the store, and the node whose jo
 count complete marks the round complete. A re-form for nodes whose keep-alive lapsed (below) or
 that left (a node with a preemption notice leaves the rendezvous as it goes: `leave`) expects the
 survivors in the same way, whether their agents see it in their poll or through their workers'
-failed collective. Any other re-form (a node killed with its sockets reset, before its
-keep-alive lapsed) waits out the last call as torch does: nobody knows yet how many nodes are
-still alive.
+failed collective. A node whose agent died on a machine that still answers (a
+process killed, a container evicted: its sockets are reset) is not left to lapse: every agent
+listens on a port of its own while its process lives (`_Liveness`), and an agent whose workers
+failed tries to connect to each peer of its world that is still a participant. A refused
+connection means that peer's agent is gone: the agent marks its keep-alive as lapsed long ago
+(torch then drops it from the round, as for a lapse) and the next round expects the survivors.
+A peer that answers, or does not answer within `probe_timeout` (a frozen or vanished machine),
+is left to its keep-alive. Any other re-form waits out the last call as torch does: nobody knows
+yet how many nodes are still alive.
 
 A node lost without a word (a reclaimed VM resets no socket) is found by its heartbeats: torch
 drops a participant whose keep-alive lapsed from the shared state, and this handler then tells
@@ -34,11 +40,15 @@ node itself was dropped (the others formed a world without it)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from types import ModuleType
@@ -82,6 +92,10 @@ class RendezvousSettings:
     save_before_join_s: float | None = None
     """Longest a joining node waits for rank 0's save (None: the handler's 10 s; 0: no save, the
     grown world resumes from the newest commit)."""
+    probe_timeout: float | None = 0.25
+    """Seconds an agent whose workers failed waits for each peer's liveness port to answer or
+    refuse (default 0.25; 0: no probe, a dead peer is found by its lapse). Only a refusal
+    counts: a peer that does not answer in time is left to its keep-alive."""
     read_timeout: int | None = 10
     """Whole seconds any one operation of an agent on the rendezvous store may take (torch: 60).
     Only a store that stopped answering (its node vanished) takes this long: the agent then
@@ -142,6 +156,9 @@ def create_fast_handler(params: RendezvousParameters) -> RendezvousHandler:
     node = dyn.DynamicRendezvousHandler._node_desc_generator.generate(params.local_addr)
     handler = _handler_class()(node, settings, FAST_BACKEND, store, state_holder)
     handler.endpoint, handler.save_before_join_s = params.endpoint, save_before_join_s
+    handler.probe_timeout = _seconds(params, "probe_timeout", 0.25, zero_ok=True)
+    if handler.probe_timeout > 0:
+        handler.liveness = _Liveness.publish(store, params.run_id, node, params.endpoint)
     handler._op_executor = _executor_class()(node, state_holder, settings, store, first_call)
     return handler
 
@@ -158,6 +175,8 @@ def _handler_class() -> type[Any]:
         clock: Callable[[], float] = staticmethod(time.monotonic)
         """Seconds, for the save's wait; a test holds it still to see both sides of the wait."""
         _asked: tuple[str, float] | None = None
+        probe_timeout = 0.0
+        liveness: _Liveness | None = None
 
         _formed: tuple[int, frozenset[Any]] | None = None
         """(round, participants) of the world this agent's workers run in."""
@@ -217,10 +236,59 @@ def _handler_class() -> type[Any]:
                 self._state_holder.sync()
             except Exception:  # noqa: BLE001 - the round then waits out its last call
                 return
+            self._drop_dead_peers()
             state = self._state_holder.state
             if state.round == self._formed[0] and state.complete and \
                     self._this_node in state.participants and self.lost_peers():
                 self._expect_next_round(state, len(state.wait_list))
+
+        def _drop_dead_peers(self) -> None:
+            """Peers of this world, still participants of its round, whose liveness port
+            refuses a connection (their agent is gone): mark their keep-alive as lapsed long
+            ago, so that every agent's next sync drops them from the round as torch drops a
+            lapsed node. Store trouble leaves them to their own lapse."""
+            assert self._formed is not None
+            state = self._state_holder.state
+            peers = [n for n in self._formed[1]
+                     if n != self._this_node and n in state.participants]
+            if self.probe_timeout <= 0 or not peers:
+                return
+            with ThreadPoolExecutor(len(peers), thread_name_prefix="c10d-probe") as pool:
+                answers = list(pool.map(self._answers, peers))
+            dead = {n for n, answered in zip(peers, answers, strict=True) if answered is False}
+            if not dead:
+                return
+            try:
+                for _ in range(5):  # a lost compare-and-set reloads the state: mark it again
+                    state = self._state_holder.state
+                    marked = [n for n in dead if n in state.last_heartbeats]
+                    if not marked:
+                        break
+                    for n in marked:
+                        state.last_heartbeats[n] = _LONG_AGO
+                    self._state_holder.mark_dirty()
+                    self._state_holder.sync()
+            except Exception:  # noqa: BLE001 - their keep-alives lapse instead
+                return
+            _log(f"c10d-fast: re-forming: {len(dead)} node(s) of round {self._formed[0]} "
+                 f"refused a connection (their agent is gone): "
+                 f"{', '.join(sorted(str(n) for n in dead))}")
+
+        def _answers(self, node: Any) -> bool | None:
+            """Whether `node`'s agent process is alive: True if its liveness port accepted a
+            connection, False if it refused one, None if unknown (no port published, no answer
+            within `probe_timeout`, the store or the network failed)."""
+            key = _liveness_key(self._settings.run_id, node)
+            try:
+                if not self._store.check([key]):
+                    return None
+                host, port = self._store.get(key).decode().rsplit(":", 1)
+                with socket.create_connection((host, int(port)), timeout=self.probe_timeout):
+                    return True
+            except ConnectionRefusedError:
+                return False
+            except Exception:  # noqa: BLE001 - unknown: the keep-alive decides
+                return None
 
         def _expect_next_round(self, state: Any, waiting: int) -> None:
             """Let the next round complete once this round's participants and the nodes
@@ -338,6 +406,67 @@ def _executor_class() -> type[Any]:
             return self._settings.max_nodes + 1
 
     return CompleteWhenExpectedExecutor
+
+
+_LONG_AGO = datetime(1970, 1, 1, tzinfo=timezone.utc)
+"""The keep-alive given to a peer found dead: older than any lapse, so torch drops it."""
+
+
+class _Liveness:
+    """A TCP port that answers for as long as this agent process lives: the kernel refuses
+    connections to it once the process is gone (while the machine still answers), which is
+    how the other agents tell a dead peer from a slow one without waiting for its keep-alive
+    to lapse. A daemon thread accepts and closes each connection; nothing is read or sent. It
+    listens on the address this node reaches the rendezvous store from (the private network the
+    nodes share); its host:port is published in the store under `_liveness_key`."""
+
+    def __init__(self, host: str) -> None:
+        self.listener = socket.create_server((host, 0), backlog=64)
+        self.address = f"{host}:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, name="c10d-liveness", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            connection.close()
+
+    def close(self) -> None:
+        """Stop answering, as a dead process would: connections are refused from now on."""
+        # shutdown first: a close alone leaves the socket listening while accept() holds it.
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+
+    @classmethod
+    def publish(cls, store: Any, run_id: str, node: Any, endpoint: str) -> _Liveness | None:
+        """Open one and publish it for `node`; None (peers then wait for this node's lapse, as
+        without the probe) if the address or the store fails."""
+        try:
+            liveness = cls(_address_towards(endpoint))
+            store.set(_liveness_key(run_id, node), liveness.address)
+        except Exception as e:  # noqa: BLE001 - the lapse still finds this node
+            print(f"c10d-fast: no liveness port ({type(e).__name__}: {e}); a lost node is "
+                  "found by its keep-alive alone", file=sys.stderr, flush=True)
+            return None
+        return liveness
+
+
+def _address_towards(endpoint: str) -> str:
+    """This machine's address on the route to `endpoint` (host:port): a UDP socket's connect
+    sends nothing, it only picks the interface."""
+    host, port = endpoint.rsplit(":", 1)
+    family, _, _, _, address = socket.getaddrinfo(host.strip("[]"), int(port or 0),
+                                                  type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as route:
+        route.connect(address)
+        return route.getsockname()[0]
+
+
+def _liveness_key(run_id: str, node: Any) -> str:
+    return f"elastic_train/alive/{run_id}/{node}"
 
 
 def expect_first_round(store: TCPStore, run_id: str, nodes: int) -> None:
