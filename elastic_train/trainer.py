@@ -277,12 +277,17 @@ def start_storage_check(config: Config, checkpoints: CheckpointManager) -> None:
     `checkpoint.shared_filesystem=true` (ConfigError, one line naming the URI, otherwise); rank 0
     starts probing the checkpoint URI and claiming the writer epoch, which `check_storage` waits
     for, so that those requests overlap the restore."""
-    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    nodes = _node_count()
     if checkpoints.storage.is_local and nodes > 1 and not config.checkpoint.shared_filesystem:
         raise ConfigError(f"checkpoint.uri={checkpoints.uri!r} is a local path on {nodes} nodes: "
                           "use s3:// or gs://, or set checkpoint.shared_filesystem=true if every "
                           "node mounts the same directory")
     checkpoints.start_storage_check()
+
+
+def _node_count() -> int:
+    """Nodes in this world (torchrun's GROUP_WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("GROUP_WORLD_SIZE", "1"))
 
 
 def check_storage(world: distributed.World, checkpoints: CheckpointManager) -> None:
@@ -294,8 +299,7 @@ def check_storage(world: distributed.World, checkpoints: CheckpointManager) -> N
         checkpoints.check_storage()
     except StorageError as e:
         raise ConfigError(f"checkpoint storage is not usable: {e}") from None
-    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
-    if not checkpoints.storage.is_local or nodes <= 1:
+    if not checkpoints.storage.is_local or _node_count() <= 1:
         return
     uri = checkpoints.uri
     probe = f"_shared/{uuid.uuid4().hex}" if world.is_main else ""

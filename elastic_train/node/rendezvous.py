@@ -248,10 +248,12 @@ def _handler_class() -> type[Any]:
             ago, so that every agent's next sync drops them from the round as torch drops a
             lapsed node. Store trouble leaves them to their own lapse."""
             assert self._formed is not None
+            if self.probe_timeout <= 0:
+                return
             state = self._state_holder.state
             peers = [n for n in self._formed[1]
                      if n != self._this_node and n in state.participants]
-            if self.probe_timeout <= 0 or not peers:
+            if not peers:
                 return
             with ThreadPoolExecutor(len(peers), thread_name_prefix="c10d-probe") as pool:
                 answers = list(pool.map(self._answers, peers))
@@ -448,8 +450,8 @@ class _Liveness:
             liveness = cls(_address_towards(endpoint))
             store.set(_liveness_key(run_id, node), liveness.address)
         except Exception as e:  # noqa: BLE001 - the lapse still finds this node
-            print(f"c10d-fast: no liveness port ({type(e).__name__}: {e}); a lost node is "
-                  "found by its keep-alive alone", file=sys.stderr, flush=True)
+            _log(f"c10d-fast: no liveness port ({type(e).__name__}: {e}); a lost node is "
+                 "found by its keep-alive alone")
             return None
         return liveness
 
