@@ -35,7 +35,10 @@ TARGET = textwrap.dedent("""
     if mode == "sleep":
         signal.signal(signal.SIGTERM, lambda *_: (print("got SIGTERM", flush=True), os._exit(43)))
         print("ready", os.getpid(), flush=True)
-        time.sleep(600)
+        # Short sleeps: a handler runs between bytecodes, and one long sleep would sleep through
+        # a signal that lands after "ready" is written but before the sleep begins.
+        for _ in range(12000):
+            time.sleep(0.05)
     if mode == "raise":
         raise ValueError("boom")
 """)
@@ -110,6 +113,25 @@ def test_signals_reach_the_worker_and_its_death_is_the_clients(server: str,
     os.kill(child, signal.SIGKILL)  # e.g. the node's hang watchdog
     client.wait(30)
     assert client.returncode == -signal.SIGKILL
+
+
+def test_a_client_killed_with_its_reply_unread_takes_its_worker_not_the_server(
+        server: str, tmp_path: Path) -> None:
+    # torchrun may kill a worker as soon as it starts, before it has read its child's pid: the
+    # connection then resets instead of closing.
+    script = tmp_path / "target.py"
+    script.write_text(TARGET)
+    request = {"command": [str(script), "sleep"], "env": dict(os.environ), "cwd": str(tmp_path),
+               "agent_pid": os.getpid()}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock, \
+            open(os.devnull, "r+b") as null:
+        sock.connect(server)
+        socket.send_fds(sock, [json.dumps(request).encode()], [null.fileno()] * 3)
+        child = psutil.Process(json.loads(sock.recv(4096, socket.MSG_PEEK))["pid"])
+    child.wait(10)
+    client = _client(server, tmp_path, "exit", "7")  # and the server still serves
+    client.communicate(timeout=60)
+    assert client.returncode == 7
 
 
 def test_a_killed_client_takes_its_worker_along(server: str, tmp_path: Path) -> None:

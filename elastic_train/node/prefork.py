@@ -9,10 +9,10 @@ torchrun starts `python -m elastic_train.node.worker ...` for each rank. With EL
 set to the socket, that process (the *client*, which never imports torch) hands the server the
 trainer's command (`-m elastic_train.train ...`), its environment, working directory and stdio;
 the server forks a child that runs the trainer exactly as the client would have. For torchrun the
-client stays the worker: it passes SIGTERM, SIGINT, SIGHUP and SIGUSR1 on to the child and exits
-with the child's status (a death by signal is reproduced as one). The server stays
-single-threaded, so forking it is safe. In `ps` a forked worker shows its agent's command line;
-`trainer_pid` maps a torchrun worker to its trainer.
+client stays the worker: it passes SIGTERM, SIGINT, SIGHUP and SIGUSR1 on to the child (one that
+comes before the child exists, once it does) and exits with the child's status (a death by signal
+is reproduced as one). The server stays single-threaded, so forking it is safe. In `ps` a forked
+worker shows its agent's command line; `trainer_pid` maps a torchrun worker to its trainer.
 
 What happens on failure:
 - no server, or it is gone: the client runs the trainer itself (a cold start; nothing else
@@ -66,6 +66,9 @@ def run_through_server(path: str, command: Sequence[str]) -> int | None:
     prefork server at `path`, with this process's stdio, environment and directory; return its
     exit code (negative: killed by that signal), or None when there is no server to ask (the
     caller then runs it itself)."""
+    # A signal that comes before the child exists is held, and passed on once it does: the
+    # trainer, not this stand-in, decides what a SIGTERM means (a notice save, say).
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     request = {"command": list(command), "env": dict(os.environ), "cwd": os.getcwd(),
                "agent_pid": os.getppid()}
@@ -80,6 +83,7 @@ def run_through_server(path: str, command: Sequence[str]) -> int | None:
         sock.close()
         with contextlib.suppress(OSError):
             pid_file.write_text(str(os.getpid()))
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
         return None
     child = int(json.loads(reply)["pid"])
     with contextlib.suppress(OSError):
@@ -87,13 +91,36 @@ def run_through_server(path: str, command: Sequence[str]) -> int | None:
     for sig in FORWARDED:
         signal.signal(sig, lambda s, _f: signal_quietly(child, s))
     try:
-        reply = sock.recv(4096)
+        reply = _recv_passing_signals_on(sock, held)
     finally:
         pid_file.unlink(missing_ok=True)
     if not reply:  # the server died, and the child's status with it
         signal_quietly(child, signal.SIGKILL)
         return 1
     return int(json.loads(reply)["exit"])
+
+
+def _recv_passing_signals_on(sock: socket.socket, mask: set[signal.Signals]) -> bytes:
+    """`sock.recv()` with the signal mask set back to `mask` while it waits, so that the held
+    signals and any later ones reach their handlers. A Python handler runs only between
+    bytecodes, and a signal that lands after the last check but before a blocking call begins
+    would wait for that call to end (here: the child's exit, which it was meant to cause).
+    The wake-up fd turns every signal into a readable byte, so the wait ends and the handler
+    runs."""
+    wake_r, wake_w = socket.socketpair()
+    wake_w.setblocking(False)
+    previous = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        while sock not in select.select([sock, wake_r], [], [])[0]:
+            wake_r.recv(64)
+        return sock.recv(4096)
+    except OSError:
+        return b""
+    finally:
+        signal.set_wakeup_fd(previous)
+        wake_r.close()
+        wake_w.close()
 
 
 def run_as_main(command: Sequence[str]) -> None:
@@ -181,7 +208,7 @@ class PreforkServer:
                 for sock in ready:
                     if sock is self.listener:
                         self._accept()
-                    elif not sock.recv(16):  # the client is gone: its worker goes too
+                    elif not _recv_or_empty(sock):  # the client is gone: its worker goes too
                         signal_quietly(clients[sock], signal.SIGKILL)
                 self._reap()
         finally:
@@ -211,13 +238,17 @@ class PreforkServer:
         except (OSError, ValueError):
             conn.close()
             return
+        # Until the child has dropped this server's handlers, a signal its client passes on would
+        # run them (and be lost): held, it reaches the child once the child's own are in place.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         pid = os.fork()
         if pid == 0:
             self.listener.close()
             for other in self.children.values():
                 other.close()
             conn.close()
-            _become_worker(request, fds)  # never returns
+            _become_worker(request, fds, held)  # never returns
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
         for fd in fds:
             os.close(fd)
         try:
@@ -244,6 +275,15 @@ class PreforkServer:
                 return
 
 
+def _recv_or_empty(conn: socket.socket) -> bytes:
+    """What a client sent, or b"" once it is gone: a client that dies with our reply unread
+    resets the connection instead of closing it."""
+    try:
+        return conn.recv(16)
+    except OSError:
+        return b""
+
+
 def peer_uid(conn: socket.socket) -> int:
     """The user id of the process at the other end of a connected unix socket (SO_PEERCRED)."""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -251,14 +291,16 @@ def peer_uid(conn: socket.socket) -> int:
     return uid
 
 
-def _become_worker(request: Mapping[str, Any], fds: Sequence[int]) -> None:
-    """In the forked child: take over the client's stdio, environment and directory, run its
-    command as `python` would, and exit with its code."""
+def _become_worker(request: Mapping[str, Any], fds: Sequence[int],
+                   mask: set[signal.Signals]) -> None:
+    """In the forked child: take over the client's stdio, environment and directory, set the
+    signal mask back to `mask`, run its command as `python` would, and exit with its code."""
     code = 1
     try:
         os.setsid()  # as torchrun starts its workers: a session of its own
         for sig in (*FORWARDED, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
