@@ -342,6 +342,25 @@ def test_the_first_round_completes_once_the_nodes_it_was_told_of_have_joined() -
     assert sizes == [2, 2]
 
 
+def test_a_join_that_does_not_complete_says_on_the_log_what_it_waits_for(capsys) -> None:
+    """torch logs nothing while a join waits: a round that never completes must leave the
+    state it waited in on the node's log. Here one node waits for a second that never comes."""
+    store = host_store("127.0.0.1", 0)
+    params = RendezvousParameters(backend=FAST_BACKEND, endpoint=f"127.0.0.1:{store.port}",
+                                  run_id="test-stuck", min_nodes=2, max_nodes=3,
+                                  local_addr="127.0.0.1", is_host="false", join_timeout="1",
+                                  last_call_timeout="0.1")
+    handler = get_rendezvous_handler(params)
+    handler._op_executor.report_every_s = 0.0  # every poll: the test needs no clock
+    with pytest.raises(RendezvousTimeoutError):
+        handler.next_rendezvous()
+    handler.shutdown()
+    err = capsys.readouterr().err
+    assert "c10d-fast: not joined after" in err
+    assert "round 0 open; 1 participant(s) (min 2, expected unsaid)" in err
+    assert "waiting: -; no last call; keep-alive ages: 127.0.0.1_" in err
+
+
 def test_a_worker_ignores_join_variables_left_over_from_another_run(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A torchrun started from a process that once hosted a handler inherits its variables; its

@@ -380,11 +380,50 @@ def _executor_class() -> type[Any]:
     from torch.distributed.elastic.rendezvous import dynamic_rendezvous as dyn
 
     class CompleteWhenExpectedExecutor(dyn._DistributedRendezvousOpExecutor):
+        report_every_s = 10.0
+        """A join that has not completed after this long says so on the node's log, with the
+        shared state as this node sees it, and again as often: torch logs nothing at INFO
+        while it waits, and a round that never completes must leave a trace to debug."""
+        clock: Callable[[], float] = staticmethod(time.monotonic)
+
         def __init__(self, node: Any, state_holder: Any, settings: Any, store: Any,
                      first_call: timedelta) -> None:
             super().__init__(node, state_holder, settings)
             self._store = store
             self._first_call = first_call
+
+        def run(self, state_handler: Callable[[Any, float], Any], deadline: float,
+                update_deadline: Callable[[timedelta], float] | None = None) -> None:
+            if not isinstance(state_handler, dyn._RendezvousJoinOp):
+                return super().run(state_handler, deadline, update_deadline)
+            started = self.clock()
+            report_at = started + self.report_every_s
+
+            def join(ctx: Any, deadline_: float) -> Any:
+                nonlocal report_at
+                now = self.clock()
+                if now >= report_at:
+                    report_at = now + self.report_every_s
+                    _log(f"c10d-fast: not joined after {now - started:.1f} s: "
+                         f"{self._describe(ctx.state)}")
+                return state_handler(ctx, deadline_)
+
+            return super().run(join, deadline, update_deadline)
+
+        def _describe(self, state: Any) -> str:
+            now = datetime.now(timezone.utc)
+            expected = self._expected(state.round)
+            last_call = ("no last call" if state.deadline is None else
+                         f"last call ends in {(state.deadline - now).total_seconds():.1f} s")
+            ages = ", ".join(f"{n} {(now - t).total_seconds():.1f} s"
+                             for n, t in sorted(state.last_heartbeats.items(), key=str))
+            return (f"round {state.round} {'complete' if state.complete else 'open'}"
+                    f"{', closed' if state.closed else ''}; "
+                    f"{len(state.participants)} participant(s) (min {self._settings.min_nodes}, "
+                    f"expected {expected if expected <= self._settings.max_nodes else 'unsaid'})"
+                    f": {', '.join(sorted(map(str, state.participants))) or '-'}; "
+                    f"waiting: {', '.join(sorted(map(str, state.wait_list))) or '-'}; "
+                    f"{last_call}; keep-alive ages: {ages or '-'}")
 
         def _add_to_participants(self) -> None:
             super()._add_to_participants()
