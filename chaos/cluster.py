@@ -298,11 +298,19 @@ class LocalCluster:
     def workers_started_at(self, index: int) -> float | None:
         """time.time() at which node `index`'s agent first started its workers in a formed world
         (the timestamp of that line of its log); None: it never did."""
+        return self._first_logged(index, "workers")
+
+    def joining_at(self, index: int) -> float | None:
+        """time.time() at which node `index`'s agent first asked to join a world: its process
+        had started and imported what it needs (a cloud node's boot ends there too)."""
+        return self._first_logged(index, "rendezvous")
+
+    def _first_logged(self, index: int, phase: str) -> float | None:
         path = self.node(index).log_path
         if not path.exists():
             return None
         with open(path, errors="replace") as f:
-            line = next((line for line in f if PHASE_LINES["workers"] in line), None)
+            line = next((line for line in f if PHASE_LINES[phase] in line), None)
         return None if line is None else _log_time(line)
 
     def log_offsets(self) -> dict[int, int]:

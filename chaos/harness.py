@@ -437,6 +437,7 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
                 f.detail["joined"] = joined_at is not None
                 if joined_at is not None:
                     f.detail["joined_at"] = joined_at
+                    f.detail["joining_at"] = cluster.joining_at(f.node)
         cluster.close()
         tail.poll()
         records = tail.records

@@ -11,6 +11,9 @@ the fault caused no restart:
   its agent started its workers (its log says when), whatever the size of that world.
 - pause_s: the last step line before that start -> the first one after it: how long training
   stood still (for an added node, the survivors' pause to let it in; its boot is not in it).
+- boot_s, join_s (an added node that joined): T -> its agent's first request to join (its
+  process start and imports: on this machine beside the running trainers, on a cloud the VM's
+  own), and that request -> the first step it trained in; together they make recovery_s.
 - world_after: that step's world size (world_before without a restart).
 - lost_steps: the last step reported before that start minus the step it restored (steps that
   were computed and thrown away); 0 without a restart.
@@ -89,11 +92,16 @@ def summarize_faults(fired: list[Fired], records: list[Record], t0: float) -> li
             "pause_s": pause_s,
             "lost_steps": lost,
         }
+        if f.detail.get("joining_at") is not None:
+            entry["boot_s"] = round(float(f.detail["joining_at"]) - cause, 3)
+            if recovery_s is not None:
+                entry["join_s"] = round(recovery_s - entry["boot_s"], 3)
         if f.fault.during is not None:
             entry["during"] = f.fault.during
         if f.removed_at is not None:
             entry["removed_t"] = round(f.removed_at - t0, 3)
-        entry.update({k: v for k, v in f.detail.items() if k not in ("pid", "joined_at")})
+        entry.update({k: v for k, v in f.detail.items()
+                      if k not in ("pid", "joined_at", "joining_at")})
         entries.append(entry)
     return entries
 

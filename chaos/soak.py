@@ -34,6 +34,9 @@ class SoakTally:
     """Fault kind -> recovery_s of every fault of that kind that caused a restart."""
     pauses: dict[str, list[float]] = field(default_factory=dict)
     """Fault kind -> pause_s (training standing still) of every fault of that kind that has one."""
+    joins: dict[str, list[float]] = field(default_factory=dict)
+    """Fault kind -> join_s of every fault of that kind that has one (an added node: from its
+    agent's request to join to its first step, its boot left out)."""
     no_restart: dict[str, int] = field(default_factory=dict)
     """Fault kind -> faults of that kind after which no restart was seen."""
     outcomes: dict[str, int] = field(default_factory=dict)
@@ -61,18 +64,22 @@ class SoakTally:
                 self.no_restart[f["kind"]] = self.no_restart.get(f["kind"], 0) + 1
             else:
                 self.recoveries.setdefault(f["kind"], []).append(float(f["recovery_s"]))
-            if f.get("pause_s") is not None:
-                self.pauses.setdefault(f["kind"], []).append(float(f["pause_s"]))
+            for key, tally in (("pause_s", self.pauses), ("join_s", self.joins)):
+                if f.get(key) is not None:
+                    tally.setdefault(f["kind"], []).append(float(f[key]))
         if failed:
             self.failed.append({"seed": seed, "failed": failed, "replay": replay,
                                 "details": {k: rep["invariants"][k]["detail"] for k in failed}})
         return failed
 
     def distribution(self) -> dict[str, dict[str, float | int | None]]:
-        """Per fault kind: n, p50, p95, max recovery seconds, and faults with no restart."""
+        """Per fault kind: n, p50, p95, max recovery seconds, the p50 pause, the p50 and p95
+        from a join request (added nodes), and faults with no restart."""
         kinds = sorted(set(self.recoveries) | set(self.no_restart))
         return {kind: {**percentiles(self.recoveries.get(kind, [])),
                        "pause_p50": percentiles(self.pauses.get(kind, []))["p50"],
+                       "join_p50": percentiles(self.joins.get(kind, []))["p50"],
+                       "join_p95": percentiles(self.joins.get(kind, []))["p95"],
                        "no_restart": self.no_restart.get(kind, 0)} for kind in kinds}
 
     def as_dict(self) -> dict[str, Any]:
@@ -85,11 +92,12 @@ class SoakTally:
         lines = [f"{'invariant':<26} passed"]
         lines += [f"{name:<26} {n}/{self.runs}" for name, n in self.passes.items()]
         lines += ["", f"{'fault':<16}{'n':>4}{'p50(s)':>9}{'p95(s)':>9}{'max(s)':>9}"
-                      f"{'pause p50':>11}{'no restart':>12}"]
+                      f"{'pause p50':>11}{'join p50':>10}{'join p95':>10}{'no restart':>12}"]
         for kind, d in self.distribution().items():
-            cells = "".join("       -" if d[k] is None else f"{d[k]:>9.1f}"
-                            for k in ("p50", "p95", "max"))
-            cells += "          -" if d["pause_p50"] is None else f"{d['pause_p50']:>11.1f}"
+            widths = {"p50": 9, "p95": 9, "max": 9, "pause_p50": 11, "join_p50": 10,
+                      "join_p95": 10}
+            cells = "".join(f"{'-':>{w}}" if d[k] is None else f"{d[k]:>{w}.1f}"
+                            for k, w in widths.items())
             lines.append(f"{kind:<16}{d['n']:>4}{cells}{d['no_restart']:>12}")
         lines += ["", "outcomes: " + ", ".join(f"{k} {v}" for k, v in self.outcomes.items())]
         return "\n".join(lines)

@@ -285,13 +285,17 @@ def test_an_added_node_is_timed_to_the_world_it_joined_not_to_the_next_larger_on
     records = [start(None, 2, t0), *steps(1, 12, 2, t0), start(12, 2, t0 + 15),
                *steps(13, 20, 2, t0 + 15), start(20, 3, t0 + 40), *steps(21, 25, 3, t0 + 40)]
     added = Fired(index=0, fault=Fault("add_node", at_step=4), node=2, at_step=4, time=t0 + 5,
-                  world_before=2, detail={"joined": True, "joined_at": t0 + 14.5})
+                  world_before=2, detail={"joined": True, "joined_at": t0 + 14.5,
+                                          "joining_at": t0 + 11})
     lost = Fired(index=1, fault=Fault("kill_node", at_step=9, node=1), node=1, at_step=9,
                  time=t0 + 10, world_before=2)
     entry = report.summarize_faults([added, lost], records, t0)[0]
     assert entry["recovery_s"] == pytest.approx(15 + 13 - 5)
     assert entry["pause_s"] == pytest.approx((15 + 13) - 12)
-    assert "joined_at" not in entry
+    # Its boot (fire -> its agent asks to join) and the rest, which the survivors' side owns.
+    assert entry["boot_s"] == pytest.approx(11 - 5)
+    assert entry["join_s"] == pytest.approx(15 + 13 - 11)
+    assert "joined_at" not in entry and "joining_at" not in entry
     # Without the time it joined, the first larger world is all there is to go by.
     del added.detail["joined_at"]
     assert report.summarize_faults([added, lost], records, t0)[0]["recovery_s"] == \
@@ -471,7 +475,9 @@ def test_soak_tally_counts_invariants_and_recovery_percentiles() -> None:
         return {"outcome": "done" if ok else "timed out",
                 "invariants": {"completed": {"ok": ok, "detail": "x"},
                                "no_orphans": {"ok": True, "detail": ""}},
-                "faults": [{"kind": "vanish_node", "recovery_s": r} for r in recoveries]}
+                "faults": [{"kind": "vanish_node", "recovery_s": r} for r in recoveries]
+                + [{"kind": "add_node", "recovery_s": 7.0, "pause_s": 2.0, "boot_s": 5.0,
+                    "join_s": 2.0 + ok}]}
 
     tally = SoakTally()
     assert tally.add(1, rep(True, [2.0, 4.0]), "replay 1") == []
@@ -479,7 +485,9 @@ def test_soak_tally_counts_invariants_and_recovery_percentiles() -> None:
     assert tally.passes == {"completed": 1, "no_orphans": 2}
     d = tally.distribution()["vanish_node"]
     assert (d["n"], d["p50"], d["max"], d["no_restart"]) == (3, 3.0, 4.0, 1)
-    assert 3.0 < d["p95"] <= 4.0
+    assert 3.0 < d["p95"] <= 4.0 and d["join_p50"] is None
+    added = tally.distribution()["add_node"]
+    assert (added["p50"], added["pause_p50"], added["join_p50"]) == (7.0, 2.0, 2.5)
     assert not tally.ok and tally.failed[0]["seed"] == 2 and tally.failed[0]["replay"] == "replay 2"
     assert "completed                  1/2" in tally.table()
     assert percentiles([]) == {"n": 0, "p50": None, "p95": None, "max": None}
