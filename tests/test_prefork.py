@@ -157,6 +157,24 @@ def test_when_the_agent_dies_its_server_takes_its_workers_along(tmp_path: Path) 
         prefork.remove(path)
 
 
+def test_the_server_says_when_its_imports_are_done_even_when_they_failed(tmp_path: Path) -> None:
+    for preload, serves in (("email.mime.text", True), ("no.such.module", False)):
+        path = f"/tmp/et-test-{os.getpid()}-{preload}.sock"
+        proc = _start_server(path, preload)
+        try:
+            deadline = time.monotonic() + 60
+            while not prefork.preloaded(path):  # a joining node's agent waits for this
+                assert time.monotonic() < deadline, f"{preload}: never marked preloaded"
+                time.sleep(0.02)
+            if not serves:  # the failed server is gone: its clients start cold
+                assert proc.wait(30) != 0
+        finally:
+            proc.kill()
+            proc.wait()
+            prefork.remove(path)
+        assert not prefork.preloaded(path)
+
+
 def test_without_a_server_the_client_says_so_and_runs_cold(tmp_path: Path) -> None:
     client = _client(str(tmp_path / "nobody.sock"), tmp_path, "exit", "0")
     out, _ = client.communicate(timeout=60)

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +18,12 @@ from torch.distributed.elastic.rendezvous import RendezvousParameters, Rendezvou
 from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
 
 from elastic_train.join_requests import JoinRequests
-from elastic_train.node.contract import JOIN_KEY_ENV, RDZV_STORE_ENV, world_store
+from elastic_train.node.contract import (
+    JOIN_KEY_ENV,
+    PREFORK_SOCKET_ENV,
+    RDZV_STORE_ENV,
+    world_store,
+)
 from elastic_train.node.rendezvous import (
     FAST_BACKEND,
     RendezvousSettings,
@@ -340,6 +346,45 @@ def test_the_first_round_completes_once_the_nodes_it_was_told_of_have_joined() -
     for handler in handlers:
         handler.shutdown()
     assert sizes == [2, 2]
+
+
+def test_a_node_joining_a_running_world_asks_once_its_workers_can_start_warm(
+        tmp_path, monkeypatch, capsys) -> None:
+    """Until its prefork server has imported the trainer, a node added to a running world does
+    not ask to join: the world would stand still through those imports."""
+    store = host_store("127.0.0.1", 0)
+    params = RendezvousParameters(backend=FAST_BACKEND, endpoint=f"127.0.0.1:{store.port}",
+                                  run_id="test-warm", min_nodes=1, max_nodes=2,
+                                  local_addr="127.0.0.1", is_host="false", join_timeout="30",
+                                  last_call_timeout="0.1", save_before_join_s="0")
+    first = get_rendezvous_handler(params)
+    first.next_rendezvous()  # a world of one trains
+    server = str(tmp_path / "prefork.sock")
+    monkeypatch.setenv(PREFORK_SOCKET_ENV, server)  # the added node's server: still importing
+    Path(f"{server}.pids").mkdir()
+    second = get_rendezvous_handler(params)
+    joining = threading.Thread(target=lambda: _ignore_errors(second.next_rendezvous))
+    joining.start()
+    log: list[str] = []
+
+    def logged(text: str) -> bool:
+        log.append(capsys.readouterr().err)
+        return text in "".join(log)
+
+    def waiting() -> set[Any]:
+        first._state_holder.sync()
+        return first._state_holder.state.wait_list
+
+    try:
+        _wait_until(lambda: logged("this node asks to join once its workers can start warm"))
+        assert not waiting()
+        Path(f"{server}.pids", "preloaded").touch()  # what the server does after its imports
+        _wait_until(lambda: len(waiting()) == 1)
+        assert logged("asking to join after") and "(warm)" in "".join(log)
+    finally:
+        first.shutdown()
+        joining.join(30)
+        second.shutdown()
 
 
 def test_a_join_that_does_not_complete_says_on_the_log_what_it_waits_for(capsys) -> None:

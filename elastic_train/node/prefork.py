@@ -155,6 +155,16 @@ def trainer_pid(path: str, client_pid: int) -> int | None:
         return None
 
 
+def preloaded(path: str) -> bool:
+    """Whether the server at `path` is done with its imports: a worker now starts in the time a
+    fork takes (or cold, if they failed)."""
+    return _preloaded_file(path).exists()
+
+
+def _preloaded_file(path: str) -> Path:
+    return Path(f"{path}.pids") / "preloaded"  # beside the pid files, named by number
+
+
 def remove(path: str) -> None:
     """Remove a (dead) server's socket and pid files."""
     with contextlib.suppress(FileNotFoundError):
@@ -176,6 +186,7 @@ class PreforkServer:
     def __init__(self, path: str) -> None:
         self.path = path
         Path(f"{path}.pids").mkdir(mode=0o700, parents=True, exist_ok=True)
+        _preloaded_file(path).unlink(missing_ok=True)  # a dead server's, at the same path
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         # Bound before the imports: a client that connects meanwhile waits in the backlog.
@@ -187,13 +198,19 @@ class PreforkServer:
         self._stopping = False
 
     def preload(self, modules: Sequence[str] = PRELOAD) -> None:
-        with gc_paused():
-            for name in modules:
-                try:
-                    importlib.import_module(name)
-                except ImportError:
-                    if name == modules[0]:
-                        raise
+        """Import `modules`, then mark the server preloaded (`preloaded`), also when the first
+        one failed to import (the server then exits, and its clients start cold)."""
+        try:
+            with gc_paused():
+                for name in modules:
+                    try:
+                        importlib.import_module(name)
+                    except ImportError:
+                        if name == modules[0]:
+                            raise
+        finally:
+            with contextlib.suppress(OSError):
+                _preloaded_file(self.path).touch()
 
     def serve(self) -> None:
         """Until SIGTERM/SIGINT, or this process's parent dies. Kills its children on the way

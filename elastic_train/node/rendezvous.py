@@ -13,7 +13,9 @@ and every worker resumes from the newest commit, so all work since that commit w
 Instead, an agent that sees a node waiting asks the current world's rank 0 (`JoinRequests`,
 through keys in the rendezvous store) to save, and lets the node in once that save has committed,
 or after `save_before_join_s` (default 10 s; 0 turns this off), or at once when no trainer
-listens.
+listens. And a node that joins a running world asks to join only once its prefork server has
+imported the trainer (at most a minute): the others train through those imports instead of
+standing still for them. A job's first round does not wait (its nodes import side by side).
 
 A round re-formed for a joining node completes as soon as every node it expects has joined,
 not a last call later: the agents that let the node in write how many nodes the next round
@@ -54,7 +56,7 @@ from datetime import datetime, timedelta, timezone
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from elastic_train.node import contract
+from elastic_train.node import contract, prefork
 
 if TYPE_CHECKING:
     from torch.distributed import TCPStore
@@ -177,11 +179,15 @@ def _handler_class() -> type[Any]:
         _asked: tuple[str, float] | None = None
         probe_timeout = 0.0
         liveness: _Liveness | None = None
+        warm_join_wait_s = 60.0
+        """Longest a node joining a running world waits for its prefork server's imports."""
 
         _formed: tuple[int, frozenset[Any]] | None = None
         """(round, participants) of the world this agent's workers run in."""
 
         def next_rendezvous(self) -> Any:
+            if self._formed is None:
+                self._warm_before_joining()
             self._expect_survivors()
             info = super().next_rendezvous()
             state = self._state_holder.state  # as the round completed: the world of `info`
@@ -225,6 +231,32 @@ def _handler_class() -> type[Any]:
             if state.complete:  # this agent re-forms now: tell the next round whom to expect
                 self._expect_next_round(state, waiting)
             return waiting
+
+        def _warm_before_joining(self) -> None:
+            """A node that joins a world already training (a node added, or one that came
+            back) asks to join only once its prefork server has imported the trainer (at most
+            `warm_join_wait_s`): the world stands still from the save for it until its first
+            step, and its workers' imports are seconds that the others can go on training
+            through instead. A job's first round does not wait: its nodes start together and
+            import side by side."""
+            socket_path = os.environ.get(contract.PREFORK_SOCKET_ENV, "")
+            if not socket_path or self.warm_join_wait_s <= 0 or prefork.preloaded(socket_path):
+                return
+            try:
+                self._state_holder.sync()
+            except Exception:  # noqa: BLE001 - the join then finds the store trouble itself
+                return
+            state = self._state_holder.state
+            if state.round == 0 and not state.complete:
+                return
+            started = time.monotonic()
+            _log("c10d-fast: a world is training; this node asks to join once its workers "
+                 f"can start warm (at most {self.warm_join_wait_s:g} s)")
+            while not prefork.preloaded(socket_path) and \
+                    time.monotonic() - started < self.warm_join_wait_s:
+                time.sleep(0.05)
+            _log(f"c10d-fast: asking to join after {time.monotonic() - started:.2f} s "
+                 f"({'warm' if prefork.preloaded(socket_path) else 'the imports go on'})")
 
         def _expect_survivors(self) -> None:
             """Re-forming after a failure (this node's workers failed): if nodes of this world
