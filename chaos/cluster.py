@@ -33,7 +33,7 @@ import psutil
 
 from elastic_train.node import launch, prefork, procs
 from elastic_train.node.agent import DEFAULT_SHUTDOWN_TIMEOUT_S, AgentCommand, runs_trainer
-from elastic_train.node.rendezvous import RendezvousSettings, expect_first_round
+from elastic_train.node.rendezvous import ASKING_TO_JOIN, RendezvousSettings, expect_first_round
 
 TAG_ENV = "CHAOS_RUN_TAG"
 """Set on every agent; inherited by its workers and their helpers. Value: the cluster's tag."""
@@ -298,19 +298,21 @@ class LocalCluster:
     def workers_started_at(self, index: int) -> float | None:
         """time.time() at which node `index`'s agent first started its workers in a formed world
         (the timestamp of that line of its log); None: it never did."""
-        return self._first_logged(index, "workers")
+        return self._first_logged(index, PHASE_LINES["workers"])
 
     def joining_at(self, index: int) -> float | None:
         """time.time() at which node `index`'s agent first asked to join a world: its process
-        had started and imported what it needs (a cloud node's boot ends there too)."""
-        return self._first_logged(index, "rendezvous")
+        had started and imported what it needs (a cloud node's boot ends there too), and, when
+        it joins a running world, its prefork server had imported the trainer."""
+        return self._first_logged(index, ASKING_TO_JOIN) or \
+            self._first_logged(index, PHASE_LINES["rendezvous"])
 
-    def _first_logged(self, index: int, phase: str) -> float | None:
+    def _first_logged(self, index: int, text: str) -> float | None:
         path = self.node(index).log_path
         if not path.exists():
             return None
         with open(path, errors="replace") as f:
-            line = next((line for line in f if PHASE_LINES[phase] in line), None)
+            line = next((line for line in f if text in line), None)
         return None if line is None else _log_time(line)
 
     def log_offsets(self) -> dict[int, int]:

@@ -64,6 +64,8 @@ if TYPE_CHECKING:
 
 FAST_BACKEND = "c10d-fast"
 """The `--rdzv-backend` name of `create_fast_handler` (registered in pyproject.toml)."""
+ASKING_TO_JOIN = "c10d-fast: asking to join"
+"""What a node's log says when it asks to join a running world after waiting for its imports."""
 
 
 @dataclass(frozen=True)
@@ -255,7 +257,7 @@ def _handler_class() -> type[Any]:
             while not prefork.preloaded(socket_path) and \
                     time.monotonic() - started < self.warm_join_wait_s:
                 time.sleep(0.05)
-            _log(f"c10d-fast: asking to join after {time.monotonic() - started:.2f} s "
+            _log(f"{ASKING_TO_JOIN} after {time.monotonic() - started:.2f} s "
                  f"({'warm' if prefork.preloaded(socket_path) else 'the imports go on'})")
 
         def _expect_survivors(self) -> None:
@@ -400,9 +402,10 @@ def _handler_class() -> type[Any]:
 
 
 def _log(message: str) -> None:
-    """One line in the node's log, timestamped as torchrun's own lines are (the join's steps
-    can then be lined up with the agent's)."""
-    print(f"{datetime.now().strftime('%H:%M:%S.%f')[:-3]} {message}", file=sys.stderr, flush=True)
+    """One line in the node's log, in the form of torchrun's own (`I1207 07:52:18.403000 PID
+    ...`): the join's steps line up with the agent's, and one parser reads both."""
+    print(f"I{datetime.now().strftime('%m%d %H:%M:%S.%f')} {os.getpid()} {message}",
+          file=sys.stderr, flush=True)
 
 
 @functools.cache
