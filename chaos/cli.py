@@ -1,4 +1,5 @@
-"""`elastic-train chaos run SCENARIO --out DIR [--seed N] [--random-faults K]` and
+"""`elastic-train chaos run SCENARIO --out DIR [--seed N] [--random-faults K]` (a group-mode
+scenario, `chaos/scenarios/group/`, runs under `chaos.skygroup`) and
 `elastic-train chaos soak SCENARIO --runs N --random-faults K [--seed S] [--out DIR]`.
 
 Registered through the `elastic_train.commands` entry point (elastic_train must not import
@@ -64,6 +65,42 @@ def _command(body: Callable[[argparse.Namespace, Scenario], int],
     return command
 
 
+def _run_any(args: argparse.Namespace) -> int:
+    """`chaos run`: a cluster scenario, or a group-mode one (`chaos/scenarios/group/`, run as
+    SkyPilot runs a job group: `chaos.skygroup`). A file that is neither gets the cluster
+    scenario's error."""
+    from chaos import skygroup
+    from chaos.harness import HarnessError
+    from chaos.scenario import ScenarioError
+
+    try:
+        group = skygroup.load_scenario(args.scenario)
+    except ScenarioError:
+        return _command(_run)(args)
+    for flag, value in (("--seed", args.seed), ("--random-faults", args.random_faults),
+                        ("--cache", args.cache)):
+        if value is not None:
+            return _error(f"{flag}: not for a group scenario ({args.scenario}); it runs its "
+                          "own faults and seed")
+    if args.timeout <= 0:
+        return _error(f"--timeout {args.timeout:g}: must be > 0 seconds")
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    out = Path(args.out)
+    try:
+        run = skygroup.run_scenario(group, out, timeout_s=args.timeout,
+                                    log=lambda m: print(m, flush=True))
+    except HarnessError as e:
+        return _error(e)
+    rep = run.report
+    print(f"\nscenario {group.name} (job group): "
+          f"{'finished' if rep['finished'] else 'NOT finished'}\n")
+    print(f"{'invariant':<26} {'':4} detail")
+    for name, v in rep["invariants"].items():
+        print(f"{name:<26} {'ok' if v['ok'] else 'FAIL':<4} {v['detail']}")
+    print(f"\nreport:   {out / 'report.json'}")
+    return 0 if rep["finished"] and all(v["ok"] for v in rep["invariants"].values()) else 1
+
+
 def _run(args: argparse.Namespace, scenario: Scenario) -> int:
     from chaos.harness import Options, run_scenario
     from chaos.report import summary_table
@@ -110,13 +147,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     chaos = subparsers.add_parser(
         "chaos", help="run a local elastic cluster with injected faults and check invariants")
     sub = chaos.add_subparsers(dest="chaos_command", required=True, metavar="SUBCOMMAND")
-    p = sub.add_parser("run", help="run a scenario YAML; writes DIR/report.json and timeline.png")
+    p = sub.add_parser("run", help="run a scenario YAML (a cluster or a job group); writes "
+                                   "DIR/report.json (and a cluster's timeline.png)")
     _scenario_options(p)
     p.add_argument("--out", required=True, help="output directory (its earlier results go)")
     p.add_argument("--seed", type=int, default=None, help="override the scenario's seed")
     p.add_argument("--random-faults", type=int, default=None, metavar="K",
                    help="inject K faults drawn from the seed instead of the scenario's")
-    p.set_defaults(func=_command(_run))
+    p.set_defaults(func=_run_any)
     p = sub.add_parser("soak", help="run a scenario N times with K random faults from seeds "
                                     "S..S+N-1; per-invariant pass counts, recovery p50/p95/max")
     _scenario_options(p)

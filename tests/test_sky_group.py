@@ -493,6 +493,34 @@ def test_bad_group_scenarios_fail_with_one_line(change, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("finished, ok, code", [(True, True, 0), (True, False, 1),
+                                                 (False, True, 1)])
+def test_chaos_run_runs_a_group_scenario_in_group_mode(tmp_path, monkeypatch, capsys, finished,
+                                                        ok, code):
+    from chaos import cli as chaos_cli
+
+    ran: list[str] = []
+
+    def fake_run(scenario, out, timeout_s, log):
+        ran.append(scenario.name)
+        report = {"finished": finished,
+                  "invariants": {"completed": {"ok": ok, "detail": "reached step 80"}}}
+        return skygroup.GroupRun(report, [], [])
+
+    monkeypatch.setattr(skygroup, "run_scenario", fake_run)
+    parser = argparse.ArgumentParser()
+    chaos_cli.register(parser.add_subparsers(dest="command"))
+    scenario = str(GROUP_SCENARIOS / "worker-lost.yaml")
+    args = parser.parse_args(["chaos", "run", scenario, "--out", str(tmp_path / "out")])
+    assert args.func(args) == code and ran == ["group-worker-lost"]
+    assert "completed" in capsys.readouterr().out
+    # The cluster harness's own options mean nothing there: one line, nothing run.
+    args = parser.parse_args(["chaos", "run", scenario, "--out", str(tmp_path / "out"),
+                              "--random-faults", "4"])
+    assert args.func(args) == 2 and ran == ["group-worker-lost"]
+    assert "--random-faults: not for a group scenario" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------- chaos: real group runs
 
 @pytest.fixture(scope="module")
