@@ -34,12 +34,19 @@ def _load(args: argparse.Namespace) -> Scenario:
         raise scenario_lib.ScenarioError(f"--random-faults {args.random_faults}: must be >= 0")
     if getattr(args, "runs", 1) < 1:
         raise scenario_lib.ScenarioError(f"--runs {args.runs}: must be >= 1")
-    if args.timeout <= 0:
-        raise scenario_lib.ScenarioError(f"--timeout {args.timeout:g}: must be > 0 seconds")
-    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the cluster's context manager
-    # still kills every node and server it started.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    _check_timeout_and_unwind_on_sigterm(args)
     return scenario
+
+
+def _check_timeout_and_unwind_on_sigterm(args: argparse.Namespace) -> None:
+    """Raises ScenarioError (one line) for a bad --timeout. Then SIGTERM (a CI timeout, `kill`)
+    unwinds like Ctrl-C, so the cluster's context manager still kills every node and server
+    it started."""
+    from chaos.scenario import ScenarioError
+
+    if args.timeout <= 0:
+        raise ScenarioError(f"--timeout {args.timeout:g}: must be > 0 seconds")
+    signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 def _cache(args: argparse.Namespace) -> Path:
@@ -71,6 +78,7 @@ def _run_any(args: argparse.Namespace) -> int:
     scenario's error."""
     from chaos import skygroup
     from chaos.harness import HarnessError
+    from chaos.report import invariant_lines
     from chaos.scenario import ScenarioError
 
     try:
@@ -82,21 +90,17 @@ def _run_any(args: argparse.Namespace) -> int:
         if value is not None:
             return _error(f"{flag}: not for a group scenario ({args.scenario}); it runs its "
                           "own faults and seed")
-    if args.timeout <= 0:
-        return _error(f"--timeout {args.timeout:g}: must be > 0 seconds")
-    signal.signal(signal.SIGTERM, _raise_interrupt)
     out = Path(args.out)
     try:
+        _check_timeout_and_unwind_on_sigterm(args)
         run = skygroup.run_scenario(group, out, timeout_s=args.timeout,
                                     log=lambda m: print(m, flush=True))
-    except HarnessError as e:
+    except (HarnessError, ScenarioError) as e:
         return _error(e)
     rep = run.report
     print(f"\nscenario {group.name} (job group): "
           f"{'finished' if rep['finished'] else 'NOT finished'}\n")
-    print(f"{'invariant':<26} {'':4} detail")
-    for name, v in rep["invariants"].items():
-        print(f"{name:<26} {'ok' if v['ok'] else 'FAIL':<4} {v['detail']}")
+    print("\n".join(invariant_lines(rep["invariants"])))
     print(f"\nreport:   {out / 'report.json'}")
     return 0 if rep["finished"] and all(v["ok"] for v in rep["invariants"].values()) else 1
 

@@ -176,15 +176,20 @@ def plot_timeline(records: list[Record], faults: list[dict[str, Any]], t0: float
     return path
 
 
+def invariant_lines(invariants: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per invariant of a report (a cluster's or a job group's): ok or FAIL, and why."""
+    return [f"{'invariant':<26} {'':4} detail"] + [
+        f"{name:<26} {'ok' if v['ok'] else 'FAIL':<4} {v['detail']}"
+        for name, v in invariants.items()]
+
+
 def summary_table(report: dict[str, Any]) -> str:
     """The text printed after a run: invariants, then faults."""
     lines = [f"scenario {report['scenario'].get('name')}: "
              f"{'completed' if report['completed'] else 'NOT completed'} at step "
              f"{report['final_step']} in {report['wall_s']:.1f} s, goodput {report['goodput']:.2f}"]
     lines.append("")
-    lines.append(f"{'invariant':<26} {'':4} detail")
-    for name, v in report["invariants"].items():
-        lines.append(f"{name:<26} {'ok' if v['ok'] else 'FAIL':<4} {v['detail']}")
+    lines += invariant_lines(report["invariants"])
     if report["faults"]:
         lines.append("")
         lines.append(f"{'fault':<16}{'node':>5}{'step':>6}{'t(s)':>8}{'world':>8}"

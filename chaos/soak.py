@@ -76,11 +76,14 @@ class SoakTally:
         """Per fault kind: n, p50, p95, max recovery seconds, the p50 pause, the p50 and p95
         from a join request (added nodes), and faults with no restart."""
         kinds = sorted(set(self.recoveries) | set(self.no_restart))
-        return {kind: {**percentiles(self.recoveries.get(kind, [])),
-                       "pause_p50": percentiles(self.pauses.get(kind, []))["p50"],
-                       "join_p50": percentiles(self.joins.get(kind, []))["p50"],
-                       "join_p95": percentiles(self.joins.get(kind, []))["p95"],
-                       "no_restart": self.no_restart.get(kind, 0)} for kind in kinds}
+        out: dict[str, dict[str, float | int | None]] = {}
+        for kind in kinds:
+            joins = percentiles(self.joins.get(kind, []))
+            out[kind] = {**percentiles(self.recoveries.get(kind, [])),
+                         "pause_p50": percentiles(self.pauses.get(kind, []))["p50"],
+                         "join_p50": joins["p50"], "join_p95": joins["p95"],
+                         "no_restart": self.no_restart.get(kind, 0)}
+        return out
 
     def as_dict(self) -> dict[str, Any]:
         return {"runs": self.runs, "invariant_passes": self.passes,
