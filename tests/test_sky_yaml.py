@@ -310,3 +310,41 @@ def test_a_node_starts_its_agent_again_after_a_hang_took_it_down(tmp_path, death
     for pid_file in tmp_path.glob("worker*"):  # orphaned workers do not outlive their agent
         pid = int(pid_file.read_text())
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_node_removes_its_temp_files_and_those_a_killed_one_left(tmp_path, monkeypatch):
+    """A launcher's timer FIFO, prefork socket and pid files are gone when it ends; those of a
+    launcher killed before its cleanup go when the next one starts; a running one's stay."""
+    import tempfile
+
+    from elastic_train.node.contract import TIMER_FILE_ENV
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    running = os.getppid()
+    for pid in (dead.pid, running):
+        (tmp_path / f"elastic-train-{pid}.sock").touch()
+        (tmp_path / f"elastic-train-{pid}.timer").touch()
+        (tmp_path / f"elastic-train-{pid}.sock.pids").mkdir()
+        (tmp_path / f"elastic-train-{pid}.sock.pids" / "preloaded").touch()
+    (tmp_path / "elastic-train-notes.txt").touch()  # not a launcher's: kept
+    made = []
+
+    def agent_making_its_files(cmd: list[str], env: dict[str, str], restarts: int) -> int:
+        socket_path = env[PREFORK_SOCKET_ENV]
+        for path in (socket_path, env[TIMER_FILE_ENV]):
+            Path(path).touch()
+        Path(f"{socket_path}.pids").mkdir()
+        made.append(sorted(p.name for p in tmp_path.iterdir()))
+        return 0
+
+    monkeypatch.setattr(launch, "supervise", agent_making_its_files)
+    monkeypatch.setattr(launch, "host_store", lambda host, port: None)
+    env = _node_env(rank=0, nodes=1, BUCKET="file:///mnt/ckpt",
+                    ELASTIC_TRAIN_NOTICE_FILE=str(tmp_path / "notice"))
+    assert launch.run_node(env) == 0
+    own = {f"elastic-train-{os.getpid()}{s}" for s in (".sock", ".timer", ".sock.pids")}
+    kept = {f"elastic-train-{running}{s}" for s in (".sock", ".timer", ".sock.pids")}
+    assert set(made[0]) == own | kept | {"elastic-train-notes.txt"}, "the dead one's swept"
+    assert {p.name for p in tmp_path.iterdir()} == kept | {"elastic-train-notes.txt"}

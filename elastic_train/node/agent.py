@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from elastic_train.node import prefork
 from elastic_train.node.contract import NOTICE_FILE_ENV, PREFORK_SOCKET_ENV, TIMER_FILE_ENV
 from elastic_train.node.rendezvous import RendezvousSettings
 from elastic_train.node.worker import TRAINER_ENTRY, WORKER_ENTRY
@@ -121,6 +122,13 @@ class AgentCommand:
         if self.prefork_socket:
             env[PREFORK_SOCKET_ENV] = self.prefork_socket
         return env
+
+    def remove_files(self) -> None:
+        """Remove the node's timer FIFO and its prefork server's socket and pid files, once its
+        agent is done. Never raises for a file already gone."""
+        Path(self.timer_file).unlink(missing_ok=True)
+        if self.prefork_socket:
+            prefork.remove(self.prefork_socket)
 
     def clear_notice(self) -> None:
         """Remove a notice left by an earlier agent on this disk (it would make the new workers

@@ -42,8 +42,11 @@ GROUP_NODES, COORD_WAIT_S (default 600).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,6 +55,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import psutil
 
 from elastic_train import config as config_lib
 from elastic_train import exit_codes
@@ -92,6 +97,9 @@ COORD_WAIT_S = 600.0
 COLLECTIVE_TIMEOUT, which SkyPilot recovers from: the coordinator's node may be re-provisioned."""
 COORD_POLL_S = 1.0
 """Seconds between reads of the coordinator record while none is reachable."""
+NODE_FILES_PREFIX = "elastic-train-"
+"""A launcher's files in the temp dir are this, its pid, and `.timer`, `.sock` or `.sock.pids`."""
+NODE_FILE_RE = re.compile(re.escape(NODE_FILES_PREFIX) + r"(\d+)\.(?:timer|sock|sock\.pids)")
 
 
 class LaunchError(ValueError):
@@ -180,7 +188,7 @@ def agent_command(node: Node, env: Mapping[str, str], endpoint: str | None = Non
         trainer.append("--data.uri=" + env["DATA_URI"].strip())
     trainer += shlex.split(env.get("TRAIN_ARGS", ""))
     check_trainer_config(trainer, node.num_nodes)
-    files = os.path.join(tempfile.gettempdir(), f"elastic-train-{os.getpid()}")
+    files = os.path.join(tempfile.gettempdir(), f"{NODE_FILES_PREFIX}{os.getpid()}")
     return AgentCommand(
         entry=[*TRAINER_ENTRY, *trainer],
         min_nodes=min_nodes, max_nodes=max_nodes, procs_per_node=node.procs,
@@ -192,6 +200,28 @@ def agent_command(node: Node, env: Mapping[str, str], endpoint: str | None = Non
         # In the temp dir: a unix socket's path has at most 108 bytes.
         prefork_socket=f"{files}.sock",
     )
+
+
+def remove_stale_node_files(directory: str | None = None) -> list[str]:
+    """Remove the timer FIFOs, prefork sockets and pid files that earlier launchers on this
+    machine left in `directory` (the temp dir) when they were killed before their own cleanup:
+    only this user's, and only those of a launcher pid that no longer runs. Returns the names
+    removed; never raises for a file that another launcher removed first."""
+    directory = directory or tempfile.gettempdir()
+    removed = []
+    for entry in os.scandir(directory):
+        match = NODE_FILE_RE.fullmatch(entry.name)
+        if match is None or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+            continue
+        if psutil.pid_exists(int(match.group(1))):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+        removed.append(entry.name)
+    return removed
 
 
 def trainer_config(trainer: list[str]) -> config_lib.Config:
@@ -267,6 +297,7 @@ def run_node(env: Mapping[str, str] | None = None) -> int:
         return exit_codes.BAD_CONFIG
 
     agent.clear_notice()  # a notice left by an earlier cluster on this disk is stale
+    remove_stale_node_files()
     print(f"elastic-train launch: node {node.rank} of {node.num_nodes}, run "
           f"{run_uri(env, node.task_id)}\n  torchrun {shlex.join(agent.torchrun_args())}",
           flush=True)
@@ -277,6 +308,7 @@ def run_node(env: Mapping[str, str] | None = None) -> int:
     try:
         return supervise(agent.argv(), agent.env(env), restarts)
     finally:
+        agent.remove_files()
         del store
 
 
@@ -304,10 +336,14 @@ def run_group_node(env: dict[str, str]) -> int:
 
     first = build("")
     first.clear_notice()  # a notice left by an earlier cluster on this disk is stale
+    remove_stale_node_files()
     print(f"elastic-train launch: worker task {task.task_id} of {nodes}, run {task.run_uri}",
           flush=True)
     coordinator = Coordinator(Records(task.run_uri, task.job_id), build, env, wait_s)
-    return supervise([], env, restarts, coordinator)
+    try:
+        return supervise([], env, restarts, coordinator)
+    finally:
+        first.remove_files()  # every agent of this process had the same files
 
 
 class Coordinator:
