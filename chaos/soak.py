@@ -31,7 +31,9 @@ class SoakTally:
     passes: dict[str, int] = field(default_factory=dict)
     """Invariant name -> runs in which it held."""
     recoveries: dict[str, list[float]] = field(default_factory=dict)
-    """Fault kind -> recovery_s of every fault of that kind that caused a restart."""
+    """Fault kind -> recovery_s of every fault of that kind that caused a restart. The losses of
+    a wave count once, as "KIND wave" (see `wave_recoveries`), not under KIND: the first loss's
+    own recovery_s runs on through every re-form the wave's later losses cause."""
     pauses: dict[str, list[float]] = field(default_factory=dict)
     """Fault kind -> pause_s (training standing still) of every fault of that kind that has one."""
     joins: dict[str, list[float]] = field(default_factory=dict)
@@ -59,7 +61,8 @@ class SoakTally:
                 self.passes[name] += 1
             else:
                 failed.append(name)
-        for f in rep["faults"]:
+        alone = [f for f in rep["faults"] if f.get("wave") is None]
+        for f in alone:
             if f["recovery_s"] is None:
                 self.no_restart[f["kind"]] = self.no_restart.get(f["kind"], 0) + 1
             else:
@@ -67,6 +70,11 @@ class SoakTally:
             for key, tally in (("pause_s", self.pauses), ("join_s", self.joins)):
                 if f.get(key) is not None:
                     tally.setdefault(f["kind"], []).append(float(f[key]))
+        for kind, recovery_s in wave_recoveries(rep["faults"]):
+            if recovery_s is None:
+                self.no_restart[kind] = self.no_restart.get(kind, 0) + 1
+            else:
+                self.recoveries.setdefault(kind, []).append(recovery_s)
         if failed:
             self.failed.append({"seed": seed, "failed": failed, "replay": replay,
                                 "details": {k: rep["invariants"][k]["detail"] for k in failed}})
@@ -104,6 +112,23 @@ class SoakTally:
             lines.append(f"{kind:<16}{d['n']:>4}{cells}{d['no_restart']:>12}")
         lines += ["", "outcomes: " + ", ".join(f"{k} {v}" for k, v in self.outcomes.items())]
         return "\n".join(lines)
+
+
+def wave_recoveries(faults: list[dict[str, Any]]) -> list[tuple[str, float | None]]:
+    """("KIND wave", seconds) per wave among a report's `faults`: from its first loss to the first
+    step trained after the last restart any of its losses caused (None if none caused one)."""
+    waves: dict[int, list[dict[str, Any]]] = {}
+    for f in faults:
+        if f.get("wave") is not None:
+            waves.setdefault(int(f["wave"]), []).append(f)
+    out: list[tuple[str, float | None]] = []
+    for losses in waves.values():
+        first = min(float(f["t"]) for f in losses)
+        trained = [float(f["t"]) + float(f["recovery_s"]) for f in losses
+                   if f["recovery_s"] is not None]
+        out.append((f"{losses[0]['kind']} wave",
+                    round(max(trained) - first, 3) if trained else None))
+    return out
 
 
 def percentiles(values: list[float]) -> dict[str, float | int | None]:

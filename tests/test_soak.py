@@ -39,9 +39,10 @@ def test_a_short_soak_passes_every_invariant_and_prints_the_distribution(tmp_pat
     assert tally["runs"] == 2 and tally["failed_runs"] == []
     assert tally["outcomes"] == {"done": 2}
     kinds = tally["recovery_s"]
-    assert {"kill_worker", "preempt_node", "vanish_node"} <= set(kinds)
-    vanished = kinds["vanish_node"]
-    assert vanished["n"] + vanished["no_restart"] == 2  # both nodes of the wave
+    assert {"kill_worker", "preempt_node", "vanish_node wave"} <= set(kinds)
+    wave = kinds["vanish_node wave"]
+    assert wave["n"] + wave["no_restart"] == 1  # its two losses, counted once
+    assert "vanish_node" not in kinds  # no node vanished alone
     for d in kinds.values():
         if d["n"]:
             assert d["p50"] <= d["p95"] <= d["max"]
@@ -79,3 +80,23 @@ def test_a_failing_run_fails_the_soak_with_its_seed_and_replay_command(
     tally = json.loads((tmp_path / "soak" / "soak.json").read_text())
     assert tally["recovery_s"]["kill_node"]["n"] == 3
     assert tally["failed_runs"][0]["details"] == {"completed": "no done event"}
+
+
+def test_a_wave_counts_once_from_its_first_loss_to_training_again_not_as_lone_losses() -> None:
+    """Seed 3 of the 50-run soak: a lone loss, and a wave whose second loss came while the
+    survivors re-formed from the first (the first's recovery_s runs through both)."""
+    rep = {"outcome": "done", "invariants": {},
+           "faults": [{"kind": "kill_node", "node": 1, "t": 10.949, "recovery_s": 3.643,
+                       "wave": 0, "wave_offset_s": 0.0},
+                      {"kind": "kill_node", "node": 2, "t": 12.73, "recovery_s": 1.862,
+                       "wave": 0, "wave_offset_s": 1.158},
+                      {"kind": "kill_node", "node": 0, "t": 30.0, "recovery_s": 2.1},
+                      {"kind": "vanish_node", "node": 3, "t": 40.0, "recovery_s": None,
+                       "wave": 4}]}
+    tally = soak_lib.SoakTally()
+    tally.add(0, rep, "replay")
+    kinds = tally.distribution()
+    assert kinds["kill_node"]["n"] == 1 and kinds["kill_node"]["max"] == 2.1
+    assert kinds["kill_node wave"]["n"] == 1 and kinds["kill_node wave"]["max"] == 3.643
+    assert kinds["vanish_node wave"]["no_restart"] == 1 and "vanish_node" not in kinds
+    assert "kill_node wave" in tally.table()
