@@ -28,6 +28,7 @@ A minimal spec, a classifier on a dataset it generates:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from collections.abc import Callable, Iterable, Sequence
@@ -125,7 +126,15 @@ class TrainSpec:
 
 def names() -> list[str]:
     """Every registered spec name: the built-ins and the entry-point group's."""
-    return sorted(set(BUILTIN) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+    return sorted(set(BUILTIN) | set(registered()))
+
+
+@functools.cache
+def registered() -> dict[str, str]:
+    """The entry-point group's specs, name -> "package.module:NAME", read once per process:
+    scanning every installed distribution's metadata takes tens of milliseconds, which each
+    worker start would pay again (the prefork server reads them before it forks workers)."""
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
 def is_reference(ref: str) -> bool:
@@ -144,8 +153,7 @@ def resolve(ref: str) -> TrainSpec:
     module itself runs is not caught: it is the spec's bug, and its traceback says where."""
     target = ref
     if ":" not in ref:
-        registered = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
-        target = registered.get(ref) or BUILTIN.get(ref, "")
+        target = registered().get(ref) or BUILTIN.get(ref, "")
         if not target:
             raise SpecError(f"model={ref!r} is not a registered spec; expected one of "
                             f"{', '.join(names())} or package.module:NAME")

@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
+import subprocess
+import sys
 import urllib.parse
 
 import pytest
@@ -197,3 +200,49 @@ def test_an_s3_upload_sends_the_crc_that_commit_json_records(s3):
         crc = base64.b64encode(record.crc32.to_bytes(4, "big")).decode()
         assert sent[name]["x-amz-checksum-crc32"] == crc, name
         assert "x-amz-sdk-checksum-algorithm" not in sent[name], name  # not computed again
+
+
+PREPARED_CHILD = """
+import json, os, sys, threading
+import s3fs, botocore.loaders
+from checkpointing import storage
+if sys.argv[1] == "prepare":
+    storage.prepare_sessions()
+threads = threading.active_count()
+pid = os.fork()
+if pid == 0:  # a worker forked from the node's prefork server
+    loaded = []
+    load_file = botocore.loaders.JSONFileLoader.load_file
+    def counting(self, path):
+        loaded.append(os.path.basename(os.path.dirname(path)) + "/" + os.path.basename(path))
+        return load_file(self, path)
+    botocore.loaders.JSONFileLoader.load_file = counting
+    store = storage.Storage(sys.argv[2], json.loads(sys.argv[3]))
+    store.write_bytes("probe", b"written by a fork")
+    ok = store.read_bytes("probe") == b"written by a fork"
+    print(json.dumps({"ok": ok, "threads_before_fork": threads, "loaded": loaded,
+                      "prepared": store.fs.session is storage._PREPARED_SESSIONS.get("s3")}))
+    sys.stdout.flush()
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+@pytest.mark.parametrize("prepare", [True, False])
+def test_a_fork_of_a_prepared_process_makes_its_s3_client_without_loading_botocores_data(
+        s3, prepare):
+    """The prefork server prepares a session before it forks workers: a worker then reads none
+    of botocore's service files to make its client (without it, each worker reads them again),
+    still resolves its own credentials and endpoint, and the server stays single-threaded."""
+    proc = subprocess.run(
+        [sys.executable, "-c", PREPARED_CHILD, "prepare" if prepare else "cold", s3.url(),
+         json.dumps(s3.storage_options)],
+        capture_output=True, text=True, env={**os.environ, **s3.env}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["ok"] and seen["threads_before_fork"] == 1
+    assert seen["prepared"] is prepare
+    if prepare:
+        assert seen["loaded"] == [], seen["loaded"]
+    else:
+        assert any("service-2" in name for name in seen["loaded"]), seen["loaded"]

@@ -208,6 +208,13 @@ class PreforkServer:
                     except ImportError:
                         if name == modules[0]:
                             raise
+                # Once here, not in every worker: the scan of the installed specs, and an S3
+                # client's service data.
+                from checkpointing import storage
+                from elastic_train import spec
+
+                spec.registered()
+                storage.prepare_sessions()
         finally:
             with contextlib.suppress(OSError):
                 _preloaded_file(self.path).touch()
