@@ -179,6 +179,23 @@ class SkyGroup:
     def tagged(self) -> list[psutil.Process]:
         return procs.tagged({TAG_ENV: self.tag})
 
+    def outlived(self, timeout_s: float = 15.0, poll_s: float = 0.1) -> list[psutil.Process]:
+        """The processes of this group still alive once every task has ended (the primary ones
+        by themselves, the others cancelled by the controller): what a task left behind. Waits
+        up to `timeout_s` for the tasks to end and for the processes of those that did to go;
+        a task still running then counts with its processes. Call it before `close()`, which
+        kills them all."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                ended = all(t.status in (*TERMINAL, "CANCELLED")
+                            and (t.shell is None or t.shell.poll() is not None)
+                            for t in self.tasks.values())
+            if ended and not self.tagged():
+                break
+            time.sleep(poll_s)
+        return self.tagged()
+
     def logs(self, limit: int = 3000) -> str:
         return "\n".join(f"--- {name}.log\n" + _tail(self.workdir / f"{name}.log", limit)
                          for name in self.tasks)
@@ -515,10 +532,12 @@ def run_scenario(scenario: GroupScenario, out: Path, cache: Path | None = None,
                     log(f"step {step}: {fault.kind} {fault.task}")
                 time.sleep(0.1)
             finished = group.done()
+            # Before close() kills what is left: a process that outlived its task is an orphan
+            # (a run that timed out has its own failure, `completed`).
+            survivors = [_describe(p) for p in group.outlived()] if finished else []
             codes = {n: t.exit_codes for n, t in group.tasks.items()}
             statuses = group.statuses()
             logs = group.logs()
-        survivors = [f"{p.pid} {' '.join(p.cmdline()[:4])}" for p in group.tagged()]
         tail.poll()
         records = tail.records
         try:
@@ -540,6 +559,13 @@ def run_scenario(scenario: GroupScenario, out: Path, cache: Path | None = None,
     if not all(v.ok for v in checks.values()) or not finished:
         log(logs)
     return GroupRun(rep, records, group.events)
+
+
+def _describe(process: psutil.Process) -> str:
+    try:
+        return f"{process.pid} {' '.join(process.cmdline()[:4])}"
+    except psutil.Error:
+        return str(process.pid)
 
 
 def _fire(group: SkyGroup, fault: GroupFault) -> None:

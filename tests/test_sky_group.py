@@ -631,3 +631,35 @@ def test_render_defaults_to_a_job_group_on_one_vm_region(infra, mode, expected):
     from elastic_train.node.sky_render import default_mode
 
     assert default_mode(argparse.Namespace(infra=infra, mode=mode)) == expected
+
+
+ORPHAN_GROUP = """\
+name: orphan
+execution: parallel
+primary_tasks: [w0]
+termination_delay: 0s
+---
+name: coord
+run: exec sleep 600
+---
+name: w0
+run: |
+  {leave}
+  exit 0
+"""
+
+
+@pytest.mark.parametrize("leave, orphans", [("true", 0), ("setsid sleep 600 &", 1)])
+def test_a_process_that_outlives_its_task_is_found_before_the_group_is_torn_down(
+        tmp_path, leave, orphans):
+    """What `no_orphans` reads in group mode: a worker's process left running after its task
+    ended is seen, not killed unseen by the teardown; the cancelled coordinator's are not."""
+    path = tmp_path / "orphan.yaml"
+    path.write_text(ORPHAN_GROUP.format(leave=leave))
+    with skygroup.SkyGroup(path, {}, {}, tmp_path / "tasks") as group:
+        assert group.wait(20)
+        left = [skygroup._describe(p) for p in group.outlived(timeout_s=5)]
+        assert group.statuses() == {"coord": "CANCELLED", "w0": "SUCCEEDED"}
+    assert len(left) == orphans and all("sleep 600" in p for p in left), left
+    assert skygroup.invariants.no_orphans(left).ok == (not orphans)
+    assert not group.tagged()
