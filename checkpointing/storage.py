@@ -123,6 +123,9 @@ _FILESYSTEMS: dict[tuple[Any, ...], AbstractFileSystem] = {}
 _FILESYSTEMS_LOCK = threading.Lock()
 _PREPARED_SESSIONS: dict[str, Any] = {}
 """protocol -> a client session with its service data loaded (`prepare_sessions`)."""
+_PREPARED_ENV: dict[str, str] = {}
+"""The AWS_* variables when the sessions were prepared: a session reads its profile and config
+files once, so a process whose AWS_* differ (a worker sent another environment) makes its own."""
 _SESSION_OPTIONS = frozenset({"session", "profile", "session_vars", "event_hooks"})
 """s3 storage_options that make s3fs build a session of its own: a prepared one would drop them."""
 
@@ -156,6 +159,12 @@ def prepare_sessions() -> None:
     except Exception:  # noqa: BLE001 - an optimisation: its failure must not stop a node
         return
     _PREPARED_SESSIONS["s3"] = session
+    _PREPARED_ENV.clear()
+    _PREPARED_ENV.update(_aws_env())
+
+
+def _aws_env() -> dict[str, str]:
+    return {name: value for name, value in os.environ.items() if name.startswith("AWS_")}
 
 
 
@@ -177,7 +186,7 @@ def _filesystem(protocol: str, options: Mapping[str, Any]) -> AbstractFileSystem
         if fs is None:
             prepared = _PREPARED_SESSIONS.get(protocol)
             extra = {"session": prepared} if prepared is not None \
-                and not _SESSION_OPTIONS & set(options) else {}
+                and not _SESSION_OPTIONS & set(options) and _aws_env() == _PREPARED_ENV else {}
             fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options, **extra)
             if protocol in CLIENT_RETRIES:
                 # s3fs retries SlowDown/network errors 5 times around botocore's own attempts,

@@ -206,7 +206,7 @@ PREPARED_CHILD = """
 import json, os, sys, threading
 import s3fs, botocore.loaders
 from checkpointing import storage
-if sys.argv[1] == "prepare":
+if sys.argv[1].startswith("prepare"):
     storage.prepare_sessions()
 threads = threading.active_count()
 pid = os.fork()
@@ -217,6 +217,8 @@ if pid == 0:  # a worker forked from the node's prefork server
         loaded.append(os.path.basename(os.path.dirname(path)) + "/" + os.path.basename(path))
         return load_file(self, path)
     botocore.loaders.JSONFileLoader.load_file = counting
+    if sys.argv[1] == "prepare-then-other-env":  # the worker was sent another AWS_* environment
+        os.environ["AWS_DEFAULT_REGION"] = "eu-west-1"
     store = storage.Storage(sys.argv[2], json.loads(sys.argv[3]))
     store.write_bytes("probe", b"written by a fork")
     ok = store.read_bytes("probe") == b"written by a fork"
@@ -228,14 +230,16 @@ os.waitpid(pid, 0)
 """
 
 
-@pytest.mark.parametrize("prepare", [True, False])
+@pytest.mark.parametrize("mode, prepare", [("prepare", True), ("cold", False),
+                                           ("prepare-then-other-env", False)])
 def test_a_fork_of_a_prepared_process_makes_its_s3_client_without_loading_botocores_data(
-        s3, prepare):
+        s3, mode, prepare):
     """The prefork server prepares a session before it forks workers: a worker then reads none
     of botocore's service files to make its client (without it, each worker reads them again),
-    still resolves its own credentials and endpoint, and the server stays single-threaded."""
+    still resolves its own credentials and endpoint, and the server stays single-threaded. A
+    worker whose AWS_* environment differs from the server's makes a session of its own."""
     proc = subprocess.run(
-        [sys.executable, "-c", PREPARED_CHILD, "prepare" if prepare else "cold", s3.url(),
+        [sys.executable, "-c", PREPARED_CHILD, mode, s3.url(),
          json.dumps(s3.storage_options)],
         capture_output=True, text=True, env={**os.environ, **s3.env}, timeout=120)
     assert proc.returncode == 0, proc.stderr
