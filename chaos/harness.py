@@ -224,11 +224,14 @@ def _check_train_config(scenario: Scenario) -> None:
         raise ScenarioError(f"train: {e}") from None
 
 
-def _clean_out(out: Path) -> None:
-    """Remove what an earlier run left in `out` (only the harness's own names)."""
-    for name in ("run", "nodes", "checkpoints"):
+def clean_out(out: Path, dirs: tuple[str, ...] = ("run", "nodes", "checkpoints"),
+              files: tuple[str, ...] = ("report.json", "timeline.png")) -> None:
+    """Remove what an earlier run left in `out`: only the names a run writes there (`dirs` and
+    `files`), so that its metrics, logs and report are never read as this run's. Call it once
+    the scenario is known to be valid: a bad one leaves the previous run's results alone."""
+    for name in dirs:
         shutil.rmtree(out / name, ignore_errors=True)
-    for name in ("report.json", "timeline.png"):
+    for name in files:
         (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -397,7 +400,7 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
             + "; ".join(f.describe() for f in faults))
     _check_train_config(scenario)
     # Only now, with everything about the scenario checked, do the earlier results go.
-    _clean_out(out)
+    clean_out(out)
     options.cache.mkdir(parents=True, exist_ok=True)
     ref = reference(scenario, options.cache, log)
 

@@ -492,12 +492,18 @@ class GroupRun:
     events: list[dict[str, Any]]
 
 
+def clean_out(out: Path) -> None:
+    """Remove what an earlier group run left in `out` (its trainer's metrics above all, which
+    this run's would otherwise be appended to and checked with)."""
+    harness.clean_out(out, dirs=("run", "tasks", "cache"), files=("report.json", "group.yaml"))
+
+
 def run_scenario(scenario: GroupScenario, out: Path, cache: Path | None = None,
                  timeout_s: float = 600.0, log: Callable[[str], None] = print) -> GroupRun:
     """Run `scenario` in group mode: reference, storage, the rendered group YAML under `SkyGroup`,
     faults as the run reports steps, then the five invariants. Writes `{out}/report.json`."""
     out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    clean_out(out)
     cache = cache or harness.default_cache()
     cache.mkdir(parents=True, exist_ok=True)
     ref_scenario = scenario.reference_scenario()

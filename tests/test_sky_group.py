@@ -663,3 +663,17 @@ def test_a_process_that_outlives_its_task_is_found_before_the_group_is_torn_down
     assert len(left) == orphans and all("sleep 600" in p for p in left), left
     assert skygroup.invariants.no_orphans(left).ok == (not orphans)
     assert not group.tagged()
+
+
+def test_a_group_run_starts_from_an_out_dir_cleared_of_the_previous_runs_results(tmp_path):
+    """A second `chaos run` of a group scenario into the same --out must not check the first
+    run's metrics as its own; files that are not a run's own stay."""
+    out = tmp_path / "out"
+    (out / "run").mkdir(parents=True)
+    (out / "run" / "metrics.jsonl").write_text('{"step": 80, "world_size": 2}\n')
+    (out / "tasks" / "w0").mkdir(parents=True)
+    (out / "report.json").write_text("{}")
+    (out / "group.yaml").write_text("name: old\n")
+    (out / "notes.txt").write_text("mine")
+    skygroup.clean_out(out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
