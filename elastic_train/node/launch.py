@@ -206,7 +206,9 @@ def remove_stale_node_files(directory: str | None = None) -> list[str]:
     """Remove the timer FIFOs, prefork sockets and pid files that earlier launchers on this
     machine left in `directory` (the temp dir) when they were killed before their own cleanup:
     only this user's, and only those of a launcher pid that no longer runs. Returns the names
-    removed; never raises for a file that another launcher removed first."""
+    removed; never raises for a file that another launcher removed first. Pids tell a live
+    launcher only within one PID namespace: containers that share a temp dir need a TMPDIR of
+    their own each."""
     directory = directory or tempfile.gettempdir()
     removed = []
     for entry in os.scandir(directory):
