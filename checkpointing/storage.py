@@ -132,9 +132,10 @@ _SESSION_OPTIONS = frozenset({"session", "profile", "session_vars", "event_hooks
 
 def prepare_sessions() -> None:
     """Load what every S3 client is made from (botocore's service model, endpoint rules and
-    partitions: 0.1-0.2 s of CPU per process) into one session that later filesystems of this
-    process and of its forks take (`_filesystem`). The node's prefork server calls this before it
-    forks workers, so that a worker's first request does not pay for it at every (re)start.
+    partitions, which each new session parses again; docs/benchmarks.md, "Start-up costs") into
+    one session that later filesystems of this process and of its forks take (`_filesystem`).
+    The node's prefork server calls this before it forks workers, so that a worker's first
+    request does not pay for it at every (re)start.
 
     Resolves no credentials (the throwaway client it makes is given placeholders; each
     filesystem still resolves its own, in the process that uses it), sends no request, and leaves
@@ -167,7 +168,6 @@ def _aws_env() -> dict[str, str]:
     return {name: value for name, value in os.environ.items() if name.startswith("AWS_")}
 
 
-
 def _filesystem(protocol: str, options: Mapping[str, Any]) -> AbstractFileSystem:
     """The process's fsspec filesystem for `protocol` and `options` under the current fsspec
     configuration (endpoints and credentials from the environment), made on first use.
@@ -175,7 +175,8 @@ def _filesystem(protocol: str, options: Mapping[str, Any]) -> AbstractFileSystem
     Shared because a client costs 0.1-0.3 s of CPU to make (a session, the service's model,
     credentials) and a worker opens several Storages (data, checkpoints, metrics, ledger) at
     every start. Not fsspec's own instance cache: we change the retry count of ours. A forked
-    child makes its own (an instance's event loop does not survive a fork)."""
+    child makes its own (an instance's event loop does not survive a fork), from the session its
+    parent prepared if there is one (`prepare_sessions`)."""
     config = {name: value for name, value in os.environ.items()
               if name.upper().startswith(SECRET_ENV_PREFIXES) or name == "STORAGE_EMULATOR_HOST"}
     key = (os.getpid(), protocol, json.dumps(options, sort_keys=True, default=repr),

@@ -131,9 +131,9 @@ def names() -> list[str]:
 
 @functools.cache
 def registered() -> dict[str, str]:
-    """The entry-point group's specs, name -> "package.module:NAME", read once per process:
-    scanning every installed distribution's metadata takes tens of milliseconds, which each
-    worker start would pay again (the prefork server reads them before it forks workers)."""
+    """The entry-point group's specs, name -> "package.module:NAME", read once per process: the
+    scan reads every installed distribution's metadata, which each worker start would do again
+    (the prefork server reads them before it forks workers)."""
     return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
