@@ -61,24 +61,25 @@ class SoakTally:
                 self.passes[name] += 1
             else:
                 failed.append(name)
-        alone = [f for f in rep["faults"] if f.get("wave") is None]
-        for f in alone:
-            if f["recovery_s"] is None:
-                self.no_restart[f["kind"]] = self.no_restart.get(f["kind"], 0) + 1
-            else:
-                self.recoveries.setdefault(f["kind"], []).append(float(f["recovery_s"]))
+        for f in rep["faults"]:
+            if f.get("wave") is not None:
+                continue  # counted once with its wave, below
+            self._count_recovery(f["kind"], f["recovery_s"])
             for key, tally in (("pause_s", self.pauses), ("join_s", self.joins)):
                 if f.get(key) is not None:
                     tally.setdefault(f["kind"], []).append(float(f[key]))
         for kind, recovery_s in wave_recoveries(rep["faults"]):
-            if recovery_s is None:
-                self.no_restart[kind] = self.no_restart.get(kind, 0) + 1
-            else:
-                self.recoveries.setdefault(kind, []).append(recovery_s)
+            self._count_recovery(kind, recovery_s)
         if failed:
             self.failed.append({"seed": seed, "failed": failed, "replay": replay,
                                 "details": {k: rep["invariants"][k]["detail"] for k in failed}})
         return failed
+
+    def _count_recovery(self, kind: str, recovery_s: float | None) -> None:
+        if recovery_s is None:
+            self.no_restart[kind] = self.no_restart.get(kind, 0) + 1
+        else:
+            self.recoveries.setdefault(kind, []).append(float(recovery_s))
 
     def distribution(self) -> dict[str, dict[str, float | int | None]]:
         """Per fault kind: n, p50, p95, max recovery seconds, the p50 pause, the p50 and p95
